@@ -1,0 +1,490 @@
+//! Workload authentication: who is calling, proven by a projected service-account token.
+//!
+//! Two verifiers sit behind [`TokenVerifier`]:
+//! * [`TokenReview`]: asks the Kubernetes API server (production, in-cluster).
+//! * [`Jwks`]: verifies the JWT offline against the cluster's service-account issuer keys
+//!   (RS256 and ES256), checking `exp`, `nbf`, `iss`, `aud` and the `kubernetes.io` claims.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// The workload a valid token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Service account name.
+    pub service_account: String,
+    /// Pod name, when the token is bound to a pod.
+    pub pod: Option<String>,
+}
+
+/// Why a token was refused. Every variant maps to HTTP 401.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No usable `Authorization: Bearer` header.
+    #[error("missing bearer token: send the projected service-account token as 'Authorization: Bearer <token>'")]
+    Missing,
+    /// The token is expired or not yet valid.
+    #[error("token is expired or not yet valid: kubelet refreshes projected tokens; re-read the token file")]
+    Expired,
+    /// Audience mismatch.
+    #[error("token audience is not {0:?}: project the token with 'audience: {0}'")]
+    WrongAudience(String),
+    /// Issuer mismatch.
+    #[error("token issuer is not the cluster's service-account issuer {0:?}")]
+    WrongIssuer(String),
+    /// Signature or key problems, malformed JWT.
+    #[error("token is not valid: {0}")]
+    Invalid(String),
+    /// The API server said the token is not authenticated.
+    #[error("token rejected by the Kubernetes API server: {0}")]
+    Rejected(String),
+    /// The verifier itself could not do its job (API server down...).
+    #[error("cannot verify token right now: {0}")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    /// Short label for metrics and audit records.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing_token",
+            Self::Expired => "expired_token",
+            Self::WrongAudience(_) => "wrong_audience",
+            Self::WrongIssuer(_) => "wrong_issuer",
+            Self::Invalid(_) => "invalid_token",
+            Self::Rejected(_) => "rejected_token",
+            Self::Unavailable(_) => "auth_unavailable",
+        }
+    }
+}
+
+/// Verifies a bearer token and says which workload it belongs to.
+pub trait TokenVerifier: Send + Sync + 'static {
+    /// Verifies `token`.
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Workload, AuthError>> + Send + 'a>>;
+}
+
+/// Splits `system:serviceaccount:<ns>:<sa>`.
+fn parse_sa_username(user: &str) -> Option<(String, String)> {
+    let rest = user.strip_prefix("system:serviceaccount:")?;
+    let (ns, sa) = rest.split_once(':')?;
+    if ns.is_empty() || sa.is_empty() || sa.contains(':') {
+        return None;
+    }
+    Some((ns.to_string(), sa.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+struct K8sClaims {
+    sub: Option<String>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<K8sInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct K8sInfo {
+    namespace: String,
+    serviceaccount: NamedRef,
+    pod: Option<NamedRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NamedRef {
+    name: String,
+}
+
+/// Offline JWT verification against the service-account issuer's public keys.
+pub struct Jwks {
+    keys: ArcSwap<JwkSet>,
+    path: PathBuf,
+    issuer: String,
+    audience: String,
+    leeway: Duration,
+}
+
+impl Jwks {
+    /// Loads `jwks_file` (a JWK Set, as served at the issuer's `/openid/v1/jwks`).
+    pub fn load(jwks_file: PathBuf, issuer: String, audience: String) -> Result<Self, String> {
+        let keys = read_jwks(&jwks_file)?;
+        Ok(Self {
+            keys: ArcSwap::from_pointee(keys),
+            path: jwks_file,
+            issuer,
+            audience,
+            leeway: Duration::from_secs(10),
+        })
+    }
+
+    /// Re-reads the key file; keeps the old keys if the new file is invalid.
+    pub fn reload(&self) -> Result<bool, String> {
+        let keys = read_jwks(&self.path)?;
+        let changed =
+            serde_json::to_string(&keys).ok() != serde_json::to_string(&**self.keys.load()).ok();
+        if changed {
+            self.keys.store(Arc::new(keys));
+        }
+        Ok(changed)
+    }
+
+    /// The key file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn verify_sync(&self, token: &str) -> Result<Workload, AuthError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Invalid(format!("malformed JWT: {e}")))?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Err(AuthError::Invalid(format!(
+                "JWT algorithm {:?} is not accepted (RS256 or ES256 only)",
+                header.alg
+            )));
+        }
+        let keys = self.keys.load();
+        let candidates: Vec<_> = keys
+            .keys
+            .iter()
+            .filter(|k| match (&header.kid, &k.common.key_id) {
+                (Some(want), Some(have)) => want == have,
+                (Some(_), None) => false,
+                (None, _) => true,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(AuthError::Invalid(format!(
+                "no issuer key matches the token's key id {:?}",
+                header.kid.unwrap_or_default()
+            )));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway.as_secs();
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let mut last = AuthError::Invalid("no key verified the token".into());
+        for jwk in candidates {
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            match jsonwebtoken::decode::<K8sClaims>(token, &key, &validation) {
+                Ok(data) => return workload_from_claims(data.claims),
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    last = match e.kind() {
+                        K::ExpiredSignature | K::ImmatureSignature => AuthError::Expired,
+                        K::InvalidAudience => AuthError::WrongAudience(self.audience.clone()),
+                        K::InvalidIssuer => AuthError::WrongIssuer(self.issuer.clone()),
+                        K::InvalidSignature => {
+                            AuthError::Invalid("signature does not verify".into())
+                        }
+                        other => AuthError::Invalid(format!("{other:?}")),
+                    };
+                    // Claim errors mean the signature verified: no other key will do better.
+                    if !matches!(last, AuthError::Invalid(_)) {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+fn read_jwks(path: &std::path::Path) -> Result<JwkSet, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let set: JwkSet = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a JWK Set: {e}", path.display()))?;
+    if set.keys.is_empty() {
+        return Err(format!("{}: the JWK Set holds no keys", path.display()));
+    }
+    for (i, k) in set.keys.iter().enumerate() {
+        DecodingKey::from_jwk(k)
+            .map_err(|e| format!("{}: key #{i} unusable: {e}", path.display()))?;
+    }
+    Ok(set)
+}
+
+fn workload_from_claims(c: K8sClaims) -> Result<Workload, AuthError> {
+    let k = c.kubernetes.ok_or_else(|| {
+        AuthError::Invalid(
+            "token has no kubernetes.io claims: use a projected service-account token".into(),
+        )
+    })?;
+    // The subject must agree with the structured claims: a token minted for one account can
+    // not be relabelled by a confused issuer.
+    if let Some(sub) = c.sub.as_deref() {
+        match parse_sa_username(sub) {
+            Some((ns, sa)) if ns == k.namespace && sa == k.serviceaccount.name => {}
+            _ => {
+                return Err(AuthError::Invalid(format!(
+                    "token subject {sub:?} does not match its kubernetes.io claims"
+                )))
+            }
+        }
+    }
+    Ok(Workload {
+        namespace: k.namespace,
+        service_account: k.serviceaccount.name,
+        pod: k.pod.map(|p| p.name),
+    })
+}
+
+impl TokenVerifier for Jwks {
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Workload, AuthError>> + Send + 'a>>
+    {
+        Box::pin(async move { self.verify_sync(token) })
+    }
+}
+
+/// In-cluster Kubernetes TokenReview verification.
+pub struct TokenReview {
+    host: String,
+    port: u16,
+    ca_file: PathBuf,
+    token_file: PathBuf,
+    audience: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// Default paths of the CA's own service-account credentials.
+pub const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+impl TokenReview {
+    /// Uses the in-cluster configuration (`KUBERNETES_SERVICE_HOST`/`_PORT` and the mounted
+    /// service-account token and CA).
+    pub fn in_cluster(audience: String) -> Result<Self, String> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
+            "KUBERNETES_SERVICE_HOST is not set: not running in a cluster? Use --jwks-file for offline verification".to_string()
+        })?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(443);
+        let ca_file = PathBuf::from(SA_DIR).join("ca.crt");
+        if !ca_file.exists() {
+            return Err(format!(
+                "{} is missing: the CA pod needs its service-account token mounted",
+                ca_file.display()
+            ));
+        }
+        Ok(Self {
+            host,
+            port,
+            ca_file,
+            token_file: PathBuf::from(SA_DIR).join("token"),
+            audience,
+            provider: moat_core::tls::provider(),
+        })
+    }
+
+    async fn review(&self, token: &str) -> Result<Workload, AuthError> {
+        use k8s_openapi::api::authentication::v1 as authn;
+        let unavailable = |e: String| AuthError::Unavailable(e);
+        let review = authn::TokenReview {
+            spec: authn::TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let body = serde_json::to_vec(&review).map_err(|e| unavailable(e.to_string()))?;
+        let own_token = tokio::fs::read_to_string(&self.token_file)
+            .await
+            .map_err(|e| unavailable(format!("{}: {e}", self.token_file.display())))?;
+        let ca = tokio::fs::read(&self.ca_file)
+            .await
+            .map_err(|e| unavailable(format!("{}: {e}", self.ca_file.display())))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in moat_core::pem::parse_certs(&ca).map_err(|e| unavailable(e.to_string()))? {
+            roots.add(c).map_err(|e| unavailable(e.to_string()))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| unavailable(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| unavailable(format!("API server {}:{}: {e}", self.host, self.port)))?;
+        let name = rustls_pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| unavailable(e.to_string()))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| unavailable(format!("TLS to API server: {e}")))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let task = tokio::spawn(conn);
+        let req = http::Request::post("/apis/authentication.k8s.io/v1/tokenreviews")
+            .header(http::header::HOST, self.host.as_str())
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", own_token.trim()),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| unavailable(e.to_string()))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let status = resp.status();
+        let bytes = Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .to_bytes();
+        task.abort();
+        if !status.is_success() {
+            return Err(unavailable(format!(
+                "TokenReview answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )));
+        }
+        let review: authn::TokenReview = serde_json::from_slice(&bytes)
+            .map_err(|e| unavailable(format!("TokenReview answer: {e}")))?;
+        workload_from_review(review, &self.audience)
+    }
+}
+
+/// Interprets a TokenReview answer.
+pub fn workload_from_review(
+    review: k8s_openapi::api::authentication::v1::TokenReview,
+    audience: &str,
+) -> Result<Workload, AuthError> {
+    let status = review
+        .status
+        .ok_or_else(|| AuthError::Unavailable("TokenReview has no status".into()))?;
+    if status.authenticated != Some(true) {
+        return Err(AuthError::Rejected(
+            status.error.unwrap_or_else(|| "not authenticated".into()),
+        ));
+    }
+    if !status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|x| x == audience))
+    {
+        return Err(AuthError::WrongAudience(audience.to_string()));
+    }
+    let user = status.user.unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let (namespace, service_account) = parse_sa_username(&username)
+        .ok_or_else(|| AuthError::Rejected(format!("{username:?} is not a service account")))?;
+    let pod = user
+        .extra
+        .as_ref()
+        .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
+        .and_then(|v| v.first().cloned());
+    Ok(Workload {
+        namespace,
+        service_account,
+        pod,
+    })
+}
+
+impl TokenVerifier for TokenReview {
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Workload, AuthError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            tokio::time::timeout(Duration::from_secs(5), self.review(token))
+                .await
+                .map_err(|_| AuthError::Unavailable("TokenReview timed out after 5s".into()))?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::authentication::v1::TokenReview as Review;
+
+    #[test]
+    fn reads_a_token_review_answer_as_the_api_server_sends_it() {
+        let answer = r#"{"kind":"TokenReview","apiVersion":"authentication.k8s.io/v1",
+          "metadata":{"creationTimestamp":null},
+          "spec":{"token":"x","audiences":["moat-ca"]},
+          "status":{"authenticated":true,
+            "user":{"username":"system:serviceaccount:shop:web","uid":"6c0f",
+              "groups":["system:serviceaccounts","system:serviceaccounts:shop","system:authenticated"],
+              "extra":{"authentication.kubernetes.io/credential-id":["JTI=1"],
+                       "authentication.kubernetes.io/node-name":["node-1"],
+                       "authentication.kubernetes.io/pod-name":["web-7d9f"],
+                       "authentication.kubernetes.io/pod-uid":["a1"]}},
+            "audiences":["moat-ca"]}}"#;
+        let review: Review = serde_json::from_str(answer).unwrap();
+        let w = workload_from_review(review, "moat-ca").unwrap();
+        assert_eq!(w.namespace, "shop");
+        assert_eq!(w.service_account, "web");
+        assert_eq!(w.pod.as_deref(), Some("web-7d9f"));
+    }
+
+    #[test]
+    fn refuses_unauthenticated_wrong_audience_and_non_service_accounts() {
+        let r: Review = serde_json::from_str(
+            r#"{"spec":{},"status":{"authenticated":false,"error":"token expired"}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(workload_from_review(r, "moat-ca"), Err(AuthError::Rejected(m)) if m == "token expired")
+        );
+        let r: Review = serde_json::from_str(
+            r#"{"spec":{},"status":{"authenticated":true,"audiences":["other"],"user":{"username":"system:serviceaccount:a:b"}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            workload_from_review(r, "moat-ca"),
+            Err(AuthError::WrongAudience(_))
+        ));
+        let r: Review = serde_json::from_str(
+            r#"{"spec":{},"status":{"authenticated":true,"audiences":["moat-ca"],"user":{"username":"alice"}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            workload_from_review(r, "moat-ca"),
+            Err(AuthError::Rejected(_))
+        ));
+    }
+
+    #[test]
+    fn parses_service_account_usernames_strictly() {
+        assert_eq!(
+            parse_sa_username("system:serviceaccount:ns:sa"),
+            Some(("ns".into(), "sa".into()))
+        );
+        for bad in [
+            "system:serviceaccount:ns",
+            "system:serviceaccount::sa",
+            "system:serviceaccount:ns:",
+            "user:ns:sa",
+            "system:serviceaccount:a:b:c",
+        ] {
+            assert_eq!(parse_sa_username(bad), None, "{bad}");
+        }
+    }
+}

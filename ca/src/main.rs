@@ -1,0 +1,324 @@
+//! `moat-ca`: Moat's in-cluster certificate authority.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use moat_ca::auth::{Jwks, TokenReview, TokenVerifier};
+use moat_ca::authority::{self, Authority};
+use moat_ca::server::{self, CaService, Limits};
+use moat_core::admin::{self, Health};
+use moat_core::spiffe::TrustDomain;
+use moat_core::telemetry::{self, LogFormat};
+use moat_core::tls::CurrentCert;
+use tokio::sync::watch;
+
+/// Moat's certificate authority: short-lived SPIFFE X.509 SVIDs for workloads that prove who
+/// they are with their projected service-account token.
+#[derive(Parser)]
+#[command(name = "moat-ca", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new root CA (ECDSA P-256) in DIR: ca.crt, ca.key (0600) and bundle.pem.
+    Init {
+        /// Trust domain, e.g. cluster.local.
+        #[arg(long)]
+        trust_domain: TrustDomain,
+        /// Directory to write into (created if missing). Refuses to overwrite a key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Root validity.
+        #[arg(long, default_value = "87600h", value_parser = moat_core::duration::parse)]
+        validity: Duration,
+    },
+    /// Issue an intermediate signing CA from a root, written as a Kubernetes TLS Secret mounts
+    /// it (tls.crt, tls.key, ca.crt), so the root can stay offline.
+    Intermediate {
+        /// Directory holding the root (as written by `init`).
+        #[arg(long)]
+        root_dir: PathBuf,
+        /// Directory to write the intermediate into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Intermediate validity.
+        #[arg(long, default_value = "8760h", value_parser = moat_core::duration::parse)]
+        validity: Duration,
+    },
+    /// Serve the issuance API over HTTPS.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Directory with the signing material: a root (ca.crt, ca.key, bundle.pem) or a mounted
+    /// Kubernetes Secret (tls.crt, tls.key, ca.crt).
+    #[arg(long, required_unless_present = "signing_cert", env = "MOAT_CA_DIR")]
+    dir: Option<PathBuf>,
+    /// Signing certificate (PEM, chain allowed), instead of --dir.
+    #[arg(long, requires_all = ["signing_key", "bundle"], conflicts_with = "dir")]
+    signing_cert: Option<PathBuf>,
+    /// Signing key (PEM), with --signing-cert.
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// Trust bundle (PEM roots, several allowed for rotation), with --signing-cert.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Trust domain; by default read from the signing certificate's spiffe:// URI SAN.
+    #[arg(long, env = "MOAT_TRUST_DOMAIN")]
+    trust_domain: Option<TrustDomain>,
+    /// API listen address.
+    #[arg(long, default_value = "0.0.0.0:8443", env = "MOAT_CA_LISTEN")]
+    listen: SocketAddr,
+    /// Admin listen address (/metrics, /ready, /live).
+    #[arg(long, default_value = "0.0.0.0:9090", env = "MOAT_CA_ADMIN_LISTEN")]
+    admin_listen: SocketAddr,
+    /// DNS names and IPs of the CA's serving certificate (repeat or comma-separate).
+    #[arg(long = "san", value_delimiter = ',', default_values = ["moat-ca.moat-system.svc", "localhost", "127.0.0.1"])]
+    sans: Vec<String>,
+    /// Lifetime of issued certificates (5m to 24h).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl, env = "MOAT_CA_CERT_TTL")]
+    cert_ttl: Duration,
+    /// Verify tokens offline against this JWK Set (the service-account issuer's keys) instead
+    /// of the Kubernetes TokenReview API.
+    #[arg(long, requires = "token_issuer")]
+    jwks_file: Option<PathBuf>,
+    /// Expected token issuer (`iss`), with --jwks-file.
+    #[arg(long)]
+    token_issuer: Option<String>,
+    /// Expected token audience.
+    #[arg(long, default_value = "moat-ca", env = "MOAT_CA_TOKEN_AUDIENCE")]
+    token_audience: String,
+    /// Sustained requests per second allowed per workload identity.
+    #[arg(long, default_value_t = 5.0)]
+    rate_limit: f64,
+    /// Burst allowed per workload identity.
+    #[arg(long, default_value_t = 20.0)]
+    rate_burst: f64,
+    /// Deadline for one request.
+    #[arg(long, default_value = "10s", value_parser = moat_core::duration::parse)]
+    request_timeout: Duration,
+    /// Maximum concurrent connections.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, default_value = "10s", value_parser = moat_core::duration::parse)]
+    shutdown_grace: Duration,
+    /// Log format: auto (JSON unless on a terminal), json or pretty.
+    #[arg(long, default_value = "auto", env = "MOAT_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter, e.g. info or moat_ca=debug.
+    #[arg(long, default_value = "info", env = "MOAT_LOG_LEVEL")]
+    log_level: String,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = moat_core::duration::parse(s)?;
+    if d < Duration::from_secs(300) || d > Duration::from_secs(86400) {
+        return Err(format!("{s} is outside the allowed 5m..24h"));
+    }
+    Ok(d)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Init {
+            trust_domain,
+            dir,
+            validity,
+        } => authority::init_root(&trust_domain, &dir, validity)
+            .map(|()| {
+                println!(
+                    "created root CA for {trust_domain} in {}: ca.crt, ca.key (0600), bundle.pem",
+                    dir.display()
+                )
+            })
+            .map_err(anyhow::Error::from),
+        Cmd::Intermediate {
+            root_dir,
+            out,
+            validity,
+        } => authority::init_intermediate(&root_dir, &out, validity)
+            .map(|()| {
+                println!(
+                    "created intermediate CA in {}: tls.crt, tls.key (0600), ca.crt",
+                    out.display()
+                )
+            })
+            .map_err(anyhow::Error::from),
+        Cmd::Serve(args) => serve(*args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat-ca: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    telemetry::init_logging(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("moat-ca")
+        .build()
+        .context("cannot start runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let authority = match (
+        &args.dir,
+        &args.signing_cert,
+        &args.signing_key,
+        &args.bundle,
+    ) {
+        (Some(dir), None, _, _) => Authority::load_dir(dir, args.trust_domain.as_ref())?,
+        (None, Some(c), Some(k), Some(b)) => {
+            Authority::load_files(c, k, b, args.trust_domain.as_ref())?
+        }
+        _ => bail!("give either --dir or --signing-cert, --signing-key and --bundle"),
+    };
+    let trust_domain = authority.trust_domain().clone();
+
+    let verifier: Arc<dyn TokenVerifier> = match &args.jwks_file {
+        Some(path) => {
+            let issuer = args.token_issuer.clone().unwrap_or_default();
+            let jwks = Arc::new(
+                Jwks::load(path.clone(), issuer.clone(), args.token_audience.clone())
+                    .map_err(anyhow::Error::msg)?,
+            );
+            tracing::info!(jwks = %path.display(), %issuer, audience = %args.token_audience, "verifying tokens offline against the issuer's JWK Set");
+            spawn_jwks_reload(jwks.clone());
+            jwks
+        }
+        None => {
+            tracing::info!(audience = %args.token_audience, "verifying tokens with the Kubernetes TokenReview API");
+            Arc::new(
+                TokenReview::in_cluster(args.token_audience.clone()).map_err(anyhow::Error::msg)?,
+            )
+        }
+    };
+
+    let serving = Arc::new(CurrentCert::default());
+    let provider = moat_core::tls::provider();
+    install_serving_cert(&authority, &args.sans, &serving, &provider)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(serving.clone());
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
+
+    let limits = Limits {
+        cert_ttl: args.cert_ttl,
+        rate_per_identity: args.rate_limit,
+        burst_per_identity: args.rate_burst,
+        request_timeout: args.request_timeout,
+        max_connections: args.max_connections,
+    };
+    let svc = Arc::new(CaService::new(authority, verifier, limits));
+    let svc_for_renewal = svc.clone();
+    let sans = args.sans.clone();
+    let serving_for_renewal = serving.clone();
+    tokio::spawn(async move {
+        // Serving certificates live 24h and are replaced every 12h.
+        let mut tick = tokio::time::interval(Duration::from_secs(12 * 3600));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = install_serving_cert(
+                svc_for_renewal.authority(),
+                &sans,
+                &serving_for_renewal,
+                &moat_core::tls::provider(),
+            ) {
+                tracing::error!(error = %e, "cannot renew the CA's serving certificate");
+            }
+        }
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let health = Arc::new(Health::default());
+    tokio::spawn(admin::serve(
+        admin_listener,
+        metrics,
+        health.clone(),
+        None,
+        shutdown_rx.clone(),
+    ));
+    health.set_ready(true);
+    tracing::info!(
+        listen = %args.listen,
+        admin = %args.admin_listen,
+        %trust_domain,
+        cert_ttl = %moat_core::duration::format(args.cert_ttl),
+        "moat-ca serving"
+    );
+
+    let server = tokio::spawn(server::serve(
+        listener,
+        Arc::new(tls),
+        svc,
+        shutdown_rx,
+        args.shutdown_grace,
+    ));
+    moat_core::shutdown::os_signal().await;
+    tracing::info!("shutting down: not ready, draining connections");
+    health.set_ready(false);
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    tracing::info!("moat-ca stopped");
+    Ok(())
+}
+
+fn install_serving_cert(
+    authority: &Authority,
+    sans: &[String],
+    serving: &CurrentCert,
+    provider: &rustls::crypto::CryptoProvider,
+) -> anyhow::Result<()> {
+    let (chain, key) = authority
+        .serving_cert(sans, Duration::from_secs(24 * 3600))
+        .context("cannot issue the CA's serving certificate")?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .context("cannot load serving key")?;
+    serving.set(Arc::new(rustls::sign::CertifiedKey::new(chain, signing)));
+    Ok(())
+}
+
+fn spawn_jwks_reload(jwks: Arc<Jwks>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match jwks.reload() {
+                Ok(true) => tracing::info!(path = %jwks.path().display(), "issuer keys reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "new issuer keys rejected; keeping the previous ones")
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,126 @@
+//! The admin listener every Moat binary exposes: `/metrics`, `/ready`, `/live`, plus
+//! binary-specific routes. Plain HTTP/1.1, separate from the data path.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Readiness and liveness as reported to the kubelet.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    /// Marks the process ready (or not) to receive traffic.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether the process is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// An extra admin route: given method, path and peer address, returns a response when it
+/// handles the request.
+pub type Route =
+    Arc<dyn Fn(&Method, &str, SocketAddr) -> Option<Response<Full<Bytes>>> + Send + Sync>;
+
+/// Builds a small text response.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Builds a JSON response.
+pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Serves the admin endpoints until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    extra: Option<Route>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::shutdown::signalled(&mut shutdown) => return,
+        };
+        let metrics = metrics.clone();
+        let health = health.clone();
+        let extra = extra.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let resp = route(&req, peer, &metrics, &health, extra.as_ref());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(
+    req: &http::Request<Incoming>,
+    peer: SocketAddr,
+    metrics: &PrometheusHandle,
+    health: &Health,
+    extra: Option<&Route>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if let Some(r) = extra.and_then(|f| f(req.method(), path, peer)) {
+        return r;
+    }
+    match (req.method(), path) {
+        (&Method::GET, "/metrics") => {
+            let mut r = text(StatusCode::OK, metrics.render());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") if health.is_ready() => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

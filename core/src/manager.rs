@@ -1,0 +1,313 @@
+//! Keeps a workload's identity fresh: obtains an SVID at start, renews it at a jittered 50-70 %
+//! of its lifetime, retries failures with capped exponential backoff while the still-valid
+//! certificate keeps serving, and reloads the trust bundle when its file changes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use tokio::sync::watch;
+
+use crate::bundle::TrustBundle;
+use crate::client::CaClient;
+use crate::svid::{IdentitySummary, Svid};
+use crate::tls::CurrentCert;
+use crate::watch::FileWatch;
+use crate::x509::CertInfo;
+
+/// Metric names exported by the identity manager.
+pub mod metric {
+    /// Gauge: Unix time at which the current certificate expires.
+    pub const EXPIRY_TIMESTAMP: &str = "moat_identity_cert_expiration_timestamp_seconds";
+    /// Gauge: seconds left before the current certificate expires (0 when none or expired).
+    pub const TIME_TO_EXPIRY: &str = "moat_identity_cert_time_to_expiry_seconds";
+    /// Counter: certificate requests, by `result` (`ok` or `error`) and error `reason`.
+    pub const RENEWALS: &str = "moat_identity_cert_requests_total";
+    /// Counter: trust bundle reloads, by `result`.
+    pub const BUNDLE_RELOADS: &str = "moat_trust_bundle_reloads_total";
+}
+
+/// Renewal and retry timing.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// First retry delay after a failure.
+    pub initial_backoff: Duration,
+    /// Largest retry delay.
+    pub max_backoff: Duration,
+    /// How often the trust bundle file is checked.
+    pub bundle_poll: Duration,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            bundle_poll: Duration::from_secs(5),
+        }
+    }
+}
+
+/// When to renew a certificate: at `fraction` (expected in 0.5..=0.7) of its lifetime.
+pub fn renew_at(info: &CertInfo, fraction: f64) -> SystemTime {
+    info.not_before + info.lifetime().mul_f64(fraction.clamp(0.0, 1.0))
+}
+
+/// Delay before retry number `attempt` (0-based): doubling from `initial`, capped at `max`,
+/// scaled by `jitter` (expected in 0.8..=1.2), and never later than half the time left on a
+/// still-valid certificate.
+pub fn retry_delay(
+    s: &Schedule,
+    attempt: u32,
+    jitter: f64,
+    remaining: Option<Duration>,
+) -> Duration {
+    let exp = s
+        .initial_backoff
+        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+        .min(s.max_backoff)
+        .mul_f64(jitter.clamp(0.5, 1.5));
+    match remaining {
+        Some(r) if !r.is_zero() => exp.min(r / 2).max(Duration::from_millis(100)),
+        _ => exp,
+    }
+}
+
+/// Read side of the identity: what the data path and the admin endpoints use.
+#[derive(Clone)]
+pub struct IdentityHandle {
+    /// The certificate presented in new handshakes.
+    pub cert: Arc<CurrentCert>,
+    /// The trust bundle peers are verified against.
+    pub bundle: Arc<ArcSwap<TrustBundle>>,
+    summary: watch::Receiver<Option<Arc<IdentitySummary>>>,
+    not_after: Arc<ArcSwap<Option<SystemTime>>>,
+}
+
+impl IdentityHandle {
+    /// The identity in use, if any.
+    pub fn summary(&self) -> Option<Arc<IdentitySummary>> {
+        self.summary.borrow().clone()
+    }
+
+    /// Whether a certificate is held and not expired.
+    pub fn has_valid_cert(&self) -> bool {
+        matches!(**self.not_after.load(), Some(t) if t > SystemTime::now())
+    }
+
+    /// Waits until a first certificate is obtained.
+    pub async fn ready(&self) {
+        let mut rx = self.summary.clone();
+        let _ = rx.wait_for(|s| s.is_some()).await;
+    }
+
+    /// A receiver notified on every new certificate.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<IdentitySummary>>> {
+        self.summary.clone()
+    }
+}
+
+/// Write side: runs the renewal loop.
+pub struct IdentityManager {
+    client: CaClient,
+    provider: Arc<CryptoProvider>,
+    schedule: Schedule,
+    bundle_watch: Option<FileWatch>,
+    cert: Arc<CurrentCert>,
+    bundle: Arc<ArcSwap<TrustBundle>>,
+    summary: watch::Sender<Option<Arc<IdentitySummary>>>,
+    not_after: Arc<ArcSwap<Option<SystemTime>>>,
+}
+
+impl IdentityManager {
+    /// Creates the manager and its read handle. `bundle_file` is watched for changes.
+    pub fn new(
+        client: CaClient,
+        bundle: Arc<ArcSwap<TrustBundle>>,
+        bundle_file: Option<(PathBuf, Vec<u8>)>,
+        provider: Arc<CryptoProvider>,
+        schedule: Schedule,
+    ) -> (Self, IdentityHandle) {
+        let cert = Arc::new(CurrentCert::default());
+        let (tx, rx) = watch::channel(None);
+        let not_after = Arc::new(ArcSwap::from_pointee(None));
+        let handle = IdentityHandle {
+            cert: cert.clone(),
+            bundle: bundle.clone(),
+            summary: rx,
+            not_after: not_after.clone(),
+        };
+        let mgr = Self {
+            client,
+            provider,
+            schedule,
+            bundle_watch: bundle_file.map(|(p, cur)| FileWatch::new(p, Some(cur))),
+            cert,
+            bundle,
+            summary: tx,
+            not_after,
+        };
+        (mgr, handle)
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut attempt: u32 = 0;
+        let mut next = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut bundle_tick = tokio::time::interval(self.schedule.bundle_poll);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {
+                    next = tokio::time::Instant::now() + self.renew(&mut attempt).await;
+                }
+                _ = tick.tick() => self.report_expiry(),
+                _ = bundle_tick.tick() => self.reload_bundle().await,
+                _ = crate::shutdown::signalled(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// One renewal attempt; returns the delay before the next one.
+    async fn renew(&mut self, attempt: &mut u32) -> Duration {
+        match self.client.fetch().await {
+            Ok(svid) => match self.install(&svid) {
+                Ok(()) => {
+                    *attempt = 0;
+                    metrics::counter!(metric::RENEWALS, "result" => "ok", "reason" => "")
+                        .increment(1);
+                    let at = renew_at(&svid.info, 0.5 + 0.2 * fastrand::f64());
+                    let delay = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    tracing::info!(
+                        spiffe_id = %svid.id,
+                        serial = %svid.info.serial_hex,
+                        not_after = %crate::svid::rfc3339(svid.info.not_after),
+                        renew_in_s = delay.as_secs_f64(),
+                        "identity certificate installed"
+                    );
+                    delay
+                }
+                Err(e) => self.failed(attempt, "install", &e),
+            },
+            Err(e) => self.failed(attempt, e.reason(), &e.to_string()),
+        }
+    }
+
+    fn failed(&self, attempt: &mut u32, reason: &'static str, err: &str) -> Duration {
+        metrics::counter!(metric::RENEWALS, "result" => "error", "reason" => reason).increment(1);
+        let remaining = (**self.not_after.load())
+            .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default());
+        let delay = retry_delay(
+            &self.schedule,
+            *attempt,
+            0.8 + 0.4 * fastrand::f64(),
+            remaining,
+        );
+        *attempt = attempt.saturating_add(1);
+        let still_valid = remaining.is_some_and(|r| !r.is_zero());
+        tracing::warn!(
+            error = %err,
+            reason,
+            attempt = *attempt,
+            retry_in_s = delay.as_secs_f64(),
+            serving_valid_cert = still_valid,
+            "identity certificate request failed"
+        );
+        delay
+    }
+
+    fn install(&self, svid: &Svid) -> Result<(), String> {
+        let ck = svid
+            .certified_key(&self.provider)
+            .map_err(|e| e.to_string())?;
+        self.cert.set(ck);
+        self.not_after.store(Arc::new(Some(svid.info.not_after)));
+        self.summary
+            .send_replace(Some(Arc::new(IdentitySummary::of(svid))));
+        self.report_expiry();
+        Ok(())
+    }
+
+    fn report_expiry(&self) {
+        if let Some(t) = **self.not_after.load() {
+            let ts = t
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            metrics::gauge!(metric::EXPIRY_TIMESTAMP).set(ts);
+            let left = t
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .as_secs_f64();
+            metrics::gauge!(metric::TIME_TO_EXPIRY).set(left);
+        }
+    }
+
+    async fn reload_bundle(&mut self) {
+        let Some(w) = self.bundle_watch.as_mut() else {
+            return;
+        };
+        match w.poll().await {
+            Ok(None) => {}
+            Ok(Some(bytes)) => match TrustBundle::from_pem(&bytes) {
+                Ok(b) => {
+                    tracing::info!(path = %w.path().display(), roots = b.certs().len(), "trust bundle reloaded");
+                    self.bundle.store(Arc::new(b));
+                    metrics::counter!(metric::BUNDLE_RELOADS, "result" => "ok").increment(1);
+                }
+                Err(e) => {
+                    tracing::error!(path = %w.path().display(), error = %e, "new trust bundle rejected; keeping the previous one");
+                    metrics::counter!(metric::BUNDLE_RELOADS, "result" => "error").increment(1);
+                }
+            },
+            Err(e) => {
+                tracing::warn!(path = %w.path().display(), error = %e, "cannot read trust bundle; keeping the previous one");
+                metrics::counter!(metric::BUNDLE_RELOADS, "result" => "error").increment(1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(lifetime: Duration) -> CertInfo {
+        let nb = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        CertInfo {
+            spiffe_id: None,
+            serial_hex: String::new(),
+            not_before: nb,
+            not_after: nb + lifetime,
+            is_ca: false,
+        }
+    }
+
+    #[test]
+    fn renews_between_half_and_seventy_percent() {
+        let i = info(Duration::from_secs(3600));
+        assert_eq!(renew_at(&i, 0.5), i.not_before + Duration::from_secs(1800));
+        assert_eq!(renew_at(&i, 0.7), i.not_before + Duration::from_secs(2520));
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_respects_expiry() {
+        let s = Schedule::default();
+        assert_eq!(retry_delay(&s, 0, 1.0, None), Duration::from_millis(500));
+        assert_eq!(retry_delay(&s, 1, 1.0, None), Duration::from_secs(1));
+        assert_eq!(retry_delay(&s, 3, 1.0, None), Duration::from_secs(4));
+        assert_eq!(retry_delay(&s, 30, 1.0, None), Duration::from_secs(30));
+        // Ten seconds left: retry within five.
+        assert_eq!(
+            retry_delay(&s, 30, 1.0, Some(Duration::from_secs(10))),
+            Duration::from_secs(5)
+        );
+        // Never a busy loop.
+        assert_eq!(
+            retry_delay(&s, 30, 1.0, Some(Duration::from_millis(10))),
+            Duration::from_millis(100)
+        );
+    }
+}
