@@ -327,7 +327,7 @@ impl Authority {
             raw: key.public_key_raw().to_vec(),
             alg: &rcgen::PKCS_ECDSA_P256_SHA256,
         };
-        let issued = self.issue(&subject, &id, Duration::from_secs(300))?;
+        let issued = self.issue(&subject, &id, &[], Duration::from_secs(300))?;
         let chain = pem::parse_certs(issued.chain_pem.as_bytes())
             .map_err(|e| AuthorityError::Invalid(e.to_string()))?;
         let verifier = moat_core::tls::SpiffeVerifier::new(
@@ -371,6 +371,7 @@ impl Authority {
         &self,
         key: &SubjectKey,
         id: &SpiffeId,
+        dns_names: &[String],
         ttl: Duration,
     ) -> Result<Issued, AuthorityError> {
         let now = SystemTime::now();
@@ -379,6 +380,10 @@ impl Authority {
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         p.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        for name in dns_names {
+            p.subject_alt_names
+                .push(SanType::DnsName(name.as_str().try_into()?));
+        }
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![

@@ -64,8 +64,18 @@ const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
 const OID_P256: &str = "1.2.840.10045.3.1.7";
 const OID_ED25519: &str = "1.3.101.112";
 
-/// Checks `pem` against the identity `proven` by the token and returns the key to certify.
-pub fn admit(pem: &str, proven: &SpiffeId) -> Result<SubjectKey, CsrError> {
+/// What an admitted CSR contributes to the certificate.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// The public key to certify.
+    pub key: SubjectKey,
+    /// DNS SANs requested and allowed for this identity.
+    pub dns_names: Vec<String>,
+}
+
+/// Checks `pem` against the identity `proven` by the token; `allowed_dns` are the DNS names
+/// this identity may additionally hold (usually none).
+pub fn admit(pem: &str, proven: &SpiffeId, allowed_dns: &[String]) -> Result<Admitted, CsrError> {
     let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| CsrError::Malformed(e.to_string()))?;
     let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
@@ -77,6 +87,7 @@ pub fn admit(pem: &str, proven: &SpiffeId) -> Result<SubjectKey, CsrError> {
     }
     let key = subject_key(&csr)?;
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    let mut dns_names = Vec::new();
 
     if let Some(exts) = csr.requested_extensions() {
         for ext in exts {
@@ -85,6 +96,9 @@ pub fn admit(pem: &str, proven: &SpiffeId) -> Result<SubjectKey, CsrError> {
                     for name in &san.general_names {
                         match name {
                             GeneralName::URI(u) if *u == proven.as_str() => {}
+                            GeneralName::DNSName(d) if allowed_dns.iter().any(|a| a == d) => {
+                                dns_names.push(d.to_string());
+                            }
                             other => {
                                 return Err(CsrError::ForeignIdentity {
                                     asked: describe(other),
@@ -104,7 +118,7 @@ pub fn admit(pem: &str, proven: &SpiffeId) -> Result<SubjectKey, CsrError> {
             }
         }
     }
-    Ok(key)
+    Ok(Admitted { key, dns_names })
 }
 
 fn describe(name: &GeneralName<'_>) -> String {
@@ -174,10 +188,10 @@ mod tests {
     fn admits_own_identity_or_no_san_with_p256_and_ed25519() {
         let p256 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        assert!(admit(&csr(&p256, vec![uri(id().as_str())], false), &id()).is_ok());
-        assert!(admit(&csr(&p256, vec![], false), &id()).is_ok());
-        let k = admit(&csr(&ed, vec![uri(id().as_str())], false), &id()).unwrap();
-        assert_eq!(k.alg, &rcgen::PKCS_ED25519);
+        assert!(admit(&csr(&p256, vec![uri(id().as_str())], false), &id(), &[]).is_ok());
+        assert!(admit(&csr(&p256, vec![], false), &id(), &[]).is_ok());
+        let k = admit(&csr(&ed, vec![uri(id().as_str())], false), &id(), &[]).unwrap();
+        assert_eq!(k.key.alg, &rcgen::PKCS_ED25519);
     }
 
     #[test]
@@ -191,13 +205,23 @@ mod tests {
                 SanType::DnsName("web.shop.svc".try_into().unwrap()),
             ],
         ] {
-            let e = admit(&csr(&k, sans, false), &id()).unwrap_err();
+            let e = admit(&csr(&k, sans, false), &id(), &[]).unwrap_err();
             assert_eq!(e.status(), 403, "{e}");
         }
         assert_eq!(
-            admit(&csr(&k, vec![uri(id().as_str())], true), &id()),
-            Err(CsrError::CaRequested)
+            admit(&csr(&k, vec![uri(id().as_str())], true), &id(), &[]).unwrap_err(),
+            CsrError::CaRequested
         );
+    }
+
+    #[test]
+    fn grants_dns_names_only_when_allowed_for_the_identity() {
+        let k = KeyPair::generate().unwrap();
+        let dns = SanType::DnsName("moat-injector.moat-system.svc".try_into().unwrap());
+        let pem = csr(&k, vec![uri(id().as_str()), dns], false);
+        let allowed = vec!["moat-injector.moat-system.svc".to_string()];
+        assert_eq!(admit(&pem, &id(), &allowed).unwrap().dns_names, allowed);
+        assert_eq!(admit(&pem, &id(), &[]).unwrap_err().status(), 403);
     }
 
     #[test]
@@ -224,6 +248,6 @@ mod tests {
         let n = bytes.len();
         bytes[n - 5] ^= 0x01;
         let tampered = moat_core::pem::encode_block("CERTIFICATE REQUEST", &bytes);
-        assert_eq!(admit(&tampered, &id()), Err(CsrError::BadSignature));
+        assert_eq!(admit(&tampered, &id(), &[]).unwrap_err(), CsrError::BadSignature);
     }
 }

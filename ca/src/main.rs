@@ -84,9 +84,16 @@ struct ServeArgs {
     /// DNS names and IPs of the CA's serving certificate (repeat or comma-separate).
     #[arg(long = "san", value_delimiter = ',', default_values = ["moat-ca.moat-system.svc", "localhost", "127.0.0.1"])]
     sans: Vec<String>,
+    /// Lets an identity also request DNS SANs: `SPIFFE_ID=NAME[,NAME...]` (repeatable). Used
+    /// for the injector's webhook serving certificate.
+    #[arg(long = "dns-san", value_parser = parse_dns_san)]
+    dns_sans: Vec<(moat_core::SpiffeId, Vec<String>)>,
     /// Lifetime of issued certificates (5m to 24h).
-    #[arg(long, default_value = "1h", value_parser = parse_ttl, env = "MOAT_CA_CERT_TTL")]
+    #[arg(long, default_value = "1h", value_parser = moat_core::duration::parse, env = "MOAT_CA_CERT_TTL")]
     cert_ttl: Duration,
+    /// Testing only: allow --cert-ttl below 5 minutes (down to 1s). Logged loudly.
+    #[arg(long, hide = true)]
+    test_allow_short_ttl: bool,
     /// Verify tokens offline against this JWK Set (the service-account issuer's keys) instead
     /// of the Kubernetes TokenReview API.
     #[arg(long, requires = "token_issuer")]
@@ -120,12 +127,48 @@ struct ServeArgs {
     log_level: String,
 }
 
-fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let d = moat_core::duration::parse(s)?;
-    if d < Duration::from_secs(300) || d > Duration::from_secs(86400) {
-        return Err(format!("{s} is outside the allowed 5m..24h"));
+fn parse_dns_san(s: &str) -> Result<(moat_core::SpiffeId, Vec<String>), String> {
+    let (id, names) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected SPIFFE_ID=NAME[,NAME...]"))?;
+    let id = moat_core::SpiffeId::parse(id).map_err(|e| format!("{id:?}: {e}"))?;
+    let names: Vec<String> = names.split(',').map(|n| n.trim().to_string()).collect();
+    for n in &names {
+        let ok = !n.is_empty()
+            && n.len() <= 253
+            && n.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !ok {
+            return Err(format!("{n:?} is not a valid DNS name"));
+        }
     }
-    Ok(d)
+    Ok((id, names))
+}
+
+fn check_ttl(ttl: Duration, allow_short: bool) -> anyhow::Result<()> {
+    let min = if allow_short {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(300)
+    };
+    if ttl < min || ttl > Duration::from_secs(86400) {
+        bail!(
+            "--cert-ttl {} is outside the allowed 5m..24h",
+            moat_core::duration::format(ttl)
+        );
+    }
+    if allow_short && ttl < Duration::from_secs(300) {
+        tracing::warn!(
+            cert_ttl = %moat_core::duration::format(ttl),
+            "TESTING MODE: issuing certificates shorter than 5 minutes (--test-allow-short-ttl)"
+        );
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -177,6 +220,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    check_ttl(args.cert_ttl, args.test_allow_short_ttl)?;
     let metrics = telemetry::install_metrics().map_err(anyhow::Error::msg)?;
     let authority = match (
         &args.dir,
@@ -233,6 +277,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         burst_per_identity: args.rate_burst,
         request_timeout: args.request_timeout,
         max_connections: args.max_connections,
+        dns_sans: args.dns_sans.iter().cloned().collect(),
     };
     let svc = Arc::new(CaService::new(authority, verifier, limits));
     let svc_for_renewal = svc.clone();

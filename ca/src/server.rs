@@ -51,6 +51,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Concurrent connections accepted.
     pub max_connections: usize,
+    /// DNS SANs some identities may request (e.g. the injector's webhook name).
+    pub dns_sans: HashMap<SpiffeId, Vec<String>>,
 }
 
 impl Default for Limits {
@@ -61,6 +63,7 @@ impl Default for Limits {
             burst_per_identity: 20.0,
             request_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            dns_sans: HashMap::new(),
         }
     }
 }
@@ -324,7 +327,8 @@ impl CaService {
             )
             .by(&workload)
         })?;
-        let key = csr::admit(&request.csr, &id).map_err(|e| {
+        let allowed_dns = self.limits.dns_sans.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+        let admitted = csr::admit(&request.csr, &id, allowed_dns).map_err(|e| {
             Refusal::new(
                 StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
                 e.code(),
@@ -334,7 +338,7 @@ impl CaService {
         })?;
         let issued = self
             .authority
-            .issue(&key, &id, self.limits.cert_ttl)
+            .issue(&admitted.key, &id, &admitted.dns_names, self.limits.cert_ttl)
             .map_err(|e| {
                 Refusal::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -45,6 +45,9 @@ pub struct CaClientConfig {
     pub identity: SpiffeId,
     /// Key algorithm for new key pairs.
     pub key_algorithm: KeyAlgorithm,
+    /// DNS names to request besides the SPIFFE ID (granted only to identities the CA allows,
+    /// e.g. the injector's webhook serving name).
+    pub dns_names: Vec<String>,
     /// Deadline for one whole request (connect, handshake, answer).
     pub timeout: Duration,
 }
@@ -173,7 +176,8 @@ impl CaClient {
                 path: self.cfg.token_file.clone(),
                 source,
             })?;
-        let (key_der, csr_pem) = make_csr(&self.cfg.identity, self.cfg.key_algorithm)?;
+        let (key_der, csr_pem) =
+            make_csr(&self.cfg.identity, &self.cfg.dns_names, self.cfg.key_algorithm)?;
         let body = serde_json::to_vec(&CertificateRequest { csr: csr_pem })
             .map_err(|e| ClientError::Csr(e.to_string()))?;
 
@@ -287,8 +291,13 @@ impl CaClient {
     }
 }
 
-/// Generates a key pair and a CSR carrying `id` as its only SAN; returns (PKCS#8 key, CSR PEM).
-pub fn make_csr(id: &SpiffeId, alg: KeyAlgorithm) -> Result<(Vec<u8>, String), ClientError> {
+/// Generates a key pair and a CSR carrying `id` (and `dns_names`) as SANs; returns
+/// (PKCS#8 key, CSR PEM).
+pub fn make_csr(
+    id: &SpiffeId,
+    dns_names: &[String],
+    alg: KeyAlgorithm,
+) -> Result<(Vec<u8>, String), ClientError> {
     let err = |e: rcgen::Error| ClientError::Csr(e.to_string());
     let key = match alg {
         KeyAlgorithm::EcdsaP256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
@@ -298,6 +307,11 @@ pub fn make_csr(id: &SpiffeId, alg: KeyAlgorithm) -> Result<(Vec<u8>, String), C
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into().map_err(err)?)];
+    for name in dns_names {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName(name.as_str().try_into().map_err(err)?));
+    }
     let csr = params.serialize_request(&key).map_err(err)?;
     Ok((key.serialize_der(), csr.pem().map_err(err)?))
 }

@@ -50,9 +50,12 @@ impl Default for Schedule {
     }
 }
 
-/// When to renew a certificate: at `fraction` (expected in 0.5..=0.7) of its lifetime.
-pub fn renew_at(info: &CertInfo, fraction: f64) -> SystemTime {
-    info.not_before + info.lifetime().mul_f64(fraction.clamp(0.0, 1.0))
+/// When to renew a certificate received at `received`: after `fraction` (expected in
+/// 0.5..=0.7) of the lifetime it had left then. Counting from receipt rather than from
+/// `notBefore` keeps the CA's clock-skew back-dating from eating into the schedule.
+pub fn renew_at(info: &CertInfo, received: SystemTime, fraction: f64) -> SystemTime {
+    let left = info.not_after.duration_since(received).unwrap_or_default();
+    received + left.mul_f64(fraction.clamp(0.0, 1.0))
 }
 
 /// Delay before retry number `attempt` (0-based): doubling from `initial`, capped at `max`,
@@ -178,7 +181,7 @@ impl IdentityManager {
                     *attempt = 0;
                     metrics::counter!(metric::RENEWALS, "result" => "ok", "reason" => "")
                         .increment(1);
-                    let at = renew_at(&svid.info, 0.5 + 0.2 * fastrand::f64());
+                    let at = renew_at(&svid.info, SystemTime::now(), 0.5 + 0.2 * fastrand::f64());
                     let delay = at.duration_since(SystemTime::now()).unwrap_or_default();
                     tracing::info!(
                         spiffe_id = %svid.id,
@@ -287,9 +290,11 @@ mod tests {
 
     #[test]
     fn renews_between_half_and_seventy_percent() {
-        let i = info(Duration::from_secs(3600));
-        assert_eq!(renew_at(&i, 0.5), i.not_before + Duration::from_secs(1800));
-        assert_eq!(renew_at(&i, 0.7), i.not_before + Duration::from_secs(2520));
+        let i = info(Duration::from_secs(3660));
+        // Issued back-dated by 60 s: the schedule counts from receipt, not notBefore.
+        let received = i.not_before + Duration::from_secs(60);
+        assert_eq!(renew_at(&i, received, 0.5), received + Duration::from_secs(1800));
+        assert_eq!(renew_at(&i, received, 0.7), received + Duration::from_secs(2520));
     }
 
     #[test]

@@ -1,0 +1,626 @@
+//! The policy file format as serde types that validate while they deserialize.
+//!
+//! serde_yaml only knows where a node is while it is deserializing that node, and it attaches
+//! that location to any error raised there. So every semantic check lives inside the
+//! `Deserialize` impl of the node it is about, and an invalid port or name is reported at its
+//! own line and column rather than at the top of the file.
+//!
+//! To report every error instead of only the first, [`deserialize`] runs the deserialization
+//! repeatedly: each semantic check gets an ordinal, and a check that failed in an earlier run
+//! yields a placeholder in later runs so they can go on to find the next error. Structural errors
+//! (YAML syntax, unknown or missing keys, wrong types) cannot be stepped over and end the search.
+
+use std::cell::RefCell;
+use std::fmt;
+
+use moat_core::{SpiffeId, TrustDomain};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use super::DefaultAction;
+
+/// The only `apiVersion` this build understands.
+pub(crate) const API_VERSION: &str = "moat.dev/v1";
+/// The only `kind` this build understands.
+pub(crate) const KIND: &str = "Policy";
+/// Beyond this many errors the rest are noise; the author has enough to fix.
+const MAX_ERRORS: usize = 50;
+
+/// State of one deserialization run.
+///
+/// A thread-local because derived `Deserialize` impls cannot pass context down to the leaves;
+/// a run is synchronous and never leaves the thread that started it.
+#[derive(Default)]
+struct Run {
+    /// Ordinal of the next semantic check; stable across runs because the input is the same.
+    next_check: usize,
+    /// Checks that failed in earlier runs, which now yield a placeholder.
+    skip: Vec<usize>,
+    /// The check that failed in this run, with its message (serde_yaml decorates the error).
+    failed: Option<(usize, String)>,
+    /// Rule names seen so far, with their index, to catch duplicates at the second use.
+    names: Vec<(usize, String)>,
+    /// Index of the rule being deserialized; left set when an error unwinds out of a rule.
+    rule: Option<usize>,
+}
+
+thread_local! {
+    static RUN: RefCell<Option<Run>> = const { RefCell::new(None) };
+}
+
+/// Runs a semantic check: passes `Ok` through, turns `Err` into a located serde error unless
+/// an earlier run already reported this very check, in which case `placeholder` stands in.
+fn check<T, E: de::Error>(
+    result: Result<T, String>,
+    placeholder: impl FnOnce() -> T,
+) -> Result<T, E> {
+    let skipped = RUN.with(|run| {
+        let mut run = run.borrow_mut();
+        let run = run.as_mut()?;
+        let ordinal = run.next_check;
+        run.next_check += 1;
+        match &result {
+            Ok(_) => Some(false),
+            Err(_) if run.skip.contains(&ordinal) => Some(true),
+            Err(msg) => {
+                run.failed = Some((ordinal, msg.clone()));
+                Some(false)
+            }
+        }
+    });
+    match result {
+        Ok(v) => Ok(v),
+        Err(_) if skipped == Some(true) => Ok(placeholder()),
+        Err(msg) => Err(E::custom(msg)),
+    }
+}
+
+fn set_rule(index: Option<usize>) {
+    RUN.with(|run| {
+        if let Some(run) = run.borrow_mut().as_mut() {
+            run.rule = index;
+        }
+    });
+}
+
+/// One problem found in the file, before it is dressed with the file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    /// Index of the rule the error is inside of, if any.
+    pub rule: Option<usize>,
+}
+
+/// Deserializes and validates `yaml`, collecting every error it can find in file order.
+pub(crate) fn deserialize(yaml: &str) -> Result<RawPolicy, Vec<RawError>> {
+    let mut skip = Vec::new();
+    let mut errors: Vec<RawError> = Vec::new();
+    loop {
+        RUN.with(|run| {
+            *run.borrow_mut() = Some(Run {
+                skip: skip.clone(),
+                ..Run::default()
+            })
+        });
+        let result = serde_yaml::from_str::<RawPolicy>(yaml);
+        let run = RUN.with(|run| run.borrow_mut().take()).unwrap_or_default();
+        let err = match result {
+            Ok(policy) if errors.is_empty() => return Ok(policy),
+            Ok(_) => return Err(errors),
+            Err(err) => err,
+        };
+        let (line, column) = err
+            .location()
+            .map_or((1, 1), |loc| (loc.line(), loc.column()));
+        let display = err.to_string();
+        // Only trust the side channel when the error that came out is the one it recorded.
+        let semantic = run
+            .failed
+            .filter(|(_, msg)| display.contains(msg.as_str()));
+        let message = match &semantic {
+            Some((_, msg)) => msg.clone(),
+            None => bare_message(&display, line, column),
+        };
+        let raw = RawError {
+            line,
+            column,
+            message,
+            rule: run.rule,
+        };
+        if !errors.contains(&raw) {
+            errors.push(raw);
+        }
+        match semantic {
+            Some((ordinal, _)) if errors.len() < MAX_ERRORS && !skip.contains(&ordinal) => {
+                skip.push(ordinal)
+            }
+            _ => return Err(errors),
+        }
+    }
+}
+
+/// Strips what serde_yaml adds around a message: the ` at line L column C` we report
+/// separately, and the `rules[0].from[1]: ` path prefix we replace with the rule name.
+fn bare_message(display: &str, line: usize, column: usize) -> String {
+    let at = format!(" at line {line} column {column}");
+    let msg = display.replacen(&at, "", 1);
+    if let Some((head, rest)) = msg.split_once(": ") {
+        let is_path = !head.is_empty()
+            && head
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '[' | ']' | '?'));
+        if is_path {
+            return rest.to_string();
+        }
+    }
+    msg
+}
+
+/// The whole file.
+#[derive(serde::Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a Moat policy (a mapping with apiVersion: moat.dev/v1, kind: Policy, default and rules)"
+)]
+pub(crate) struct RawPolicy {
+    #[allow(dead_code)] // validated on the way in; there is nothing else to keep
+    pub api_version: ApiVersion,
+    #[allow(dead_code)]
+    pub kind: Kind,
+    #[serde(default)]
+    pub default: DefaultAction,
+    #[serde(default)]
+    pub rules: Rules,
+}
+
+/// `apiVersion`, checked to be [`API_VERSION`].
+pub(crate) struct ApiVersion;
+
+impl<'de> Deserialize<'de> for ApiVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let r = if s == API_VERSION {
+            Ok(ApiVersion)
+        } else {
+            Err(format!(
+                "apiVersion {s:?} is not supported; use {API_VERSION:?}"
+            ))
+        };
+        check(r, || ApiVersion)
+    }
+}
+
+/// `kind`, checked to be [`KIND`].
+pub(crate) struct Kind;
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let r = if s == KIND {
+            Ok(Kind)
+        } else {
+            Err(format!("kind {s:?} is not supported; use {KIND:?}"))
+        };
+        check(r, || Kind)
+    }
+}
+
+/// The `rules` list; tracks which rule is being read so errors can name it.
+#[derive(Default)]
+pub(crate) struct Rules(pub Vec<RawRule>);
+
+impl<'de> Deserialize<'de> for Rules {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Rules;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of rules")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rules, A::Error> {
+                let mut rules = Vec::new();
+                loop {
+                    set_rule(Some(rules.len()));
+                    match seq.next_element::<RawRule>()? {
+                        Some(rule) => rules.push(rule),
+                        None => break,
+                    }
+                }
+                set_rule(None);
+                Ok(Rules(rules))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// One rule.
+#[derive(serde::Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a rule (a mapping with name, action, ports and from)"
+)]
+pub(crate) struct RawRule {
+    pub name: RuleName,
+    #[serde(default)]
+    pub action: Action,
+    #[serde(default)]
+    pub ports: Option<Ports>,
+    pub from: FromList,
+}
+
+/// A rule name: `[a-z0-9-]{1,63}`, unique, and not `default` (that label means "no rule").
+pub(crate) struct RuleName(pub String);
+
+pub(crate) fn rule_name_problem(s: &str) -> Option<String> {
+    if s.is_empty()
+        || s.len() > 63
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Some(format!(
+            "rule name {s:?} must be 1-63 characters of lowercase letters, digits and '-'"
+        ))
+    } else if s == "default" {
+        Some(format!(
+            "rule name {s:?} is reserved: decisions made by the default action are labelled \"default\""
+        ))
+    } else {
+        None
+    }
+}
+
+impl<'de> Deserialize<'de> for RuleName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let mut r = match rule_name_problem(&s) {
+            Some(p) => Err(p),
+            None => Ok(()),
+        };
+        if r.is_ok() {
+            r = RUN.with(|run| {
+                let mut run = run.borrow_mut();
+                let Some(run) = run.as_mut() else {
+                    return Ok(());
+                };
+                let index = run.rule.unwrap_or(run.names.len());
+                if let Some((first, _)) = run.names.iter().find(|(_, n)| *n == s) {
+                    return Err(format!(
+                        "rule name {s:?} is already used by rule #{}",
+                        first + 1
+                    ));
+                }
+                run.names.push((index, s.clone()));
+                Ok(())
+            });
+        }
+        check(r, || ()).map(|()| RuleName(s))
+    }
+}
+
+/// `ports`: a non-empty list of inclusive ranges.
+pub(crate) struct Ports(pub Vec<(u16, u16)>);
+
+impl<'de> Deserialize<'de> for Ports {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Ports;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of ports and \"lo-hi\" port ranges")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ports, A::Error> {
+                let mut ranges = Vec::new();
+                while let Some(PortRange(lo, hi)) = seq.next_element()? {
+                    ranges.push((lo, hi));
+                }
+                let r = if ranges.is_empty() {
+                    Err("ports is empty, so the rule could never match; omit ports to match every port".to_string())
+                } else {
+                    Ok(())
+                };
+                check(r, || ()).map(|()| Ports(ranges))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// One `ports` entry: a port number, or a `"lo-hi"` string.
+struct PortRange(u16, u16);
+
+fn port_number(n: i128) -> Result<u16, String> {
+    match u16::try_from(n) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("port {n} is out of range (1-65535)")),
+    }
+}
+
+fn parse_port_text(s: &str) -> Result<(u16, u16), String> {
+    let number = |t: &str| -> Result<u16, String> {
+        let t = t.trim();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "port {s:?} is neither a port number nor a \"lo-hi\" range"
+            ));
+        }
+        // All digits, so the only failure left is size, which port_number reports.
+        port_number(t.parse::<i128>().unwrap_or(i128::MAX))
+    };
+    match s.split_once('-') {
+        None => number(s).map(|p| (p, p)),
+        Some((lo, hi)) => {
+            let (lo, hi) = (number(lo)?, number(hi)?);
+            if lo > hi {
+                Err(format!("port range {s:?} is reversed (lo > hi)"))
+            } else {
+                Ok((lo, hi))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number (1-65535) or a \"lo-hi\" port range")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<PortRange, E> {
+                let r = port_number(i128::from(n)).map(|p| PortRange(p, p));
+                check(r, || PortRange(1, 1))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<PortRange, E> {
+                let r = port_number(i128::from(n)).map(|p| PortRange(p, p));
+                check(r, || PortRange(1, 1))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<PortRange, E> {
+                let r = parse_port_text(s).map(|(lo, hi)| PortRange(lo, hi));
+                check(r, || PortRange(1, 1))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `from`: a non-empty list of caller matchers.
+pub(crate) struct FromList(pub Vec<From>);
+
+impl<'de> Deserialize<'de> for FromList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FromList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of callers (identity, serviceAccount, namespace, trustDomain, authenticated or unauthenticated entries)")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FromList, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = seq.next_element()? {
+                    entries.push(entry);
+                }
+                let r = if entries.is_empty() {
+                    Err("from is empty, so the rule could never match; list at least one caller"
+                        .to_string())
+                } else {
+                    Ok(())
+                };
+                check(r, || ()).map(|()| FromList(entries))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// One `from` entry, validated but not yet tied to the local trust domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum From {
+    Identity(SpiffeId),
+    ServiceAccount { namespace: String, name: String },
+    Namespace(String),
+    TrustDomain(TrustDomain),
+    Authenticated,
+    Unauthenticated,
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum FromKey {
+    Identity,
+    ServiceAccount,
+    Namespace,
+    TrustDomain,
+    Authenticated,
+    Unauthenticated,
+}
+
+impl FromKey {
+    fn as_str(self) -> &'static str {
+        match self {
+            FromKey::Identity => "identity",
+            FromKey::ServiceAccount => "serviceAccount",
+            FromKey::Namespace => "namespace",
+            FromKey::TrustDomain => "trustDomain",
+            FromKey::Authenticated => "authenticated",
+            FromKey::Unauthenticated => "unauthenticated",
+        }
+    }
+}
+
+const FROM_KEYS: &str = "identity, serviceAccount, namespace, trustDomain, authenticated or unauthenticated";
+
+impl<'de> Deserialize<'de> for From {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = From;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "a caller: a mapping with one key, {FROM_KEYS}")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<From, A::Error> {
+                let Some(key) = map.next_key::<FromKey>()? else {
+                    let r = Err(format!("a from entry needs one key: {FROM_KEYS}"));
+                    return check(r, || From::Unauthenticated);
+                };
+                let entry = match key {
+                    FromKey::Identity => From::Identity(map.next_value::<IdentityV>()?.0),
+                    FromKey::ServiceAccount => {
+                        let ServiceAccountV(namespace, name) = map.next_value()?;
+                        From::ServiceAccount { namespace, name }
+                    }
+                    FromKey::Namespace => From::Namespace(map.next_value::<NamespaceV>()?.0),
+                    FromKey::TrustDomain => From::TrustDomain(map.next_value::<TrustDomainV>()?.0),
+                    FromKey::Authenticated => {
+                        map.next_value::<OnlyTrue>()?;
+                        From::Authenticated
+                    }
+                    FromKey::Unauthenticated => {
+                        map.next_value::<OnlyTrue>()?;
+                        From::Unauthenticated
+                    }
+                };
+                if let Some(extra) = map.next_key::<FromKey>()? {
+                    // Drain the mapping so that, when this check is stepped over, the run goes on.
+                    map.next_value::<IgnoredAny>()?;
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    let r = Err(format!(
+                        "a from entry has exactly one key, but this one has {} and {}; make them separate list items (a caller matching any entry is enough)",
+                        key.as_str(),
+                        extra.as_str()
+                    ));
+                    return check(r, || entry);
+                }
+                Ok(entry)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+struct IdentityV(SpiffeId);
+
+impl<'de> Deserialize<'de> for IdentityV {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let r = SpiffeId::parse(&s)
+            .map(IdentityV)
+            .map_err(|e| format!("identity {s:?} is not a valid SPIFFE ID: {e}"));
+        check(r, || IdentityV(placeholder_id()))
+    }
+}
+
+fn placeholder_id() -> SpiffeId {
+    // A constant known to be valid; the policy is discarded whenever a placeholder was used.
+    SpiffeId::parse("spiffe://invalid/placeholder").unwrap_or_else(|_| unreachable!())
+}
+
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters: a Kubernetes namespace.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Dot-separated DNS labels, at most 253 characters: a Kubernetes service account name.
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+fn namespace_problem(s: &str) -> Option<String> {
+    (!is_dns_label(s)).then(|| {
+        format!("namespace {s:?} is not a valid Kubernetes namespace name (1-63 lowercase letters, digits or '-', starting and ending with a letter or digit)")
+    })
+}
+
+struct NamespaceV(String);
+
+impl<'de> Deserialize<'de> for NamespaceV {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let r = match namespace_problem(&s) {
+            Some(p) => Err(p),
+            None => Ok(()),
+        };
+        check(r, || ()).map(|()| NamespaceV(s))
+    }
+}
+
+struct ServiceAccountV(String, String);
+
+impl<'de> Deserialize<'de> for ServiceAccountV {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let r = match s.split_once('/') {
+            None => Err(format!(
+                "serviceAccount {s:?} must be written <namespace>/<name>, e.g. shop/web"
+            )),
+            Some((ns, name)) => {
+                if let Some(p) = namespace_problem(ns) {
+                    Err(format!("serviceAccount {s:?}: {p}"))
+                } else if !is_dns_subdomain(name) {
+                    Err(format!("serviceAccount {s:?}: {name:?} is not a valid Kubernetes service account name (lowercase letters, digits, '-' and '.', at most 253 characters)"))
+                } else {
+                    Ok(ServiceAccountV(ns.to_string(), name.to_string()))
+                }
+            }
+        };
+        check(r, || ServiceAccountV(String::new(), String::new()))
+    }
+}
+
+struct TrustDomainV(TrustDomain);
+
+impl<'de> Deserialize<'de> for TrustDomainV {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let r = TrustDomain::new(&s)
+            .map(TrustDomainV)
+            .map_err(|e| format!("trustDomain {s:?} is not a valid trust domain: {e}"));
+        check(r, || {
+            TrustDomainV(TrustDomain::new("invalid").unwrap_or_else(|_| unreachable!()))
+        })
+    }
+}
+
+/// `authenticated: true` / `unauthenticated: true`; `false` would be a matcher that matches
+/// nothing, which is never what the author meant.
+struct OnlyTrue;
+
+impl<'de> Deserialize<'de> for OnlyTrue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = bool::deserialize(d)?;
+        let r = if v {
+            Ok(OnlyTrue)
+        } else {
+            Err("only `true` is allowed here; remove the entry to stop matching these callers"
+                .to_string())
+        };
+        check(r, || OnlyTrue)
+    }
+}
