@@ -229,16 +229,16 @@ mod tests {
         let rsa =
             KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
         assert!(matches!(
-            admit(&csr(&rsa, vec![], false), &id()),
+            admit(&csr(&rsa, vec![], false), &id(), &[]),
             Err(CsrError::UnsupportedKey(_))
         ));
         let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
         assert!(matches!(
-            admit(&csr(&p384, vec![], false), &id()),
+            admit(&csr(&p384, vec![], false), &id(), &[]),
             Err(CsrError::UnsupportedKey(_))
         ));
         assert!(matches!(
-            admit("not pem", &id()),
+            admit("not pem", &id(), &[]),
             Err(CsrError::Malformed(_))
         ));
         let good = csr(&KeyPair::generate().unwrap(), vec![], false);

@@ -33,10 +33,13 @@ impl Health {
     }
 }
 
-/// An extra admin route: given method, path and peer address, returns a response when it
-/// handles the request.
-pub type Route =
-    Arc<dyn Fn(&Method, &str, SocketAddr) -> Option<Response<Full<Bytes>>> + Send + Sync>;
+/// A response being computed by an extra route.
+pub type RouteFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send>>;
+
+/// An extra admin route: given method, path and peer address, returns the (possibly async)
+/// response when it handles the request.
+pub type Route = Arc<dyn Fn(&Method, &str, SocketAddr) -> Option<RouteFuture> + Send + Sync>;
 
 /// Builds a small text response.
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -86,8 +89,20 @@ pub async fn serve(
         let extra = extra.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let resp = route(&req, peer, &metrics, &health, extra.as_ref());
-                async move { Ok::<_, Infallible>(resp) }
+                let pending = extra
+                    .as_ref()
+                    .and_then(|f| f(req.method(), req.uri().path(), peer));
+                let resp = match pending {
+                    Some(_) => None,
+                    None => Some(route(&req, &metrics, &health)),
+                };
+                async move {
+                    Ok::<_, Infallible>(match (resp, pending) {
+                        (Some(r), _) => r,
+                        (None, Some(fut)) => fut.await,
+                        (None, None) => text(StatusCode::NOT_FOUND, "not found\n"),
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -100,15 +115,10 @@ pub async fn serve(
 
 fn route(
     req: &http::Request<Incoming>,
-    peer: SocketAddr,
     metrics: &PrometheusHandle,
     health: &Health,
-    extra: Option<&Route>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if let Some(r) = extra.and_then(|f| f(req.method(), path, peer)) {
-        return r;
-    }
     match (req.method(), path) {
         (&Method::GET, "/metrics") => {
             let mut r = text(StatusCode::OK, metrics.render());

@@ -132,6 +132,9 @@ impl SpiffeId {
         namespace: &str,
         service_account: &str,
     ) -> Result<Self, SpiffeIdError> {
+        // Each name must be exactly one path segment: "a/b" would forge a different shape.
+        validate_segment(namespace)?;
+        validate_segment(service_account)?;
         Self::parse(&format!(
             "spiffe://{td}/ns/{namespace}/sa/{service_account}"
         ))

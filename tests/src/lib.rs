@@ -1,1 +1,41 @@
+//! End-to-end test harness: runs the real Moat release binaries on loopback and talks to them
+//! like a workload would.
+//!
+//! * [`bin`]: finds `target/release/moat-*` next to the running test or benchmark executable.
+//! * [`proc`]: [`Proc`], a child process guard that logs stderr to a file and is stopped on drop.
+//! * [`net`]: free ports, plain-HTTP polling of admin endpoints, Prometheus scraping.
+//! * [`token`]: a fake service-account issuer that writes a JWK Set and mints
+//!   Kubernetes-shaped projected tokens (valid and deliberately broken ones).
+//! * [`https`]: a TLS 1.3 HTTP/1.1 client for the CA's API, plus raw request writing for
+//!   malformed traffic.
+//! * [`ca`]: [`CaFixture`], a running `moat-ca` with its own root, ports and token issuer.
+//! * [`logs`]: capturing the test process' own `tracing` output, reading a child's JSON logs.
+//! * [`tools`]: external tools (`openssl`, `curl`) that a test requires.
+//!
+//! Everything here is meant to be reused by the other end-to-end suites (proxy, mesh lab) and
+//! by `moat-bench`.
+#![warn(missing_docs)]
 
+pub mod bin;
+pub mod ca;
+pub mod https;
+pub mod logs;
+pub mod net;
+pub mod proc;
+pub mod token;
+pub mod tools;
+
+pub use bin::binary;
+pub use ca::{CaFixture, CaOptions};
+pub use net::{free_port, scrape_metric, wait_for_http};
+pub use proc::Proc;
+pub use token::{SigningKey, TokenIssuer, TokenSpec};
+
+/// A fresh temporary directory, removed when dropped.
+pub fn temp_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    use anyhow::Context as _;
+    tempfile::Builder::new()
+        .prefix(&format!("moat-e2e-{prefix}-"))
+        .tempdir()
+        .context("cannot create a temporary directory")
+}

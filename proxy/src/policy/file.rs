@@ -82,6 +82,34 @@ fn set_rule(index: Option<usize>) {
     });
 }
 
+/// Deserializes a scalar as text and validates it *inside* the visitor: serde_yaml attaches
+/// the scalar's own location only to errors raised while it is visiting that scalar.
+fn validated_str<'de, D, T>(
+    d: D,
+    expecting: &'static str,
+    validate: impl FnOnce(&str) -> Result<T, String>,
+    placeholder: impl FnOnce() -> T,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct V<F, P>(&'static str, F, P);
+    impl<'de, T, F, P> Visitor<'de> for V<F, P>
+    where
+        F: FnOnce(&str) -> Result<T, String>,
+        P: FnOnce() -> T,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            check((self.1)(s), self.2)
+        }
+    }
+    d.deserialize_str(V(expecting, validate, placeholder))
+}
+
 /// One problem found in the file, before it is dressed with the file name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RawError {
@@ -110,14 +138,13 @@ pub(crate) fn deserialize(yaml: &str) -> Result<RawPolicy, Vec<RawError>> {
             Ok(_) => return Err(errors),
             Err(err) => err,
         };
-        let (line, column) = err
-            .location()
-            .map_or((1, 1), |loc| (loc.line(), loc.column()));
         let display = err.to_string();
+        let (line, column) = match err.location() {
+            Some(loc) => (loc.line(), loc.column()),
+            None => (second_document_line(yaml).unwrap_or(1), 1),
+        };
         // Only trust the side channel when the error that came out is the one it recorded.
-        let semantic = run
-            .failed
-            .filter(|(_, msg)| display.contains(msg.as_str()));
+        let semantic = run.failed.filter(|(_, msg)| display.contains(msg.as_str()));
         let message = match &semantic {
             Some((_, msg)) => msg.clone(),
             None => bare_message(&display, line, column),
@@ -140,9 +167,26 @@ pub(crate) fn deserialize(yaml: &str) -> Result<RawPolicy, Vec<RawError>> {
     }
 }
 
+/// Where a second YAML document starts, for serde_yaml's location-less "more than one
+/// document" error: the first `---` line after some content.
+fn second_document_line(yaml: &str) -> Option<usize> {
+    let mut content = false;
+    for (i, line) in yaml.lines().enumerate() {
+        let is_separator = line == "---" || line.starts_with("--- ") || line.starts_with("---\t");
+        if is_separator && content {
+            return Some(i + 1);
+        }
+        let t = line.trim();
+        if !is_separator && !t.is_empty() && !t.starts_with('#') && !t.starts_with('%') {
+            content = true;
+        }
+    }
+    None
+}
+
 /// Strips what serde_yaml adds around a message: the ` at line L column C` we report
 /// separately, and the `rules[0].from[1]: ` path prefix we replace with the rule name.
-fn bare_message(display: &str, line: usize, column: usize) -> String {
+pub(crate) fn bare_message(display: &str, line: usize, column: usize) -> String {
     let at = format!(" at line {line} column {column}");
     let msg = display.replacen(&at, "", 1);
     if let Some((head, rest)) = msg.split_once(": ") {
@@ -180,15 +224,20 @@ pub(crate) struct ApiVersion;
 
 impl<'de> Deserialize<'de> for ApiVersion {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let r = if s == API_VERSION {
-            Ok(ApiVersion)
-        } else {
-            Err(format!(
-                "apiVersion {s:?} is not supported; use {API_VERSION:?}"
-            ))
-        };
-        check(r, || ApiVersion)
+        validated_str(
+            d,
+            "an apiVersion string",
+            |s| {
+                if s == API_VERSION {
+                    Ok(ApiVersion)
+                } else {
+                    Err(format!(
+                        "apiVersion {s:?} is not supported; use {API_VERSION:?}"
+                    ))
+                }
+            },
+            || ApiVersion,
+        )
     }
 }
 
@@ -197,13 +246,18 @@ pub(crate) struct Kind;
 
 impl<'de> Deserialize<'de> for Kind {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let r = if s == KIND {
-            Ok(Kind)
-        } else {
-            Err(format!("kind {s:?} is not supported; use {KIND:?}"))
-        };
-        check(r, || Kind)
+        validated_str(
+            d,
+            "a kind string",
+            |s| {
+                if s == KIND {
+                    Ok(Kind)
+                } else {
+                    Err(format!("kind {s:?} is not supported; use {KIND:?}"))
+                }
+            },
+            || Kind,
+        )
     }
 }
 
@@ -284,29 +338,32 @@ pub(crate) fn rule_name_problem(s: &str) -> Option<String> {
 
 impl<'de> Deserialize<'de> for RuleName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let mut r = match rule_name_problem(&s) {
-            Some(p) => Err(p),
-            None => Ok(()),
-        };
-        if r.is_ok() {
-            r = RUN.with(|run| {
-                let mut run = run.borrow_mut();
-                let Some(run) = run.as_mut() else {
-                    return Ok(());
-                };
-                let index = run.rule.unwrap_or(run.names.len());
-                if let Some((first, _)) = run.names.iter().find(|(_, n)| *n == s) {
-                    return Err(format!(
-                        "rule name {s:?} is already used by rule #{}",
-                        first + 1
-                    ));
+        validated_str(
+            d,
+            "a rule name",
+            |s| {
+                if let Some(problem) = rule_name_problem(s) {
+                    return Err(problem);
                 }
-                run.names.push((index, s.clone()));
-                Ok(())
-            });
-        }
-        check(r, || ()).map(|()| RuleName(s))
+                RUN.with(|run| {
+                    let mut run = run.borrow_mut();
+                    let Some(run) = run.as_mut() else {
+                        return Ok(());
+                    };
+                    if let Some((first, _)) = run.names.iter().find(|(_, n)| n == s) {
+                        return Err(format!(
+                            "rule name {s:?} is already used by rule #{}",
+                            first + 1
+                        ));
+                    }
+                    let index = run.rule.unwrap_or(run.names.len());
+                    run.names.push((index, s.to_string()));
+                    Ok(())
+                })?;
+                Ok(RuleName(s.to_string()))
+            },
+            || RuleName(String::new()),
+        )
     }
 }
 
@@ -356,8 +413,11 @@ fn parse_port_text(s: &str) -> Result<(u16, u16), String> {
                 "port {s:?} is neither a port number nor a \"lo-hi\" range"
             ));
         }
-        // All digits, so the only failure left is size, which port_number reports.
-        port_number(t.parse::<i128>().unwrap_or(i128::MAX))
+        match t.parse::<u32>() {
+            Ok(n) => port_number(i128::from(n)),
+            // All digits, so the only way to fail is size.
+            Err(_) => Err(format!("port {t} is out of range (1-65535)")),
+        }
     };
     match s.split_once('-') {
         None => number(s).map(|p| (p, p)),
@@ -413,12 +473,13 @@ impl<'de> Deserialize<'de> for FromList {
                 while let Some(entry) = seq.next_element()? {
                     entries.push(entry);
                 }
-                let r = if entries.is_empty() {
-                    Err("from is empty, so the rule could never match; list at least one caller"
+                let r =
+                    if entries.is_empty() {
+                        Err("from is empty, so the rule could never match; list at least one caller"
                         .to_string())
-                } else {
-                    Ok(())
-                };
+                    } else {
+                        Ok(())
+                    };
                 check(r, || ()).map(|()| FromList(entries))
             }
         }
@@ -429,10 +490,10 @@ impl<'de> Deserialize<'de> for FromList {
 /// One `from` entry, validated but not yet tied to the local trust domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum From {
-    Identity(SpiffeId),
+    Identity(String),
     ServiceAccount { namespace: String, name: String },
     Namespace(String),
-    TrustDomain(TrustDomain),
+    TrustDomain(String),
     Authenticated,
     Unauthenticated,
 }
@@ -461,7 +522,8 @@ impl FromKey {
     }
 }
 
-const FROM_KEYS: &str = "identity, serviceAccount, namespace, trustDomain, authenticated or unauthenticated";
+const FROM_KEYS: &str =
+    "identity, serviceAccount, namespace, trustDomain, authenticated or unauthenticated";
 
 impl<'de> Deserialize<'de> for From {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -511,21 +573,21 @@ impl<'de> Deserialize<'de> for From {
     }
 }
 
-struct IdentityV(SpiffeId);
+/// A SPIFFE ID, kept as the validated string evaluation compares against.
+struct IdentityV(String);
 
 impl<'de> Deserialize<'de> for IdentityV {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let r = SpiffeId::parse(&s)
-            .map(IdentityV)
-            .map_err(|e| format!("identity {s:?} is not a valid SPIFFE ID: {e}"));
-        check(r, || IdentityV(placeholder_id()))
+        validated_str(
+            d,
+            "a SPIFFE ID",
+            |s| match SpiffeId::parse(s) {
+                Ok(id) => Ok(IdentityV(id.as_str().to_string())),
+                Err(e) => Err(format!("identity {s:?} is not a valid SPIFFE ID: {e}")),
+            },
+            || IdentityV(String::new()),
+        )
     }
-}
-
-fn placeholder_id() -> SpiffeId {
-    // A constant known to be valid; the policy is discarded whenever a placeholder was used.
-    SpiffeId::parse("spiffe://invalid/placeholder").unwrap_or_else(|_| unreachable!())
 }
 
 /// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters: a Kubernetes namespace.
@@ -562,12 +624,15 @@ struct NamespaceV(String);
 
 impl<'de> Deserialize<'de> for NamespaceV {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let r = match namespace_problem(&s) {
-            Some(p) => Err(p),
-            None => Ok(()),
-        };
-        check(r, || ()).map(|()| NamespaceV(s))
+        validated_str(
+            d,
+            "a namespace name",
+            |s| match namespace_problem(s) {
+                Some(problem) => Err(problem),
+                None => Ok(NamespaceV(s.to_string())),
+            },
+            || NamespaceV(String::new()),
+        )
     }
 }
 
@@ -575,36 +640,44 @@ struct ServiceAccountV(String, String);
 
 impl<'de> Deserialize<'de> for ServiceAccountV {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let r = match s.split_once('/') {
-            None => Err(format!(
-                "serviceAccount {s:?} must be written <namespace>/<name>, e.g. shop/web"
-            )),
-            Some((ns, name)) => {
-                if let Some(p) = namespace_problem(ns) {
-                    Err(format!("serviceAccount {s:?}: {p}"))
-                } else if !is_dns_subdomain(name) {
-                    Err(format!("serviceAccount {s:?}: {name:?} is not a valid Kubernetes service account name (lowercase letters, digits, '-' and '.', at most 253 characters)"))
-                } else {
-                    Ok(ServiceAccountV(ns.to_string(), name.to_string()))
+        validated_str(
+            d,
+            "<namespace>/<service-account>",
+            |s| match s.split_once('/') {
+                None => Err(format!(
+                    "serviceAccount {s:?} must be written <namespace>/<name>, e.g. shop/web"
+                )),
+                Some((ns, name)) => {
+                    if let Some(problem) = namespace_problem(ns) {
+                        Err(format!("serviceAccount {s:?}: {problem}"))
+                    } else if !is_dns_subdomain(name) {
+                        Err(format!("serviceAccount {s:?}: {name:?} is not a valid Kubernetes service account name (lowercase letters, digits, '-' and '.', at most 253 characters)"))
+                    } else {
+                        Ok(ServiceAccountV(ns.to_string(), name.to_string()))
+                    }
                 }
-            }
-        };
-        check(r, || ServiceAccountV(String::new(), String::new()))
+            },
+            || ServiceAccountV(String::new(), String::new()),
+        )
     }
 }
 
-struct TrustDomainV(TrustDomain);
+/// A trust domain name, kept as the validated string evaluation compares against.
+struct TrustDomainV(String);
 
 impl<'de> Deserialize<'de> for TrustDomainV {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let r = TrustDomain::new(&s)
-            .map(TrustDomainV)
-            .map_err(|e| format!("trustDomain {s:?} is not a valid trust domain: {e}"));
-        check(r, || {
-            TrustDomainV(TrustDomain::new("invalid").unwrap_or_else(|_| unreachable!()))
-        })
+        validated_str(
+            d,
+            "a trust domain name",
+            |s| match TrustDomain::new(s) {
+                Ok(td) => Ok(TrustDomainV(td.as_str().to_string())),
+                Err(e) => Err(format!(
+                    "trustDomain {s:?} is not a valid trust domain: {e}"
+                )),
+            },
+            || TrustDomainV(String::new()),
+        )
     }
 }
 
@@ -614,13 +687,21 @@ struct OnlyTrue;
 
 impl<'de> Deserialize<'de> for OnlyTrue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = bool::deserialize(d)?;
-        let r = if v {
-            Ok(OnlyTrue)
-        } else {
-            Err("only `true` is allowed here; remove the entry to stop matching these callers"
-                .to_string())
-        };
-        check(r, || OnlyTrue)
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = OnlyTrue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<OnlyTrue, E> {
+                let r = if v {
+                    Ok(OnlyTrue)
+                } else {
+                    Err("only `true` is allowed here; remove the entry to stop matching these callers".to_string())
+                };
+                check(r, || OnlyTrue)
+            }
+        }
+        d.deserialize_bool(V)
     }
 }

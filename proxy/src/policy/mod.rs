@@ -239,7 +239,14 @@ impl Policy {
         };
         // A lenient first look: serde_yaml has no better message than "EOF" for an empty
         // file, and it lets errors inside a rule name the rule even when the name comes after.
-        let value = serde_yaml::from_str::<serde_yaml::Value>(yaml).ok();
+        let value = serde_yaml::from_str::<serde_yaml::Value>(yaml);
+        // A YAML syntax error is about the text, not about the rule that was being read.
+        let syntax_error = value.as_ref().err().and_then(|e| {
+            let l = e.location()?;
+            let message = file::bare_message(&e.to_string(), l.line(), l.column());
+            Some((l.line(), l.column(), message))
+        });
+        let value = value.ok();
         if matches!(value, Some(serde_yaml::Value::Null)) {
             return Err(PolicyError::Invalid(vec![diag(
                 1,
@@ -261,7 +268,10 @@ impl Policy {
             PolicyError::Invalid(
                 errors
                     .into_iter()
-                    .map(|e| {
+                    .map(|mut e| {
+                        if syntax_error.as_ref() == Some(&(e.line, e.column, e.message.clone())) {
+                            e.rule = None;
+                        }
                         let message = match e.rule {
                             Some(i) => match rule_name(i) {
                                 Some(name) => format!("rule {name:?}: {}", e.message),
@@ -378,13 +388,13 @@ impl Policy {
 
 fn compile_from(from: file::From) -> Matcher {
     match from {
-        file::From::Identity(id) => Matcher::Identity(id.as_str().into()),
+        file::From::Identity(id) => Matcher::Identity(id.into()),
         file::From::ServiceAccount { namespace, name } => Matcher::ServiceAccount {
             namespace: namespace.into(),
             name: name.into(),
         },
         file::From::Namespace(ns) => Matcher::Namespace(ns.into()),
-        file::From::TrustDomain(td) => Matcher::TrustDomain(td.as_str().into()),
+        file::From::TrustDomain(td) => Matcher::TrustDomain(td.into()),
         file::From::Authenticated => Matcher::Authenticated,
         file::From::Unauthenticated => Matcher::Unauthenticated,
     }
@@ -395,10 +405,7 @@ pub(crate) fn decode<'a>(bytes: &'a [u8], source: &str) -> Result<&'a str, Polic
     std::str::from_utf8(bytes).map_err(|e| {
         let good = &bytes[..e.valid_up_to()];
         let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
-        let line_start = good
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
+        let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         // Columns count characters, and the prefix is valid UTF-8 by construction.
         let column = 1 + String::from_utf8_lossy(&good[line_start..]).chars().count();
         PolicyError::Invalid(vec![Diagnostic {

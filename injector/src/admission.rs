@@ -1,0 +1,336 @@
+//! AdmissionReview in, AdmissionReview out: request validation, the skip rules that depend on
+//! the request (operation, kind, sub-resource), the failure mode, and the response encoding.
+//!
+//! Whatever the input, the answer is either a well-formed `admission.k8s.io/v1`
+//! AdmissionReview echoing the request's uid, or (when there is no uid to echo) a 4xx with a
+//! JSON `{"error", "message"}` body. A patch is only ever returned after it was applied to the
+//! pod here, so the API server never receives a patch that does not apply.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use base64::Engine as _;
+use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube_core::DynamicObject;
+use serde_json::{json, Value};
+
+use crate::annotations::warning;
+use crate::config::{FailureMode, InjectConfig};
+use crate::inject::{self, Decision, InjectError};
+use crate::metrics;
+
+/// Largest request body accepted (1 MiB; a Pod is far smaller).
+pub const MAX_BODY: usize = 1 << 20;
+/// The only AdmissionReview version served.
+pub const API_VERSION: &str = "admission.k8s.io/v1";
+/// The AdmissionReview kind.
+pub const KIND: &str = "AdmissionReview";
+
+/// An HTTP answer: status code and JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body.
+    pub body: Value,
+}
+
+/// A request that cannot be answered with an AdmissionReview.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// The body is not JSON.
+    #[error("request body is not JSON: {0}")]
+    InvalidJson(String),
+    /// Not an `admission.k8s.io/v1` AdmissionReview.
+    #[error("expected apiVersion admission.k8s.io/v1 kind AdmissionReview, got {api_version:?} {kind:?} (set admissionReviewVersions: [v1])")]
+    WrongType {
+        /// The apiVersion received.
+        api_version: String,
+        /// The kind received.
+        kind: String,
+    },
+    /// No `request` member.
+    #[error("AdmissionReview has no request")]
+    MissingRequest,
+    /// No `request.uid` to echo.
+    #[error("AdmissionReview request has no uid")]
+    MissingUid,
+    /// The body is larger than [`MAX_BODY`].
+    #[error("request body exceeds {MAX_BODY} bytes")]
+    TooLarge,
+    /// The content type is not JSON.
+    #[error("content type must be application/json, got {0:?}")]
+    ContentType(String),
+    /// A path other than `/inject`.
+    #[error("no such path {0:?}: the webhook is POST /inject")]
+    NotFound(String),
+    /// A method other than POST.
+    #[error("method {0} not allowed: the webhook is POST /inject")]
+    MethodNotAllowed(String),
+}
+
+impl BadRequest {
+    /// Metric label and `error` field.
+    pub fn label(&self) -> &'static str {
+        match self {
+            BadRequest::InvalidJson(_) => "invalid_json",
+            BadRequest::WrongType { .. } => "wrong_review_type",
+            BadRequest::MissingRequest => "missing_request",
+            BadRequest::MissingUid => "missing_uid",
+            BadRequest::TooLarge => "body_too_large",
+            BadRequest::ContentType(_) => "unsupported_media_type",
+            BadRequest::NotFound(_) => "not_found",
+            BadRequest::MethodNotAllowed(_) => "method_not_allowed",
+        }
+    }
+
+    /// HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            BadRequest::TooLarge => 413,
+            BadRequest::ContentType(_) => 415,
+            BadRequest::NotFound(_) => 404,
+            BadRequest::MethodNotAllowed(_) => 405,
+            _ => 400,
+        }
+    }
+
+    /// The JSON error reply (counted as an error).
+    pub fn reply(&self) -> Reply {
+        metrics::error(self.label());
+        Reply {
+            status: self.status(),
+            body: json!({"error": self.label(), "message": self.to_string()}),
+        }
+    }
+}
+
+/// The injection function [`review_with`] calls (normally [`inject::inject`]).
+pub type Injector = fn(&Value, Option<&str>, &InjectConfig) -> Result<inject::Outcome, InjectError>;
+
+/// Answers one AdmissionReview body.
+pub fn review(body: &[u8], cfg: &InjectConfig, failure: FailureMode) -> Reply {
+    review_with(body, cfg, failure, inject::inject)
+}
+
+/// [`review`] with another injection function (used to test the failure modes).
+pub fn review_with(
+    body: &[u8],
+    cfg: &InjectConfig,
+    failure: FailureMode,
+    injector: Injector,
+) -> Reply {
+    let start = Instant::now();
+    let (reply, result) = match review_inner(body, cfg, failure, injector) {
+        Ok(r) => r,
+        Err(bad) => {
+            tracing::warn!(error = bad.label(), message = %bad, "bad admission request");
+            (bad.reply(), "bad_request")
+        }
+    };
+    ::metrics::histogram!(metrics::ADMISSION_DURATION, "result" => result)
+        .record(start.elapsed().as_secs_f64());
+    reply
+}
+
+fn review_inner(
+    body: &[u8],
+    cfg: &InjectConfig,
+    failure: FailureMode,
+    injector: Injector,
+) -> Result<(Reply, &'static str), BadRequest> {
+    let raw: Value =
+        serde_json::from_slice(body).map_err(|e| BadRequest::InvalidJson(e.to_string()))?;
+    let field = |k: &str| raw.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    if api_version != API_VERSION || kind != KIND {
+        return Err(BadRequest::WrongType { api_version, kind });
+    }
+    let request = raw
+        .get("request")
+        .filter(|r| r.is_object())
+        .ok_or(BadRequest::MissingRequest)?;
+    let uid = request
+        .get("uid")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+        .ok_or(BadRequest::MissingUid)?
+        .to_string();
+
+    let typed = serde_json::from_value::<AdmissionReview<DynamicObject>>(raw.clone())
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            let req: Result<AdmissionRequest<DynamicObject>, _> = r.try_into();
+            req.map_err(|e| e.to_string())
+        });
+    let req = match typed {
+        Ok(req) => req,
+        Err(e) => {
+            metrics::error("undecodable_request");
+            tracing::warn!(%uid, error = %e, "admission request not understood; admitted unchanged");
+            let w = warning(format!(
+                "moat-injector: request not understood, pod admitted without sidecar: {e}"
+            ));
+            return Ok((bare_allow(&uid, vec![w]), "error"));
+        }
+    };
+    Ok(decide(&req, request, cfg, failure, injector))
+}
+
+/// A response built without a decodable request (only the uid is known).
+fn bare_allow(uid: &str, warnings: Vec<String>) -> Reply {
+    Reply {
+        status: 200,
+        body: json!({
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "response": {"uid": uid, "allowed": true, "warnings": warnings},
+        }),
+    }
+}
+
+/// Encodes a response review; `patch` becomes base64 as Kubernetes expects for `[]byte`.
+fn encode(resp: AdmissionResponse) -> Reply {
+    let mut body = serde_json::to_value(resp.into_review()).unwrap_or_else(|_| json!({}));
+    if let Some(patch) = body.pointer_mut("/response/patch") {
+        if let Value::Array(bytes) = patch {
+            let bytes: Vec<u8> = bytes
+                .iter()
+                .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                .collect();
+            *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+    }
+    Reply { status: 200, body }
+}
+
+fn with_warnings(mut resp: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {
+    if !warnings.is_empty() {
+        resp.warnings = Some(warnings);
+    }
+    resp
+}
+
+fn decide(
+    req: &AdmissionRequest<DynamicObject>,
+    raw_request: &Value,
+    cfg: &InjectConfig,
+    failure: FailureMode,
+    injector: Injector,
+) -> (Reply, &'static str) {
+    let allow = AdmissionResponse::from(req);
+    let skip = |reason: &'static str, warnings: Vec<String>| {
+        metrics::skipped(reason);
+        (encode(with_warnings(allow.clone(), warnings)), "skipped")
+    };
+    if req.operation != Operation::Create {
+        return skip("operation", Vec::new());
+    }
+    let is_pod = req.kind.group.is_empty() && req.kind.kind == "Pod" && req.resource.resource == "pods";
+    if !is_pod {
+        let w = warning(format!(
+            "moat-injector only mutates Pods; {}/{} {} left unchanged",
+            req.kind.group, req.kind.version, req.kind.kind
+        ));
+        return skip("not_pod", vec![w]);
+    }
+    if req.sub_resource.as_deref().is_some_and(|s| !s.is_empty()) {
+        return skip("subresource", Vec::new());
+    }
+    let Some(object) = raw_request.get("object").filter(|o| o.is_object()) else {
+        metrics::error("missing_object");
+        let w = warning("moat-injector: CREATE without an object; pod admitted unchanged");
+        return (encode(with_warnings(allow, vec![w])), "error");
+    };
+    let namespace = object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .filter(|ns| !ns.is_empty())
+        .or(req.namespace.as_deref())
+        .filter(|ns| !ns.is_empty());
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            object
+                .pointer("/metadata/generateName")
+                .and_then(Value::as_str)
+                .map(|g| format!("{g}*"))
+        })
+        .unwrap_or_else(|| req.name.clone());
+    let ns_label = namespace.unwrap_or("");
+
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| injector(object, namespace, cfg)))
+        .unwrap_or_else(|_| Err(InjectError::Result("panic while injecting".into())));
+    match outcome {
+        Ok(o) => match o.decision {
+            Decision::Skip(reason) => {
+                tracing::info!(uid = %req.uid, namespace = ns_label, pod = %name, reason = reason.label(), dry_run = req.dry_run, "pod not injected");
+                skip(reason.label(), o.warnings)
+            }
+            Decision::Inject(injection) => {
+                // Re-apply the finished patch to the original object: what the API server does.
+                let mut check = object.clone();
+                let applies = json_patch::patch(&mut check, &injection.patch).is_ok()
+                    && check == injection.patched;
+                let resp = if applies {
+                    with_warnings(allow.clone(), o.warnings.clone()).with_patch(injection.patch)
+                } else {
+                    return internal(
+                        req,
+                        &name,
+                        ns_label,
+                        InjectError::Result("patch does not reproduce the pod".into()),
+                        failure,
+                    );
+                };
+                match resp {
+                    Ok(resp) => {
+                        ::metrics::counter!(metrics::INJECTIONS).increment(1);
+                        tracing::info!(uid = %req.uid, namespace = ns_label, pod = %name, mode = %injection.status.mode, probes = injection.status.probes.len(), warnings = o.warnings.len(), dry_run = req.dry_run, "pod injected");
+                        (encode(resp), "injected")
+                    }
+                    Err(e) => internal(req, &name, ns_label, InjectError::Result(e.to_string()), failure),
+                }
+            }
+        },
+        Err(InjectError::Decode(e)) => {
+            metrics::error("undecodable_object");
+            tracing::warn!(uid = %req.uid, namespace = ns_label, pod = %name, error = %e, "pod not understood; admitted unchanged");
+            let w = warning(format!("moat-injector: pod not understood, admitted without sidecar: {e}"));
+            (encode(with_warnings(allow, vec![w])), "error")
+        }
+        Err(e) => internal(req, &name, ns_label, e, failure),
+    }
+}
+
+/// An injector failure: admit unchanged with a warning (`open`) or refuse (`closed`).
+fn internal(
+    req: &AdmissionRequest<DynamicObject>,
+    name: &str,
+    namespace: &str,
+    err: InjectError,
+    failure: FailureMode,
+) -> (Reply, &'static str) {
+    metrics::error(err.label());
+    tracing::error!(uid = %req.uid, namespace, pod = %name, error = %err, failure_mode = ?failure, "injection failed");
+    let resp = AdmissionResponse::from(req);
+    let resp = match failure {
+        FailureMode::Open => with_warnings(
+            resp,
+            vec![warning(format!(
+                "moat-injector failed ({}); pod admitted WITHOUT the mesh sidecar",
+                err.label()
+            ))],
+        ),
+        FailureMode::Closed => {
+            let mut r = resp.deny(format!("moat-injector failed to inject the pod: {err}"));
+            r.result.code = 500;
+            r.result.reason = "InternalError".into();
+            r
+        }
+    };
+    (encode(resp), "error")
+}

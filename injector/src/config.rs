@@ -1,0 +1,269 @@
+//! Injection configuration: the flags shared by `serve` and `inject`, and the values pinned in
+//! `docs/interfaces.md` (ports, uid, paths, names) that the injected pod and the proxy agree on.
+
+use std::path::{Path, PathBuf};
+
+use moat_core::TrustBundle;
+use moat_core::TrustDomain;
+
+use crate::syntax::{self, Cidr, CidrList};
+
+/// This injector's version, recorded in the `moat.dev/injected` annotation.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Default image of the sidecar and init containers.
+pub const DEFAULT_PROXY_IMAGE: &str =
+    concat!("ghcr.io/moat-mesh/moat-proxy:", env!("CARGO_PKG_VERSION"));
+/// Default CA URL written into sidecars.
+pub const DEFAULT_CA_URL: &str = "https://moat-ca.moat-system.svc:8443";
+/// Default trust bundle file.
+pub const DEFAULT_TRUST_BUNDLE: &str = "/var/run/moat/trust/bundle.pem";
+
+/// uid and gid of the sidecar proxy; the redirection rules exempt them.
+pub const PROXY_UID: i64 = 7777;
+/// Proxy admin port: `/ready`, `/live`, `/app-health/...`; never redirected.
+pub const ADMIN_PORT: i32 = 15020;
+/// Proxy inbound listener.
+pub const INBOUND_PORT: i32 = 15006;
+/// Proxy outbound listener.
+pub const OUTBOUND_PORT: i32 = 15001;
+/// Name of the admin port on the sidecar.
+pub const ADMIN_PORT_NAME: &str = "moat-admin";
+
+/// Init container programming the redirection.
+pub const INIT_CONTAINER: &str = "moat-init";
+/// The sidecar proxy container.
+pub const PROXY_CONTAINER: &str = "moat-proxy";
+/// Projected service-account token volume (audience `moat-ca`).
+pub const TOKEN_VOLUME: &str = "moat-token";
+/// Optional authorization policy ConfigMap volume.
+pub const POLICY_VOLUME: &str = "moat-policy";
+/// Writable `/run` of the init container (xtables lock).
+pub const RUN_VOLUME: &str = "moat-run";
+/// Where the token volume is mounted.
+pub const TOKEN_DIR: &str = "/var/run/secrets/moat";
+/// The token file inside it.
+pub const TOKEN_FILE: &str = "/var/run/secrets/moat/token";
+/// Audience of the projected token.
+pub const TOKEN_AUDIENCE: &str = "moat-ca";
+/// Lifetime requested for the projected token.
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+/// Name of the policy ConfigMap in the pod's namespace.
+pub const POLICY_CONFIGMAP: &str = "moat-policy";
+/// Where the policy volume is mounted.
+pub const POLICY_DIR: &str = "/etc/moat/policy";
+/// The policy file inside it.
+pub const POLICY_FILE: &str = "/etc/moat/policy/policy.yaml";
+/// Moat's control-plane namespace.
+pub const CONTROL_PLANE_NAMESPACE: &str = "moat-system";
+/// Namespaces never injected, whatever their labels (mirrors the webhook's namespaceSelector).
+pub const IGNORED_NAMESPACES: [&str; 4] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    CONTROL_PLANE_NAMESPACE,
+];
+
+/// Where the sidecar goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SidecarMode {
+    /// Init container with `restartPolicy: Always` (Kubernetes >= 1.29), started before any
+    /// other init container.
+    Native,
+    /// Regular container appended to `containers`; the redirection init container runs last.
+    Classic,
+}
+
+impl SidecarMode {
+    /// The name used in flags, annotations and the status annotation.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SidecarMode::Native => "native",
+            SidecarMode::Classic => "classic",
+        }
+    }
+}
+
+/// What to do when the injector itself fails on a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailureMode {
+    /// Admit the pod unmodified, with a warning.
+    Open,
+    /// Refuse the pod.
+    Closed,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The trust bundle file cannot be read.
+    #[error("cannot read trust bundle {path}: {source} (pass --trust-bundle FILE: the PEM roots of moat-ca, e.g. ConfigMap moat-system/moat-trust-bundle key bundle.pem)")]
+    BundleRead {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The trust bundle is not a PEM bundle of CA certificates.
+    #[error("trust bundle {path} is invalid: {reason}")]
+    BundleInvalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Injection flags, shared by `moat-injector serve` and `moat-injector inject`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// Image of the sidecar and init containers.
+    #[arg(long, env = "MOAT_PROXY_IMAGE", default_value = DEFAULT_PROXY_IMAGE, value_parser = parse_image)]
+    pub proxy_image: String,
+    /// Trust domain written into sidecars.
+    #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: TrustDomain,
+    /// CA URL written into sidecars.
+    #[arg(long, env = "MOAT_CA_URL", default_value = DEFAULT_CA_URL, value_parser = parse_https_url)]
+    pub ca_url: String,
+    /// Trust bundle (PEM) written into sidecars as MOAT_TRUST_BUNDLE_PEM (bootstrap).
+    #[arg(long, env = "MOAT_TRUST_BUNDLE", default_value = DEFAULT_TRUST_BUNDLE)]
+    pub trust_bundle: PathBuf,
+    /// Pod CIDRs (comma-separated) whose destinations sidecars reach over mTLS.
+    #[arg(long, env = "MOAT_MESH_NETWORKS", default_value = "10.0.0.0/8", value_parser = parse_mesh_networks)]
+    pub mesh_networks: CidrList,
+    /// Default sidecar layout: native (init container with restartPolicy Always) or classic.
+    #[arg(long, value_enum, default_value_t = SidecarMode::Native)]
+    pub sidecar_mode: SidecarMode,
+}
+
+fn parse_image(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 512 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{s:?} is not a container image reference"));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_https_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{s:?} must be https://host[:port]"));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_mesh_networks(s: &str) -> Result<CidrList, String> {
+    let list: CidrList = s.parse()?;
+    if list.0.is_empty() {
+        return Err("at least one CIDR is required".into());
+    }
+    Ok(list)
+}
+
+impl ConfigArgs {
+    /// Reads the trust bundle and builds the configuration.
+    pub fn load(&self) -> Result<InjectConfig, ConfigError> {
+        let pem = read_bundle(&self.trust_bundle)?;
+        Ok(InjectConfig {
+            proxy_image: self.proxy_image.clone(),
+            trust_domain: self.trust_domain.clone(),
+            ca_url: self.ca_url.clone(),
+            trust_bundle_pem: pem,
+            mesh_networks: self.mesh_networks.0.clone(),
+            sidecar_mode: self.sidecar_mode,
+        })
+    }
+}
+
+/// Reads and validates a PEM trust bundle, returning it normalised.
+pub fn read_bundle(path: &Path) -> Result<String, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::BundleRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_bundle(path, &bytes)
+}
+
+/// Validates PEM trust bundle bytes read from `path`, returning them normalised.
+pub fn parse_bundle(path: &Path, bytes: &[u8]) -> Result<String, ConfigError> {
+    TrustBundle::from_pem(bytes)
+        .map(|b| b.to_pem())
+        .map_err(|e| ConfigError::BundleInvalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// Everything the injection of one pod depends on besides the pod itself.
+#[derive(Debug, Clone)]
+pub struct InjectConfig {
+    /// Image of the sidecar and init containers.
+    pub proxy_image: String,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// CA URL.
+    pub ca_url: String,
+    /// Trust bundle PEM written into sidecars.
+    pub trust_bundle_pem: String,
+    /// Pod CIDRs.
+    pub mesh_networks: Vec<Cidr>,
+    /// Default sidecar layout.
+    pub sidecar_mode: SidecarMode,
+}
+
+impl InjectConfig {
+    /// The mesh networks as written into `MOAT_MESH_NETWORKS`.
+    pub fn mesh_networks_env(&self) -> String {
+        syntax::format_cidrs(&self.mesh_networks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    }
+
+    #[test]
+    fn defaults_match_the_pinned_interface() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.cfg.proxy_image, "ghcr.io/moat-mesh/moat-proxy:0.1.0");
+        assert_eq!(cli.cfg.trust_domain.as_str(), "cluster.local");
+        assert_eq!(cli.cfg.ca_url, "https://moat-ca.moat-system.svc:8443");
+        assert_eq!(cli.cfg.trust_bundle, PathBuf::from(DEFAULT_TRUST_BUNDLE));
+        assert_eq!(cli.cfg.mesh_networks.to_string(), "10.0.0.0/8");
+        assert_eq!(cli.cfg.sidecar_mode, SidecarMode::Native);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for args in [
+            vec!["x", "--ca-url", "http://moat-ca:8443"],
+            vec!["x", "--ca-url", "not a url"],
+            vec!["x", "--mesh-networks", "10.0.0.0/99"],
+            vec!["x", "--mesh-networks", ""],
+            vec!["x", "--trust-domain", "Not A Domain"],
+            vec!["x", "--proxy-image", "a b"],
+            vec!["x", "--sidecar-mode", "sometimes"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?} accepted");
+        }
+    }
+
+    #[test]
+    fn missing_bundle_names_the_file_and_the_fix() {
+        let e = read_bundle(Path::new("/nonexistent/bundle.pem")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/nonexistent/bundle.pem"), "{msg}");
+        assert!(msg.contains("--trust-bundle"), "{msg}");
+        let e = parse_bundle(Path::new("x.pem"), b"not pem").unwrap_err();
+        assert!(matches!(e, ConfigError::BundleInvalid { .. }));
+    }
+}

@@ -1,0 +1,205 @@
+//! The HTTPS webhook server: TLS 1.3 (Moat's rustls provider) with a hot-swappable serving
+//! certificate, HTTP/1.1 and HTTP/2, `POST /inject` only. Transport checks (path, method,
+//! content type, body size) happen here; everything about the AdmissionReview is in
+//! [`crate::admission`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::server::ResolvesServerCert;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::admission::{self, BadRequest, Reply, MAX_BODY};
+use crate::config::{FailureMode, InjectConfig};
+
+/// The webhook path.
+pub const PATH: &str = "/inject";
+/// Most connections served at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Shared state of the webhook: the (reloadable) injection configuration and failure mode.
+#[derive(Debug)]
+pub struct Webhook {
+    config: ArcSwap<InjectConfig>,
+    failure: FailureMode,
+}
+
+impl Webhook {
+    /// A webhook injecting with `config`.
+    pub fn new(config: InjectConfig, failure: FailureMode) -> Self {
+        Self {
+            config: ArcSwap::from_pointee(config),
+            failure,
+        }
+    }
+
+    /// Replaces the configuration (e.g. after the trust bundle changed).
+    pub fn set_config(&self, config: InjectConfig) {
+        self.config.store(Arc::new(config));
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> Arc<InjectConfig> {
+        self.config.load_full()
+    }
+
+    /// Answers one HTTP request given its parts (transport checks, then the review).
+    pub fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Result<&[u8], BadRequest>,
+    ) -> Reply {
+        if path != PATH {
+            return BadRequest::NotFound(path.chars().take(100).collect()).reply();
+        }
+        if method != Method::POST {
+            return BadRequest::MethodNotAllowed(method.to_string()).reply();
+        }
+        let json = content_type
+            .and_then(|ct| ct.split(';').next())
+            .is_some_and(|ct| ct.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return BadRequest::ContentType(content_type.unwrap_or("").chars().take(100).collect())
+                .reply();
+        }
+        match body {
+            Ok(body) => admission::review(body, &self.config.load(), self.failure),
+            Err(e) => e.reply(),
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let declared_len = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let routed = parts.uri.path() == PATH && parts.method == Method::POST;
+        let bytes = if !routed {
+            Ok(Bytes::new())
+        } else if declared_len.is_some_and(|l| l > MAX_BODY as u64) {
+            Err(BadRequest::TooLarge)
+        } else {
+            match Limited::new(body, MAX_BODY).collect().await {
+                Ok(b) => Ok(b.to_bytes()),
+                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                    Err(BadRequest::TooLarge)
+                }
+                Err(e) => Err(BadRequest::InvalidJson(format!("cannot read body: {e}"))),
+            }
+        };
+        let reply = self.answer(
+            &parts.method,
+            parts.uri.path(),
+            content_type.as_deref(),
+            bytes.as_deref().map_err(Clone::clone),
+        );
+        to_response(reply)
+    }
+}
+
+fn to_response(reply: Reply) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&reply.body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if reply.status == 405 {
+        r.headers_mut()
+            .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+    }
+    r
+}
+
+/// TLS 1.3 server configuration presenting whatever `cert` currently resolves to.
+pub fn tls_config(cert: Arc<dyn ResolvesServerCert>) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(moat_core::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Serves the webhook until `shutdown`, then lets open connections finish for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    webhook: Arc<Webhook>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = moat_core::shutdown::signalled(&mut shutdown) => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; dropping connection");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let webhook = webhook.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let webhook = webhook.clone();
+                async move { Ok::<_, Infallible>(webhook.handle(req).await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            builder.http2().max_concurrent_streams(64);
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
+            let _ = watcher.watch(conn.into_owned()).await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all webhook connections closed"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(grace_s = grace.as_secs(), "grace period over; closing remaining connections"),
+    }
+}

@@ -1,0 +1,356 @@
+//! `moat-proxy run` configuration: every flag has an environment variable (the injector sets
+//! those) and a default. Values are parsed into types here, once; the data path trusts them.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use moat_core::spiffe::{SpiffeId, TrustDomain};
+use moat_core::telemetry::LogFormat;
+
+use crate::net::Cidr;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    moat_core::duration::parse(s)
+}
+
+/// An explicit route, for running without iptables (local demo, benchmarks, VMs):
+/// `listen=ADDR,connect=ADDR,port=N[,identity=SPIFFE_ID]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Plaintext listener for the local app.
+    pub listen: SocketAddr,
+    /// The peer sidecar's inbound address.
+    pub connect: SocketAddr,
+    /// App port on the peer.
+    pub port: u16,
+    /// Identity the peer must prove (any identity of the trust domain when absent).
+    pub identity: Option<SpiffeId>,
+}
+
+impl FromStr for Route {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut listen, mut connect, mut port, mut identity) = (None, None, None, None);
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("route {s:?}: {part:?} is not key=value"))?;
+            let bad = |what: &str| format!("route {s:?}: invalid {what} {v:?}");
+            match k {
+                "listen" => listen = Some(v.parse().map_err(|_| bad("listen address"))?),
+                "connect" => connect = Some(v.parse().map_err(|_| bad("connect address"))?),
+                "port" => {
+                    port = Some(
+                        v.parse::<u16>()
+                            .ok()
+                            .filter(|p| *p != 0)
+                            .ok_or_else(|| bad("port"))?,
+                    )
+                }
+                "identity" => {
+                    identity = Some(SpiffeId::parse(v).map_err(|e| format!("route {s:?}: {e}"))?)
+                }
+                other => {
+                    return Err(format!(
+                        "route {s:?}: unknown key {other:?} (use listen, connect, port, identity)"
+                    ))
+                }
+            }
+        }
+        let need = |what| format!("route {s:?}: missing {what}= (format: listen=ADDR,connect=ADDR,port=N[,identity=SPIFFE_ID])");
+        Ok(Self {
+            listen: listen.ok_or_else(|| need("listen"))?,
+            connect: connect.ok_or_else(|| need("connect"))?,
+            port: port.ok_or_else(|| need("port"))?,
+            identity,
+        })
+    }
+}
+
+/// A static expected identity for a destination: `IP[:PORT]=SPIFFE_ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// Destination IP.
+    pub ip: IpAddr,
+    /// Destination port (any port when absent).
+    pub port: Option<u16>,
+    /// The identity it must prove.
+    pub id: SpiffeId,
+}
+
+impl FromStr for PeerIdentity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (dst, id) = s
+            .split_once('=')
+            .ok_or_else(|| format!("peer identity {s:?}: expected IP[:PORT]=SPIFFE_ID"))?;
+        let id = SpiffeId::parse(id.trim()).map_err(|e| format!("peer identity {s:?}: {e}"))?;
+        let dst = dst.trim();
+        if let Ok(sa) = dst.parse::<SocketAddr>() {
+            return Ok(Self {
+                ip: sa.ip(),
+                port: Some(sa.port()),
+                id,
+            });
+        }
+        let ip = dst
+            .trim_matches(['[', ']'])
+            .parse()
+            .map_err(|_| format!("peer identity {s:?}: {dst:?} is not an IP or IP:PORT"))?;
+        Ok(Self { ip, port: None, id })
+    }
+}
+
+/// Flags of `moat-proxy run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Trust domain of this mesh.
+    #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: TrustDomain,
+    /// Namespace of this pod (downward API).
+    #[arg(long, env = "MOAT_POD_NAMESPACE")]
+    pub namespace: String,
+    /// Service account of this pod (downward API).
+    #[arg(long, env = "MOAT_SERVICE_ACCOUNT")]
+    pub service_account: String,
+    /// Pod name, for logs.
+    #[arg(long, env = "MOAT_POD_NAME", default_value = "")]
+    pub pod_name: String,
+    /// The CA's URL.
+    #[arg(long, env = "MOAT_CA_URL", default_value = "https://moat-ca.moat-system.svc:8443")]
+    pub ca_url: http::Uri,
+    /// Projected service-account token (audience moat-ca), re-read for every request.
+    #[arg(long, env = "MOAT_TOKEN_FILE", default_value = "/var/run/secrets/moat/token")]
+    pub token_file: PathBuf,
+    /// Trust bundle file (PEM roots), watched for changes.
+    #[arg(long, env = "MOAT_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Trust bundle as PEM text (bootstrap value written by the injector).
+    #[arg(long, env = "MOAT_TRUST_BUNDLE_PEM", hide_env_values = true)]
+    pub trust_bundle_pem: Option<String>,
+    /// Authorization policy file; when it does not exist the built-in policy applies (any
+    /// identity of this trust domain, no unauthenticated callers).
+    #[arg(long, env = "MOAT_POLICY", default_value = "/etc/moat/policy/policy.yaml")]
+    pub policy: PathBuf,
+    /// Inbound listener (captured traffic into the pod, and peer sidecars).
+    #[arg(long, env = "MOAT_INBOUND_LISTEN", default_value = "0.0.0.0:15006")]
+    pub inbound_listen: SocketAddr,
+    /// Transparent outbound listener (captured traffic from the app); `off` to disable.
+    #[arg(long, env = "MOAT_OUTBOUND_LISTEN", default_value = "127.0.0.1:15001")]
+    pub outbound_listen: String,
+    /// Admin listener: /metrics, /ready, /live, /identity, POST /shutdown, /app-health/...
+    #[arg(long, env = "MOAT_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
+    pub admin_listen: SocketAddr,
+    /// Networks whose destinations must be reached over mTLS (comma-separated CIDRs).
+    #[arg(long, env = "MOAT_MESH_NETWORKS", value_delimiter = ',')]
+    pub mesh_networks: Vec<Cidr>,
+    /// Destinations outside the mesh allowed in plaintext (comma-separated CIDRs). Default:
+    /// none — egress fails closed.
+    #[arg(long, env = "MOAT_EGRESS_ALLOW", value_delimiter = ',')]
+    pub allow_egress: Vec<Cidr>,
+    /// Expected identities of destinations: `IP[:PORT]=SPIFFE_ID` (repeatable, or comma-separated).
+    #[arg(long = "peer-identity", env = "MOAT_PEER_IDENTITIES", value_delimiter = ',')]
+    pub peer_identities: Vec<PeerIdentity>,
+    /// Explicit routes: `listen=ADDR,connect=ADDR,port=N[,identity=ID]` (repeatable;
+    /// `;`-separated in the env var).
+    #[arg(long = "route", env = "MOAT_ROUTES", value_delimiter = ';')]
+    pub routes: Vec<Route>,
+    /// Forward inbound traffic to this IP instead of the original destination (explicit-route
+    /// mode without iptables).
+    #[arg(long, env = "MOAT_INBOUND_TARGET")]
+    pub inbound_target: Option<IpAddr>,
+    /// Original app probes rewritten by the injector (JSON), served on /app-health/.
+    #[arg(long, env = "MOAT_APP_PROBES")]
+    pub app_probes: Option<String>,
+    /// How long to wait for a caller's first bytes before treating the stream as opaque.
+    #[arg(long, env = "MOAT_DETECT_TIMEOUT", default_value = "3s", value_parser = duration)]
+    pub detect_timeout: Duration,
+    /// Deadline for an mTLS handshake.
+    #[arg(long, env = "MOAT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Deadline for connecting to an app or peer.
+    #[arg(long, env = "MOAT_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub connect_timeout: Duration,
+    /// How long an idle pooled connection to a peer sidecar is kept (client side).
+    #[arg(long, env = "MOAT_POOL_IDLE_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub pool_idle_timeout: Duration,
+    /// How long the server side keeps an idle tunnel (longer than any client's pool timeout).
+    #[arg(long, env = "MOAT_TUNNEL_IDLE_TIMEOUT", default_value = "90s", value_parser = duration)]
+    pub tunnel_idle_timeout: Duration,
+    /// TCP keepalive idle time.
+    #[arg(long, env = "MOAT_TCP_KEEPALIVE", default_value = "60s", value_parser = duration)]
+    pub keepalive: Duration,
+    /// Maximum concurrent proxied connections (inbound and outbound together).
+    #[arg(long, env = "MOAT_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Idle pooled connections kept per destination.
+    #[arg(long, env = "MOAT_POOL_MAX_IDLE", default_value_t = 64)]
+    pub pool_max_idle: usize,
+    /// After SIGTERM, keep accepting this long (the app may still be finishing).
+    #[arg(long, env = "MOAT_DRAIN_DELAY", default_value = "5s", value_parser = duration)]
+    pub drain_delay: Duration,
+    /// After accepting stops, how long in-flight connections may take.
+    #[arg(long, env = "MOAT_SHUTDOWN_GRACE", default_value = "20s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// Certificate key algorithm: ecdsa-p256 or ed25519.
+    #[arg(long, env = "MOAT_KEY_ALGORITHM", default_value = "ecdsa-p256")]
+    pub key_algorithm: String,
+    /// Log format: auto (JSON unless on a terminal), json or pretty.
+    #[arg(long, env = "MOAT_LOG_FORMAT", default_value = "auto")]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. info or moat_proxy=debug.
+    #[arg(long, env = "MOAT_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Validated configuration used by the data path.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This workload's identity.
+    pub identity: SpiffeId,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Inbound listener.
+    pub inbound_listen: SocketAddr,
+    /// Transparent outbound listener.
+    pub outbound_listen: Option<SocketAddr>,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Mesh networks.
+    pub mesh_networks: Vec<Cidr>,
+    /// Plaintext egress allowed to these.
+    pub allow_egress: Vec<Cidr>,
+    peer_by_addr: HashMap<SocketAddr, SpiffeId>,
+    peer_by_ip: HashMap<IpAddr, SpiffeId>,
+    /// Explicit routes.
+    pub routes: Vec<Route>,
+    /// Inbound forwarding target override.
+    pub inbound_target: Option<IpAddr>,
+    /// See [`RunArgs::detect_timeout`].
+    pub detect_timeout: Duration,
+    /// See [`RunArgs::handshake_timeout`].
+    pub handshake_timeout: Duration,
+    /// See [`RunArgs::connect_timeout`].
+    pub connect_timeout: Duration,
+    /// See [`RunArgs::pool_idle_timeout`].
+    pub pool_idle_timeout: Duration,
+    /// See [`RunArgs::tunnel_idle_timeout`].
+    pub tunnel_idle_timeout: Duration,
+    /// See [`RunArgs::keepalive`].
+    pub keepalive: Duration,
+    /// See [`RunArgs::max_connections`].
+    pub max_connections: usize,
+    /// See [`RunArgs::pool_max_idle`].
+    pub pool_max_idle: usize,
+    /// See [`RunArgs::drain_delay`].
+    pub drain_delay: Duration,
+    /// See [`RunArgs::shutdown_grace`].
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Validates the flags.
+    pub fn from_args(a: &RunArgs) -> Result<Self, String> {
+        let identity = SpiffeId::workload(&a.trust_domain, &a.namespace, &a.service_account)
+            .map_err(|e| format!("namespace {:?} / service account {:?} do not form a valid identity: {e}", a.namespace, a.service_account))?;
+        let outbound_listen = match a.outbound_listen.as_str() {
+            "off" | "" => None,
+            s => Some(s.parse().map_err(|_| format!("--outbound-listen {s:?} is not ADDR:PORT or 'off'"))?),
+        };
+        if a.trust_bundle.is_none() && a.trust_bundle_pem.is_none() {
+            return Err("no trust bundle: set MOAT_TRUST_BUNDLE (file) or MOAT_TRUST_BUNDLE_PEM".into());
+        }
+        let mut peer_by_addr = HashMap::new();
+        let mut peer_by_ip = HashMap::new();
+        for p in &a.peer_identities {
+            match p.port {
+                Some(port) => peer_by_addr.insert(SocketAddr::new(p.ip, port), p.id.clone()),
+                None => peer_by_ip.insert(p.ip, p.id.clone()),
+            };
+        }
+        for t in [a.detect_timeout, a.handshake_timeout, a.connect_timeout] {
+            if t.is_zero() {
+                return Err("timeouts must be greater than zero".into());
+            }
+        }
+        if a.pool_idle_timeout >= a.tunnel_idle_timeout {
+            return Err(format!(
+                "--pool-idle-timeout ({}) must be shorter than --tunnel-idle-timeout ({}) so clients let go of idle tunnels first",
+                moat_core::duration::format(a.pool_idle_timeout),
+                moat_core::duration::format(a.tunnel_idle_timeout)
+            ));
+        }
+        Ok(Self {
+            identity,
+            trust_domain: a.trust_domain.clone(),
+            inbound_listen: a.inbound_listen,
+            outbound_listen,
+            admin_listen: a.admin_listen,
+            mesh_networks: a.mesh_networks.clone(),
+            allow_egress: a.allow_egress.clone(),
+            peer_by_addr,
+            peer_by_ip,
+            routes: a.routes.clone(),
+            inbound_target: a.inbound_target,
+            detect_timeout: a.detect_timeout,
+            handshake_timeout: a.handshake_timeout,
+            connect_timeout: a.connect_timeout,
+            pool_idle_timeout: a.pool_idle_timeout,
+            tunnel_idle_timeout: a.tunnel_idle_timeout,
+            keepalive: a.keepalive,
+            max_connections: a.max_connections.max(1),
+            pool_max_idle: a.pool_max_idle,
+            drain_delay: a.drain_delay,
+            shutdown_grace: a.shutdown_grace,
+        })
+    }
+
+    /// The identity a destination must prove, when configured.
+    pub fn expected_identity(&self, dst: SocketAddr) -> Option<SpiffeId> {
+        self.peer_by_addr
+            .get(&dst)
+            .or_else(|| self.peer_by_ip.get(&dst.ip()))
+            .cloned()
+    }
+
+    /// Whether `dst` is one of our own listeners (a connection there would loop).
+    pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        let ours = |l: SocketAddr| {
+            l.port() == dst.port() && (l.ip().is_unspecified() || l.ip() == dst.ip() || dst.ip().is_loopback())
+        };
+        ours(self.inbound_listen)
+            || self.outbound_listen.is_some_and(ours)
+            || ours(self.admin_listen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_routes_and_peer_identities() {
+        let r: Route = "listen=127.0.0.1:8080,connect=10.0.0.2:15006,port=80,identity=spiffe://td/ns/a/sa/b"
+            .parse()
+            .unwrap();
+        assert_eq!(r.port, 80);
+        assert_eq!(r.identity.unwrap().as_str(), "spiffe://td/ns/a/sa/b");
+        for bad in [
+            "listen=127.0.0.1:8080,connect=10.0.0.2:15006",
+            "listen=x,connect=10.0.0.2:15006,port=80",
+            "listen=127.0.0.1:8080,connect=10.0.0.2:15006,port=0",
+            "listen=127.0.0.1:8080,connect=10.0.0.2:15006,port=80,color=red",
+            "listen=127.0.0.1:8080,connect=10.0.0.2:15006,port=80,identity=http://x",
+        ] {
+            assert!(bad.parse::<Route>().is_err(), "{bad}");
+        }
+        let p: PeerIdentity = "10.0.0.5:8080=spiffe://td/ns/a/sa/b".parse().unwrap();
+        assert_eq!(p.port, Some(8080));
+        let p: PeerIdentity = "fd00::5=spiffe://td/ns/a/sa/b".parse().unwrap();
+        assert_eq!(p.port, None);
+        assert!("10.0.0.5".parse::<PeerIdentity>().is_err());
+    }
+}

@@ -1,0 +1,257 @@
+//! Byte forwarding for opaque streams: a bidirectional copy with half-close, byte counting, and
+//! buffers sized to the traffic (1 KiB, growing to 64 KiB only while a direction keeps filling
+//! them), plus [`Rewind`] to replay bytes read during protocol detection.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use metrics::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const MIN_BUF: usize = 1024;
+const MAX_BUF: usize = 64 * 1024;
+
+/// One direction of a copy.
+struct Dir {
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    read_done: bool,
+    shut: bool,
+    total: u64,
+}
+
+impl Dir {
+    fn new() -> Self {
+        Self {
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            read_done: false,
+            shut: false,
+            total: 0,
+        }
+    }
+
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        counter: &Counter,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos < self.end {
+                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                counter.increment(n as u64);
+                self.total += n as u64;
+                continue;
+            }
+            if self.read_done {
+                if !self.shut {
+                    ready!(w.as_mut().poll_shutdown(cx))?;
+                    self.shut = true;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if self.buf.is_empty() {
+                self.buf = vec![0; MIN_BUF];
+            }
+            let mut rb = ReadBuf::new(&mut self.buf);
+            match r.as_mut().poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Nothing buffered is waiting: make sure what we wrote is on its way.
+                    ready!(w.as_mut().poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                self.read_done = true;
+                continue;
+            }
+            if n == self.buf.len() && self.buf.len() < MAX_BUF {
+                // This direction is streaming: read bigger chunks next time.
+                let next = (self.buf.len() * 4).min(MAX_BUF);
+                self.buf.resize(next, 0);
+            }
+            self.pos = 0;
+            self.end = n;
+        }
+    }
+}
+
+/// Copies both ways until both directions reached EOF, half-closing each side as its peer
+/// finishes. Returns (bytes a→b, bytes b→a).
+pub async fn copy_bidirectional<A, B>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &Counter,
+    b_to_a: &Counter,
+) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut ab = Dir::new();
+    let mut ba = Dir::new();
+    let mut ab_done = false;
+    let mut ba_done = false;
+    std::future::poll_fn(|cx| {
+        if !ab_done {
+            if let Poll::Ready(r) = ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), a_to_b) {
+                r?;
+                ab_done = true;
+                ab.buf = Vec::new();
+            }
+        }
+        if !ba_done {
+            if let Poll::Ready(r) = ba.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a), b_to_a) {
+                r?;
+                ba_done = true;
+                ba.buf = Vec::new();
+            }
+        }
+        if ab_done && ba_done {
+            Poll::Ready(Ok((ab.total, ba.total)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// An I/O object that first yields `prefix` (bytes already read during detection).
+pub struct Rewind<IO> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: IO,
+}
+
+impl<IO> Rewind<IO> {
+    /// Replays `prefix` before reading from `inner`.
+    pub fn new(prefix: Vec<u8>, inner: IO) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+
+    /// The wrapped I/O (any unread prefix is lost).
+    pub fn into_inner(self) -> IO {
+        self.inner
+    }
+
+    /// The wrapped I/O.
+    pub fn get_ref(&self) -> &IO {
+        &self.inner
+    }
+
+    /// The wrapped I/O, mutably.
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.inner
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close_and_counts() {
+        let (mut client, mut proxy_a) = tokio::io::duplex(1 << 16);
+        let (mut proxy_b, mut server) = tokio::io::duplex(1 << 16);
+        let up = metrics::Counter::noop();
+        let down = metrics::Counter::noop();
+        let copy = tokio::spawn(async move {
+            copy_bidirectional(&mut proxy_a, &mut proxy_b, &up, &down).await
+        });
+        let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let expected = big.clone();
+        let server_task = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(b"bye").await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        });
+        client.write_all(&big).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"bye");
+        assert_eq!(server_task.await.unwrap(), expected);
+        assert_eq!(copy.await.unwrap().unwrap(), (300_000, 3));
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_prefix_first() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut r = Rewind::new(b"hello".to_vec(), b);
+        let mut s = String::new();
+        r.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
+    }
+}

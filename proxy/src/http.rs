@@ -1,0 +1,269 @@
+//! Per-request HTTP proxying with hyper, so every request is measured, and the policy's deny
+//! answer for HTTP callers (403 on a connection that stays usable).
+//!
+//! The plaintext side is served by a hyper server; each request is sent on a hyper client over
+//! the upstream I/O (the app socket on inbound, a tunnel stream on outbound). HTTP/1 upgrades
+//! (WebSocket) become an opaque byte copy after the 101.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use metrics::{Counter, Histogram};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use crate::detect::Protocol;
+use crate::metrics::{self as m, Direction};
+
+/// Body of every response we return: the upstream's, or one we made.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// Header naming the rule that denied a request.
+pub const DENIED_BY: &str = "x-moat-denied-by";
+/// Header set on responses Moat itself generated because the upstream failed.
+pub const PROXY_ERROR: &str = "x-moat-error";
+
+/// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Per-connection request metrics, created once and cheap per request.
+struct ReqMetrics {
+    duration: Histogram,
+    by_class: [Counter; 6],
+}
+
+impl ReqMetrics {
+    fn new(dir: Direction, peer: &str, local: &str) -> Self {
+        let d = dir.as_str();
+        let counter = |class: &'static str| {
+            metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "status_class" => class, "peer" => peer.to_string(), "local" => local.to_string())
+        };
+        Self {
+            duration: metrics::histogram!(m::HTTP_DURATION, "direction" => d, "peer" => peer.to_string(), "local" => local.to_string()),
+            by_class: [
+                counter("1xx"),
+                counter("2xx"),
+                counter("3xx"),
+                counter("4xx"),
+                counter("5xx"),
+                counter("error"),
+            ],
+        }
+    }
+
+    fn record(&self, status: Option<StatusCode>, start: Instant) {
+        self.duration.record(start.elapsed().as_secs_f64());
+        let idx = match status.map(|s| s.as_u16()) {
+            Some(100..=199) => 0,
+            Some(200..=299) => 1,
+            Some(300..=399) => 2,
+            Some(400..=499) => 3,
+            Some(500..=599) => 4,
+            _ => 5,
+        };
+        self.by_class[idx].increment(1);
+    }
+}
+
+/// Who is on each side, for metrics.
+#[derive(Clone)]
+pub struct Labels {
+    /// Which listener.
+    pub dir: Direction,
+    /// The remote workload's identity (or `unauthenticated`).
+    pub peer: Arc<str>,
+    /// Our own identity.
+    pub local: Arc<str>,
+}
+
+fn synthetic(status: StatusCode, header_name: &'static str, value: &str, body: String) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(header_name, v);
+    }
+    h.insert(header::SERVER, HeaderValue::from_static("moat"));
+    r
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+fn http1_server() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(MAX_HEADER_BYTES)
+        .preserve_header_case(true);
+    b
+}
+
+fn http2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(1024);
+    b
+}
+
+/// Proxies HTTP between `client` (the side that sends requests) and `upstream`, request by
+/// request, until either side closes or `drain` asks for a graceful stop.
+pub async fn proxy<C, U>(
+    client: C,
+    upstream: U,
+    proto: Protocol,
+    labels: Labels,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = Arc::new(ReqMetrics::new(labels.dir, &labels.peer, &labels.local));
+    if proto == Protocol::Http2 {
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .handshake(TokioIo::new(upstream))
+            .await?;
+        let upstream_task = tokio::spawn(conn);
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let mut sender = sender.clone();
+            let metrics = metrics.clone();
+            async move {
+                let start = Instant::now();
+                let resp = match sender.send_request(req).await {
+                    Ok(r) => r.map(Either::Left),
+                    Err(e) => upstream_failed(&e),
+                };
+                metrics.record(Some(resp.status()).filter(|_| !is_synthetic(&resp)), start);
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = http2_server().serve_connection(TokioIo::new(client), svc);
+        let mut conn = std::pin::pin!(conn);
+        let res = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = moat_core::shutdown::signalled(&mut drain) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        upstream_task.abort();
+        return res;
+    }
+
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .handshake(TokioIo::new(upstream))
+        .await?;
+    let upstream_task = tokio::spawn(conn.with_upgrades());
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let sender = sender.clone();
+        let metrics = metrics.clone();
+        async move {
+            let start = Instant::now();
+            let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+            let result = {
+                let mut s = sender.lock().await;
+                match s.ready().await {
+                    Ok(()) => s.send_request(req).await,
+                    Err(e) => Err(e),
+                }
+            };
+            let resp = match result {
+                Ok(mut resp) => {
+                    metrics.record(Some(resp.status()), start);
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(client_up) = client_upgrade {
+                            let upstream_up = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(splice_upgrade(client_up, upstream_up));
+                        }
+                    }
+                    resp.map(Either::Left)
+                }
+                Err(e) => {
+                    metrics.record(None, start);
+                    upstream_failed(&e)
+                }
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = http1_server()
+        .serve_connection(TokioIo::new(client), svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = moat_core::shutdown::signalled(&mut drain) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    // Let the upstream connection wind down on its own (it may still go back to a pool).
+    drop(upstream_task);
+    res
+}
+
+fn is_synthetic(resp: &Response<Body>) -> bool {
+    resp.headers().contains_key(PROXY_ERROR)
+}
+
+fn upstream_failed(e: &hyper::Error) -> Response<Body> {
+    tracing::debug!(error = %e, "upstream request failed");
+    synthetic(
+        StatusCode::BAD_GATEWAY,
+        PROXY_ERROR,
+        "upstream",
+        format!("moat: upstream failed: {e}\n"),
+    )
+}
+
+async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(c), Ok(u)) = tokio::join!(client, upstream) else {
+        return;
+    };
+    let mut c = TokioIo::new(c);
+    let mut u = TokioIo::new(u);
+    let noop = Counter::noop();
+    let _ = crate::forward::copy_bidirectional(&mut c, &mut u, &noop, &noop).await;
+}
+
+/// Answers every request on `client` with 403, naming the rule, keeping the connection usable.
+pub async fn deny<C>(client: C, proto: Protocol, rule: Arc<str>, labels: Labels) -> Result<(), hyper::Error>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = Arc::new(ReqMetrics::new(labels.dir, &labels.peer, &labels.local));
+    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+        let start = Instant::now();
+        let resp = synthetic(
+            StatusCode::FORBIDDEN,
+            DENIED_BY,
+            &rule,
+            format!("moat: denied by policy rule {rule}\n"),
+        );
+        metrics.record(Some(resp.status()), start);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    if proto == Protocol::Http2 {
+        http2_server().serve_connection(TokioIo::new(client), svc).await
+    } else {
+        http1_server().serve_connection(TokioIo::new(client), svc).await
+    }
+}

@@ -1,0 +1,375 @@
+//! Inbound: connections into the pod. Accept → detect → (mTLS handshake → streams) or
+//! plaintext → authorize → connect the app → forward.
+//!
+//! Peer sidecars arrive as TLS offering the Moat ALPN and are terminated here with a mandatory
+//! client certificate; anything else is an unauthenticated caller that only policy may admit.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moat_core::spiffe::SpiffeId;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+
+use crate::app::Ctx;
+use crate::detect::{self, Protocol};
+use crate::forward::{copy_bidirectional, Rewind};
+use crate::http::{self, Labels};
+use crate::metrics::{self as m, ConnMetrics, Direction};
+use crate::net;
+use crate::tunnel::{self, ResetCode, Stream};
+
+/// Server-side mTLS connection from a peer sidecar.
+type TlsConn = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Label used for callers without a verified identity.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// Accepts inbound connections until `stop` turns true.
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = moat_core::shutdown::signalled(&mut stop) => return,
+        };
+        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
+            m::refused(Direction::Inbound, "max_connections");
+            tracing::warn!(%remote, "inbound connection refused: connection limit reached");
+            net::reset(tcp);
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _active = ctx.conns.active();
+            handle(tcp, remote, ctx).await;
+        });
+    }
+}
+
+async fn handle(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
+    net::tune(&tcp, Some(ctx.cfg.keepalive));
+    let orig = net::original_dst(&tcp);
+    let app_port = orig.map(|o| o.port());
+    let started = Instant::now();
+
+    // A silent caller may be waiting for a server-speaks-first app (MySQL, SMTP...). If
+    // plaintext callers may reach this port anyway, connect the app after a short grace so
+    // its greeting is not held behind the detection timeout. Peer sidecars always speak first.
+    let unauth_allowed = app_port.is_some_and(|p| ctx.policy().evaluate(None, p).allowed());
+    let greeting = async {
+        if !unauth_allowed {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let target = app_target(&ctx, orig, app_port.unwrap_or_default());
+        match connect_app(&ctx, target).await {
+            Ok(app) => match app.readable().await {
+                Ok(()) => Some(app),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        }
+    };
+    let proto = tokio::select! {
+        p = peek_protocol(&tcp, ctx.cfg.detect_timeout, detect::inbound) => p,
+        Some(app) = greeting => {
+            record_detect(Protocol::Opaque, started);
+            return plaintext(tcp, remote, orig, Protocol::Opaque, Some(app), ctx).await;
+        }
+    };
+    record_detect(proto, started);
+    if proto == Protocol::MoatTls {
+        mesh(tcp, remote, orig, ctx).await;
+    } else {
+        plaintext(tcp, remote, orig, proto, None, ctx).await;
+    }
+}
+
+fn record_detect(p: Protocol, started: Instant) {
+    metrics::histogram!(m::DETECT_DURATION, "direction" => "inbound", "protocol" => p.label())
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Peeks (without consuming) until `classify` decides or `timeout` passes (→ opaque).
+pub async fn peek_protocol(
+    tcp: &TcpStream,
+    timeout: Duration,
+    classify: fn(&[u8]) -> Protocol,
+) -> Protocol {
+    let mut buf = vec![0u8; 4096];
+    let fut = async {
+        loop {
+            let n = match tcp.peek(&mut buf).await {
+                Ok(0) | Err(_) => return Protocol::Opaque,
+                Ok(n) => n,
+            };
+            match classify(&buf[..n]) {
+                Protocol::NeedMore if n < buf.len() => {
+                    // More bytes are coming; peek would return the same bytes at once.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Protocol::NeedMore => return Protocol::Opaque,
+                p => return p,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Protocol::Opaque)
+}
+
+fn app_target(ctx: &Ctx, orig: Option<SocketAddr>, port: u16) -> SocketAddr {
+    let ip: IpAddr = match (ctx.cfg.inbound_target, orig) {
+        (Some(ip), _) => ip,
+        (None, Some(o)) => o.ip(),
+        (None, None) => IpAddr::from([127, 0, 0, 1]),
+    };
+    SocketAddr::new(ip, port)
+}
+
+async fn connect_app(ctx: &Ctx, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let start = Instant::now();
+    let tcp = tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    metrics::histogram!(m::CONNECT_DURATION, "direction" => "inbound")
+        .record(start.elapsed().as_secs_f64());
+    net::tune(&tcp, Some(ctx.cfg.keepalive));
+    Ok(tcp)
+}
+
+/// A caller without a verified identity.
+async fn plaintext(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    orig: Option<SocketAddr>,
+    proto: Protocol,
+    app: Option<TcpStream>,
+    ctx: Arc<Ctx>,
+) {
+    let Some(port) = orig.map(|o| o.port()) else {
+        m::refused(Direction::Inbound, "no_original_destination");
+        tracing::warn!(%remote, protocol = proto.label(), "refused plaintext connection made directly to the inbound port (no original destination)");
+        net::reset(tcp);
+        return;
+    };
+    let policy = ctx.policy();
+    let decision = policy.evaluate(None, port);
+    m::authz(decision.label(), decision.rule);
+    let labels = Labels {
+        dir: Direction::Inbound,
+        peer: Arc::from(UNAUTHENTICATED),
+        local: ctx.local_label.clone(),
+    };
+    if !decision.allowed() {
+        tracing::warn!(%remote, caller = UNAUTHENTICATED, port, rule = decision.rule, protocol = proto.label(), "denied: policy does not admit this caller");
+        if proto.is_http() {
+            let _ = http::deny(tcp, proto, Arc::from(decision.rule), labels).await;
+        } else {
+            net::reset(tcp);
+        }
+        return;
+    }
+    if decision.label() == "audit_deny" {
+        tracing::info!(%remote, caller = UNAUTHENTICATED, port, rule = decision.rule, "audit: would deny");
+    }
+    let target = app_target(&ctx, orig, port);
+    let app = match app {
+        Some(a) => a,
+        None => match connect_app(&ctx, target).await {
+            Ok(a) => a,
+            Err(e) => {
+                m::refused(Direction::Inbound, "app_unreachable");
+                tracing::warn!(%remote, %target, error = %e, "cannot reach the app");
+                net::reset(tcp);
+                return;
+            }
+        },
+    };
+    let guard = ctx.conns.authorize(None, port);
+    let cm = ConnMetrics::open(Direction::Inbound);
+    let forward = async {
+        if proto.is_http() {
+            let _ = http::proxy(tcp, app, proto, labels, ctx.conns.drain_signal()).await;
+        } else {
+            let (mut tcp, mut app) = (tcp, app);
+            let _ = copy_bidirectional(&mut tcp, &mut app, &cm.rx, &cm.tx).await;
+        }
+    };
+    tokio::select! {
+        _ = forward => {}
+        _ = guard.revoked() => metrics::counter!(m::REVOKED).increment(1),
+    }
+}
+
+/// A peer sidecar: terminate mTLS, then serve its streams one after another.
+async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx: Arc<Ctx>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.server_tls.clone());
+    let tls = match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let reason = moat_core::tls::failure_reason(&e);
+            m::handshake_failed(Direction::Inbound, reason);
+            tracing::warn!(%remote, reason, error = %e, "refused peer: mTLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            m::handshake_failed(Direction::Inbound, "timeout");
+            tracing::warn!(%remote, "refused peer: mTLS handshake timed out");
+            return;
+        }
+    };
+    let Some(peer) = moat_core::tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
+        m::handshake_failed(Direction::Inbound, "not_svid");
+        tracing::warn!(%remote, "refused peer: no SPIFFE identity after handshake");
+        return;
+    };
+    metrics::counter!(m::HANDSHAKES, "direction" => "inbound").increment(1);
+    let peer_label: Arc<str> = Arc::from(peer.as_str());
+    let mut tls = tls;
+    let mut drain = ctx.conns.drain_signal();
+    loop {
+        let next = tokio::select! {
+            r = tokio::time::timeout(ctx.cfg.tunnel_idle_timeout, tunnel::read_open(&mut tls)) => r,
+            _ = moat_core::shutdown::signalled(&mut drain) => return,
+        };
+        let port = match next {
+            Ok(Ok(Some(0))) => match orig {
+                Some(o) => o.port(),
+                None => {
+                    tracing::warn!(%remote, peer = %peer, "stream without a port on a connection that was not redirected");
+                    let _ = tunnel::write_reset(&mut tls, ResetCode::Error, "no destination port").await;
+                    return;
+                }
+            },
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, peer = %peer, error = %e, "tunnel closed");
+                return;
+            }
+            Err(_) => return, // idle: the client side's pool lets go first
+        };
+        let (tx, rx) = oneshot::channel();
+        let stream = Stream::with_home(
+            tls,
+            Some(Box::new(move |io: TlsConn| {
+                let _ = tx.send(io);
+            })),
+        );
+        serve_stream(stream, &peer, &peer_label, remote, orig, port, &ctx).await;
+        match rx.await {
+            Ok(io) => tls = io,
+            Err(_) => return,
+        }
+    }
+}
+
+async fn serve_stream(
+    mut stream: Stream<TlsConn>,
+    peer: &SpiffeId,
+    peer_label: &Arc<str>,
+    remote: SocketAddr,
+    orig: Option<SocketAddr>,
+    port: u16,
+    ctx: &Arc<Ctx>,
+) {
+    let policy = ctx.policy();
+    let decision = policy.evaluate(Some(peer), port);
+    m::authz(decision.label(), decision.rule);
+    let labels = Labels {
+        dir: Direction::Inbound,
+        peer: peer_label.clone(),
+        local: ctx.local_label.clone(),
+    };
+    if !decision.allowed() {
+        tracing::warn!(%remote, caller = %peer, port, rule = decision.rule, "denied: policy does not admit this caller");
+        let mut buf = Vec::new();
+        let proto = read_detect(&mut stream, &mut buf, ctx.cfg.detect_timeout).await;
+        if proto.is_http() {
+            let _ = http::deny(Rewind::new(buf, stream), proto, Arc::from(decision.rule), labels).await;
+        } else {
+            let _ = stream
+                .reset(ResetCode::Denied, &format!("denied by policy rule {}", decision.rule))
+                .await;
+        }
+        return;
+    }
+    if decision.label() == "audit_deny" {
+        tracing::info!(%remote, caller = %peer, port, rule = decision.rule, "audit: would deny");
+    }
+    let target = app_target(ctx, orig, port);
+    let app = match connect_app(ctx, target).await {
+        Ok(a) => a,
+        Err(e) => {
+            m::refused(Direction::Inbound, "app_unreachable");
+            tracing::warn!(%remote, caller = %peer, %target, error = %e, "cannot reach the app");
+            let _ = stream.reset(ResetCode::ConnectFailed, &format!("app port {port}: {e}")).await;
+            return;
+        }
+    };
+    let guard = ctx.conns.authorize(Some(peer), port);
+    let cm = ConnMetrics::open(Direction::Inbound);
+    let started = Instant::now();
+    let forward = async {
+        // Whoever speaks first decides: the caller's first bytes are sniffed for HTTP; an app
+        // that greets first makes it an opaque stream at once.
+        // `buf` lives outside the race so bytes already read are never lost.
+        let mut buf = Vec::new();
+        let proto = tokio::select! {
+            p = read_detect(&mut stream, &mut buf, ctx.cfg.detect_timeout) => p,
+            _ = app.readable() => Protocol::Opaque,
+        };
+        record_detect(proto, started);
+        let mut client = Rewind::new(buf, stream);
+        if proto.is_http() {
+            let _ = http::proxy(client, app, proto, labels, ctx.conns.drain_signal()).await;
+        } else {
+            let mut app = app;
+            if let Err(e) = copy_bidirectional(&mut client, &mut app, &cm.rx, &cm.tx).await {
+                tracing::debug!(caller = %peer, error = %e, "inbound stream ended with error");
+                net::reset(app);
+            }
+        }
+    };
+    tokio::select! {
+        _ = forward => {}
+        _ = guard.revoked() => metrics::counter!(m::REVOKED).increment(1),
+    }
+}
+
+/// Reads the first bytes of a stream into `buf` (consuming them) until HTTP detection decides
+/// or the timeout passes. Cancel-safe: whatever was read stays in `buf`.
+pub async fn read_detect<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Protocol {
+    let fut = async {
+        let mut chunk = [0u8; 512];
+        loop {
+            match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Protocol::Opaque,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            match detect::http(buf) {
+                Protocol::NeedMore if buf.len() < 64 => continue,
+                Protocol::NeedMore => return Protocol::Opaque,
+                p => return p,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Protocol::Opaque)
+}

@@ -1,0 +1,235 @@
+//! Outbound: connections from our app. Accept → decide where it may go → (mesh: pooled mTLS
+//! to the peer sidecar, identity verified in the handshake) or (allowed egress: as-is) →
+//! detect → forward. Anything else fails closed: the app's connection is reset, logged and
+//! counted — never silently sent in plaintext.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moat_core::spiffe::SpiffeId;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::app::Ctx;
+use crate::config::Route;
+use crate::detect::{self, Protocol};
+use crate::forward::{copy_bidirectional, Rewind};
+use crate::http::{self, Labels};
+use crate::inbound::peek_protocol;
+use crate::metrics::{self as m, ConnMetrics, Direction};
+use crate::net;
+use crate::pool::{DialError, Key};
+use crate::tunnel::{self, Stream};
+
+/// Where an app connection may go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// To a peer sidecar over mTLS; `port` is the app port on the peer (0 = the dialed port).
+    Mesh {
+        /// Pool key: address to dial and expected identity.
+        key: Key,
+        /// Port named in the OPEN frame.
+        port: u16,
+    },
+    /// Outside the mesh, allowed by configuration: forwarded as-is.
+    Egress(SocketAddr),
+    /// Refused, with a bounded reason.
+    Refused(&'static str),
+}
+
+/// Decides where a captured connection to `orig` may go. Pure, so it can be tested alone.
+pub fn classify(ctx_cfg: &crate::config::Config, orig: Option<SocketAddr>) -> Destination {
+    let Some(dst) = orig else {
+        return Destination::Refused("no_original_destination");
+    };
+    if ctx_cfg.is_own_listener(dst) {
+        return Destination::Refused("loop");
+    }
+    if ctx_cfg.mesh_networks.iter().any(|n| n.contains(dst.ip())) {
+        return Destination::Mesh {
+            key: Key {
+                addr: dst,
+                expected: ctx_cfg.expected_identity(dst),
+            },
+            port: 0,
+        };
+    }
+    if ctx_cfg.allow_egress.iter().any(|n| n.contains(dst.ip())) {
+        return Destination::Egress(dst);
+    }
+    Destination::Refused("egress_denied")
+}
+
+/// Accepts app connections on the transparent outbound listener, or on an explicit route's
+/// listener when `route` is set, until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    route: Option<Arc<Route>>,
+    ctx: Arc<Ctx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = moat_core::shutdown::signalled(&mut stop) => return,
+        };
+        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
+            m::refused(Direction::Outbound, "max_connections");
+            tracing::warn!(%remote, "outbound connection refused: connection limit reached");
+            net::reset(tcp);
+            continue;
+        };
+        let ctx = ctx.clone();
+        let route = route.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _active = ctx.conns.active();
+            handle(tcp, route, ctx).await;
+        });
+    }
+}
+
+async fn handle(app: TcpStream, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
+    net::tune(&app, Some(ctx.cfg.keepalive));
+    let orig = net::original_dst(&app);
+    let dest = match &route {
+        Some(r) => Destination::Mesh {
+            key: Key {
+                addr: r.connect,
+                expected: r.identity.clone(),
+            },
+            port: r.port,
+        },
+        None => classify(&ctx.cfg, orig),
+    };
+    match dest {
+        Destination::Refused(reason) => {
+            m::refused(Direction::Outbound, reason);
+            tracing::warn!(destination = ?orig, reason, "refused outbound connection (fail closed)");
+            net::reset(app);
+        }
+        Destination::Egress(dst) => egress(app, dst, ctx).await,
+        Destination::Mesh { key, port } => mesh(app, key, port, ctx).await,
+    }
+}
+
+async fn egress(mut app: TcpStream, dst: SocketAddr, ctx: Arc<Ctx>) {
+    let up = tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(dst)).await;
+    let mut up = match up {
+        Ok(Ok(u)) => u,
+        _ => {
+            m::refused(Direction::Outbound, "egress_unreachable");
+            net::reset(app);
+            return;
+        }
+    };
+    net::tune(&up, Some(ctx.cfg.keepalive));
+    let cm = ConnMetrics::open(Direction::Outbound);
+    let _ = copy_bidirectional(&mut app, &mut up, &cm.rx, &cm.tx).await;
+}
+
+async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
+    let started = Instant::now();
+    let (mut stream, peer) = match open_stream(&key, port, &ctx).await {
+        Ok(x) => x,
+        Err(e) => {
+            let reason = e.reason();
+            if matches!(e, DialError::Handshake { .. }) {
+                m::handshake_failed(Direction::Outbound, reason);
+            }
+            m::refused(Direction::Outbound, reason);
+            tracing::warn!(
+                peer_addr = %key.addr,
+                expected = key.expected.as_ref().map(SpiffeId::as_str).unwrap_or("any identity of the trust domain"),
+                reason,
+                error = %e,
+                "refused outbound connection: the destination could not be verified (fail closed)"
+            );
+            net::reset(app);
+            return;
+        }
+    };
+    let labels = Labels {
+        dir: Direction::Outbound,
+        peer: Arc::from(peer.as_str()),
+        local: ctx.local_label.clone(),
+    };
+    let cm = ConnMetrics::open(Direction::Outbound);
+
+    // The app's first bytes decide HTTP or not; a server that greets first makes it opaque.
+    let mut upstream_first = Vec::new();
+    let proto = tokio::select! {
+        p = peek_protocol(&app, ctx.cfg.detect_timeout, detect::http) => p,
+        r = read_some(&mut stream, &mut upstream_first) => {
+            if r.is_err() {
+                tracing::debug!(peer = %peer, "peer sidecar closed the stream before any data");
+            }
+            Protocol::Opaque
+        }
+    };
+    metrics::histogram!(m::DETECT_DURATION, "direction" => "outbound", "protocol" => proto.label())
+        .record(started.elapsed().as_secs_f64());
+
+    if proto.is_http() && upstream_first.is_empty() {
+        if let Err(e) = http::proxy(app, stream, proto, labels, ctx.conns.drain_signal()).await {
+            tracing::debug!(peer = %peer, error = %e, "outbound HTTP connection ended with error");
+        }
+        return;
+    }
+    let mut up = Rewind::new(upstream_first, stream);
+    let mut app = app;
+    if let Err(e) = copy_bidirectional(&mut app, &mut up, &cm.rx, &cm.tx).await {
+        if let Some(reset) = e.get_ref().and_then(|x| x.downcast_ref::<tunnel::PeerReset>()) {
+            tracing::warn!(peer = %peer, code = reset.code.label(), reason = %reset.reason, "peer sidecar refused the stream");
+        } else {
+            tracing::debug!(peer = %peer, error = %e, "outbound stream ended with error");
+        }
+        // The app learns at once, as it would from a refusing server.
+        net::reset(app);
+    }
+}
+
+async fn read_some(stream: &mut Stream<crate::pool::TlsConn>, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut chunk = [0u8; 1024];
+    let n = stream.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// Checks out a tunnel connection and opens a stream on it. A pooled connection that turns
+/// out dead is replaced by a fresh one once.
+async fn open_stream(
+    key: &Key,
+    port: u16,
+    ctx: &Arc<Ctx>,
+) -> Result<(Stream<crate::pool::TlsConn>, SpiffeId), DialError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut co = ctx.pool.get(key).await?;
+        match tunnel::write_open(&mut co.conn, port).await {
+            Ok(()) => {
+                let home = ctx.pool.home(key.clone(), co.peer.clone());
+                return Ok((Stream::with_home(co.conn, Some(home)), co.peer));
+            }
+            Err(e) if co.reused && attempts < 2 => {
+                tracing::debug!(error = %e, "pooled connection was dead; dialing a fresh one");
+            }
+            Err(e) => {
+                return Err(DialError::Connect {
+                    addr: key.addr,
+                    source: e,
+                })
+            }
+        }
+    }
+}

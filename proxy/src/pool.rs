@@ -1,0 +1,257 @@
+//! Outbound mTLS connections to peer sidecars: dialing with the expected identity pinned in the
+//! handshake, and a pool of idle connections so new app connections skip the handshake.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use moat_core::bundle::TrustBundle;
+use moat_core::spiffe::{SpiffeId, TrustDomain};
+use moat_core::tls::{self, CurrentCert, SpiffeVerifier};
+use rustls::crypto::CryptoProvider;
+use tokio::net::TcpStream;
+
+use crate::metrics::{self as m, Direction};
+use crate::tunnel;
+
+/// An established client-side mTLS connection to a peer sidecar.
+pub type TlsConn = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Why a peer sidecar could not be reached securely.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// TCP connect failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TCP connect or handshake took too long.
+    #[error("timed out connecting to {0}")]
+    Timeout(SocketAddr),
+    /// The mutual-TLS handshake failed (including a peer that failed verification).
+    #[error("mTLS handshake with {addr} failed ({reason}): {source}")]
+    Handshake {
+        /// Where.
+        addr: SocketAddr,
+        /// Bounded label.
+        reason: &'static str,
+        /// The TLS error.
+        source: std::io::Error,
+    },
+    /// No certificate yet.
+    #[error("no workload certificate yet")]
+    NoIdentity,
+}
+
+impl DialError {
+    /// Bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect_failed",
+            Self::Timeout(_) => "timeout",
+            Self::Handshake { reason, .. } => reason,
+            Self::NoIdentity => "no_identity",
+        }
+    }
+}
+
+/// Pool key: where we dial, and which identity must answer.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Key {
+    /// Peer address.
+    pub addr: SocketAddr,
+    /// The exact identity required, or any identity of the trust domain.
+    pub expected: Option<SpiffeId>,
+}
+
+struct Idle {
+    conn: TlsConn,
+    peer: SpiffeId,
+    since: Instant,
+}
+
+/// A pooled or fresh connection, with the verified identity of the peer.
+pub struct Checkout {
+    /// The connection.
+    pub conn: TlsConn,
+    /// The peer's verified SPIFFE ID.
+    pub peer: SpiffeId,
+    /// Whether it came from the pool.
+    pub reused: bool,
+}
+
+/// Dials and pools mTLS connections.
+pub struct Pool {
+    cert: Arc<CurrentCert>,
+    bundle: Arc<ArcSwap<TrustBundle>>,
+    trust_domain: TrustDomain,
+    provider: Arc<CryptoProvider>,
+    configs: Mutex<HashMap<Option<SpiffeId>, Arc<rustls::ClientConfig>>>,
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_key: usize,
+}
+
+impl Pool {
+    /// Creates a pool.
+    pub fn new(
+        cert: Arc<CurrentCert>,
+        bundle: Arc<ArcSwap<TrustBundle>>,
+        trust_domain: TrustDomain,
+        provider: Arc<CryptoProvider>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle_per_key: usize,
+    ) -> Self {
+        Self {
+            cert,
+            bundle,
+            trust_domain,
+            provider,
+            configs: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+            connect_timeout,
+            idle_timeout,
+            max_idle_per_key,
+        }
+    }
+
+    fn config(&self, expected: &Option<SpiffeId>) -> Result<Arc<rustls::ClientConfig>, DialError> {
+        let mut map = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(expected) {
+            return Ok(c.clone());
+        }
+        let verifier = SpiffeVerifier::new(
+            self.bundle.clone(),
+            self.trust_domain.clone(),
+            self.provider.clone(),
+        )
+        .expecting(expected.clone());
+        let cfg = tls::mesh_client_config(self.cert.clone(), verifier, self.provider.clone())
+            .map(Arc::new)
+            .map_err(|e| DialError::Handshake {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                reason: "config",
+                source: std::io::Error::other(e),
+            })?;
+        // Bounded by the number of distinct expected identities in the configuration.
+        map.insert(expected.clone(), cfg.clone());
+        Ok(cfg)
+    }
+
+    /// A connection to `key`, from the pool when one is idle and healthy, else freshly dialed.
+    pub async fn get(&self, key: &Key) -> Result<Checkout, DialError> {
+        if let Some(idle) = self.take_idle(key) {
+            metrics::counter!(m::POOL_REUSE).increment(1);
+            return Ok(Checkout {
+                conn: idle.conn,
+                peer: idle.peer,
+                reused: true,
+            });
+        }
+        self.dial(key).await
+    }
+
+    fn take_idle(&self, key: &Key) -> Option<Idle> {
+        let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = map.get_mut(key)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < self.idle_timeout && !is_stale(&idle.conn) {
+                return Some(idle);
+            }
+        }
+        None
+    }
+
+    async fn dial(&self, key: &Key) -> Result<Checkout, DialError> {
+        if self.cert.get().is_none() {
+            return Err(DialError::NoIdentity);
+        }
+        let cfg = self.config(&key.expected)?;
+        let addr = key.addr;
+        let start = Instant::now();
+        let fut = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|source| DialError::Connect { addr, source })?;
+            crate::net::tune(&tcp, Some(Duration::from_secs(60)));
+            // SNI is off; the name only satisfies the API. Identity is checked by the verifier.
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .map_err(|source| DialError::Handshake {
+                    addr,
+                    reason: tls::failure_reason(&source),
+                    source,
+                })
+        };
+        let conn = tokio::time::timeout(self.connect_timeout, fut)
+            .await
+            .map_err(|_| DialError::Timeout(addr))??;
+        metrics::histogram!(m::CONNECT_DURATION, "direction" => "outbound")
+            .record(start.elapsed().as_secs_f64());
+        metrics::counter!(m::HANDSHAKES, "direction" => Direction::Outbound.as_str()).increment(1);
+        let peer = tls::peer_identity(conn.get_ref().1.peer_certificates()).ok_or_else(|| {
+            DialError::Handshake {
+                addr,
+                reason: "not_svid",
+                source: std::io::Error::other("peer presented no SPIFFE identity"),
+            }
+        })?;
+        Ok(Checkout {
+            conn,
+            peer,
+            reused: false,
+        })
+    }
+
+    /// Returns a connection whose stream completed cleanly.
+    pub fn put(&self, key: Key, conn: TlsConn, peer: SpiffeId) {
+        let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = map.entry(key).or_default();
+        if list.len() < self.max_idle_per_key {
+            list.push(Idle {
+                conn,
+                peer,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Drops idle connections past their idle timeout.
+    pub fn evict_expired(&self) {
+        let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let ttl = self.idle_timeout;
+        map.retain(|_, list| {
+            list.retain(|i| i.since.elapsed() < ttl);
+            !list.is_empty()
+        });
+    }
+
+    /// Number of idle connections (for tests and the admin view).
+    pub fn idle_count(&self) -> usize {
+        let map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().map(Vec::len).sum()
+    }
+
+    /// Home for a stream's connection: back into this pool.
+    pub fn home(self: &Arc<Self>, key: Key, peer: SpiffeId) -> tunnel::Home<TlsConn> {
+        let pool = self.clone();
+        Box::new(move |conn| pool.put(key, conn, peer))
+    }
+}
+
+/// An idle connection is stale when anything became readable: the peer closed it or sent an
+/// alert. A healthy idle tunnel is silent.
+fn is_stale(conn: &TlsConn) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    !matches!(conn.get_ref().0.poll_read_ready(&mut cx), Poll::Pending)
+}

@@ -1,0 +1,220 @@
+//! Child processes that cannot outlive their test.
+//!
+//! A [`Proc`] sends the child's stdout and stderr (Moat's JSON logs) to files, and on drop
+//! stops the child: SIGTERM, then SIGKILL if it has not exited after [`DROP_GRACE`]. When the
+//! drop happens during a panic (a failing test), the tail of the child's stderr is printed so
+//! the failure shows what the binary said.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// How long a dropped [`Proc`] gets between SIGTERM and SIGKILL.
+pub const DROP_GRACE: Duration = Duration::from_secs(5);
+
+/// `SIGTERM`.
+pub const SIGTERM: i32 = libc::SIGTERM;
+/// `SIGKILL`.
+pub const SIGKILL: i32 = libc::SIGKILL;
+/// `SIGINT`.
+pub const SIGINT: i32 = libc::SIGINT;
+
+/// Sends `signal` to process `pid`.
+///
+/// Only signal processes you know are alive and not yet reaped (a reaped PID may be reused).
+pub fn kill_pid(pid: u32, signal: i32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "PID out of range"))?;
+    if pid <= 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "refusing to signal a process group",
+        ));
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions; pid > 0 targets one process.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A running child process, stopped when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`, logging to `<log_dir>/<name>.stdout` and `.stderr`.
+    pub fn start<I, S>(name: &str, bin: &Path, args: I, log_dir: &Path) -> anyhow::Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        Self::spawn(name, cmd, log_dir)
+    }
+
+    /// Spawns a prepared command (arguments, environment, working directory already set);
+    /// stdin is closed and stdout/stderr are appended to `<log_dir>/<name>.stdout`/`.stderr`,
+    /// so a restarted process keeps one log.
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(log_dir)
+            .with_context(|| format!("cannot create {}", log_dir.display()))?;
+        let stdout_path = log_dir.join(format!("{name}.stdout"));
+        let stderr_path = log_dir.join(format!("{name}.stderr"));
+        let open = |p: &Path| -> anyhow::Result<File> {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open {}", p.display()))
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(open(&stdout_path)?)
+            .stderr(open(&stderr_path)?);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            stdout_path,
+            stderr_path,
+            status: None,
+        })
+    }
+
+    /// The name given at start.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// File receiving the child's stderr.
+    pub fn stderr_path(&self) -> &Path {
+        &self.stderr_path
+    }
+
+    /// File receiving the child's stdout.
+    pub fn stdout_path(&self) -> &Path {
+        &self.stdout_path
+    }
+
+    /// Everything the child wrote to stderr so far (lossy UTF-8).
+    pub fn stderr(&self) -> String {
+        std::fs::read(&self.stderr_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The child's stderr lines that are JSON objects (Moat's structured logs).
+    pub fn json_logs(&self) -> Vec<serde_json::Value> {
+        crate::logs::json_lines(&self.stderr())
+    }
+
+    /// The exit status, if the child has exited (reaps it).
+    pub fn try_status(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("cannot wait for {}", self.name))?;
+        }
+        Ok(self.status)
+    }
+
+    /// Whether the child is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.try_status(), Ok(None))
+    }
+
+    /// Sends `signal` to the child if it is still running.
+    pub fn signal(&mut self, signal: i32) -> anyhow::Result<()> {
+        if self.try_status()?.is_some() {
+            return Ok(());
+        }
+        kill_pid(self.pid(), signal)
+            .with_context(|| format!("cannot signal {} (pid {})", self.name, self.pid()))
+    }
+
+    /// Waits up to `timeout` for the child to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_status()? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit; an error if it did not exit
+    /// (the process is then left to [`Drop`], which escalates to SIGKILL).
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        self.signal(SIGTERM)?;
+        match self.wait_timeout(timeout)? {
+            Some(s) => Ok(s),
+            None => bail!(
+                "{} (pid {}) did not exit within {timeout:?} of SIGTERM",
+                self.name,
+                self.pid()
+            ),
+        }
+    }
+
+    /// Sends SIGKILL and reaps the child.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        self.signal(SIGKILL)?;
+        match self.wait_timeout(Duration::from_secs(10))? {
+            Some(s) => Ok(s),
+            None => bail!("{} (pid {}) survived SIGKILL", self.name, self.pid()),
+        }
+    }
+
+    /// Last `n` lines of stderr.
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let all = self.stderr();
+        let lines: Vec<&str> = all.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.signal(SIGTERM);
+            if !matches!(self.wait_timeout(DROP_GRACE), Ok(Some(_))) {
+                let _ = self.signal(SIGKILL);
+                let _ = self.wait_timeout(Duration::from_secs(5));
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} (pid {}) stderr, last lines ({}) ----\n{}\n---- end of {} stderr ----",
+                self.name,
+                self.pid(),
+                self.stderr_path.display(),
+                self.stderr_tail(40),
+                self.name
+            );
+        }
+    }
+}
