@@ -375,7 +375,9 @@ impl Authority {
         ttl: Duration,
     ) -> Result<Issued, AuthorityError> {
         let now = SystemTime::now();
-        let not_after = (now + ttl).min(self.not_after);
+        // X.509 times have one-second resolution: round down here so that the expiry reported
+        // to the client (`expires_at`) is exactly the certificate's notAfter, never later.
+        let not_after = whole_seconds((now + ttl).min(self.not_after));
         let serial = random_serial();
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
@@ -434,6 +436,14 @@ impl Authority {
         chain.extend(self.intermediates.iter().cloned());
         let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
         Ok((chain, key_der))
+    }
+}
+
+/// `t` with the sub-second part dropped.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => std::time::UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
     }
 }
 

@@ -247,7 +247,7 @@ impl CaService {
             namespace = ns,
             service_account = sa,
             pod,
-            message = %r.message,
+            detail = %r.message,
             "certificate request refused"
         );
         error_response(r.status, r.code, &r.message, r.retry_after)
@@ -394,7 +394,9 @@ fn error_response(
         },
     );
     if let Some(d) = retry_after {
-        if let Ok(v) = header::HeaderValue::from_str(&d.as_secs().max(1).to_string()) {
+        // Rounded up: a client that waits exactly Retry-After must find a token available.
+        let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        if let Ok(v) = header::HeaderValue::from_str(&secs.max(1).to_string()) {
             r.headers_mut().insert(header::RETRY_AFTER, v);
         }
     }

@@ -19,12 +19,20 @@ use tokio_rustls::client::TlsStream;
 /// Client TLS configuration trusting the roots in `bundle_pem`: TLS 1.3, Moat's provider,
 /// ALPN `http/1.1`.
 pub fn client_config(bundle_pem: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    client_config_alpn(bundle_pem, &[b"http/1.1"])
+}
+
+/// Like [`client_config`], offering the ALPN protocols `alpn` (e.g. `h2`).
+pub fn client_config_alpn(
+    bundle_pem: &[u8],
+    alpn: &[&[u8]],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let bundle = moat_core::TrustBundle::from_pem(bundle_pem).context("trust bundle")?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(moat_core::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(bundle.root_store())
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 

@@ -20,6 +20,7 @@ pub mod bin;
 pub mod ca;
 pub mod https;
 pub mod logs;
+pub mod mesh;
 pub mod net;
 pub mod proc;
 pub mod token;
