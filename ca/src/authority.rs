@@ -394,14 +394,19 @@ impl Authority {
         ];
         p.not_before = (now - BACKDATE).into();
         p.not_after = not_after.into();
-        p.serial_number = Some(serial.clone());
+        p.serial_number = Some(serial);
         p.use_authority_key_identifier_extension = true;
         let cert = p.signed_by(key, &self.issuer)?;
+        // The serial as encoded in the certificate (a DER INTEGER gains a leading 00 when its
+        // top bit is set): the form moat-core reports, so audit lines match workload logs.
+        let serial_hex = x509::inspect(cert.der())
+            .map_err(|e| AuthorityError::Invalid(format!("issued certificate: {e}")))?
+            .serial_hex;
         let mut chain_pem = pem::encode_certs([cert.der()]);
         chain_pem.push_str(&pem::encode_certs(&self.intermediates));
         Ok(Issued {
             chain_pem,
-            serial_hex: x509::hex(&serial.to_bytes()),
+            serial_hex,
             not_after,
         })
     }

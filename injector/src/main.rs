@@ -249,6 +249,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
 
+    let admin_local = admin_listener.local_addr().unwrap_or(args.admin_listen);
     let health = Arc::new(Health::default());
     tokio::spawn(admin::serve(
         admin_listener,
@@ -275,7 +276,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let local = listener.local_addr().unwrap_or(args.listen);
     tracing::info!(
         listen = %local,
-        admin = %args.admin_listen,
+        admin = %admin_local,
         failure_mode = ?args.failure_mode,
         sidecar_mode = args.config.sidecar_mode.as_str(),
         proxy_image = %args.config.proxy_image,

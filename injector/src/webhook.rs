@@ -10,7 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::server::ResolvesServerCert;
@@ -91,18 +91,10 @@ impl Webhook {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let routed = parts.uri.path() == PATH && parts.method == Method::POST;
-        let bytes = if !routed {
-            Ok(Bytes::new())
-        } else if declared_len.is_some_and(|l| l > MAX_BODY as u64) {
-            Err(BadRequest::TooLarge)
+        let bytes = if routed {
+            read_body(body, declared_len).await
         } else {
-            match Limited::new(body, MAX_BODY).collect().await {
-                Ok(b) => Ok(b.to_bytes()),
-                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                    Err(BadRequest::TooLarge)
-                }
-                Err(e) => Err(BadRequest::InvalidJson(format!("cannot read body: {e}"))),
-            }
+            Ok(Bytes::new())
         };
         let reply = self.answer(
             &parts.method,
@@ -112,6 +104,45 @@ impl Webhook {
         );
         to_response(reply)
     }
+}
+
+/// Most bytes of an oversized body read (and discarded) so the client, still sending, gets the
+/// 413 instead of a connection reset.
+const DRAIN_LIMIT: usize = 16 << 20;
+
+/// Reads a request body of at most [`MAX_BODY`] bytes.
+async fn read_body(mut body: Incoming, declared_len: Option<u64>) -> Result<Bytes, BadRequest> {
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    let mut too_large = declared_len.is_some_and(|l| l > MAX_BODY as u64);
+    let drain = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BadRequest::InvalidJson(format!("cannot read body: {e}")))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            total = total.saturating_add(data.len());
+            if total > MAX_BODY {
+                too_large = true;
+                buf = Vec::new();
+            }
+            if too_large {
+                if total > DRAIN_LIMIT {
+                    break;
+                }
+            } else {
+                buf.extend_from_slice(data);
+            }
+        }
+        Ok::<(), BadRequest>(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .map_err(|_| BadRequest::InvalidJson("request body not received within 10s".into()))??;
+    if too_large {
+        return Err(BadRequest::TooLarge);
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn to_response(reply: Reply) -> Response<Full<Bytes>> {

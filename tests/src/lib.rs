@@ -11,6 +11,8 @@
 //! * [`ca`]: [`CaFixture`], a running `moat-ca` with its own root, ports and token issuer.
 //! * [`logs`]: capturing the test process' own `tracing` output, reading a child's JSON logs.
 //! * [`tools`]: external tools (`openssl`, `curl`) that a test requires.
+//! * [`demo`]: the README demo's story (sample apps, three sidecars, traffic, checks), run by
+//!   the `moat-demo` binary.
 //!
 //! Everything here is meant to be reused by the other end-to-end suites (proxy, mesh lab) and
 //! by `moat-bench`.
@@ -18,10 +20,12 @@
 
 pub mod bin;
 pub mod ca;
+pub mod demo;
 pub mod https;
 pub mod logs;
 pub mod mesh;
 pub mod net;
+pub mod netns;
 pub mod proc;
 pub mod token;
 pub mod tools;

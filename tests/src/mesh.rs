@@ -230,8 +230,15 @@ pub mod backend {
     /// Starts the HTTP app: `/` → [`HELLO`], `/slow?ms=N` → waits N ms, `/status/N` → status
     /// N, anything else echoes the path. Serves HTTP/1.1 and h2c (prior knowledge).
     pub async fn http() -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
+        http_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind the HTTP backend")
+    }
+
+    /// Like [`http`], on a given address (e.g. `0.0.0.0:8080` inside a pod namespace).
+    pub async fn http_on(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let l = TcpListener::bind(addr).await?;
+        let addr = l.local_addr()?;
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 tokio::spawn(async move {
@@ -262,7 +269,7 @@ pub mod backend {
                 });
             }
         });
-        addr
+        Ok(addr)
     }
 
     /// Starts a TCP echo app.

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what Moat's tests use, when it is missing: Debian packages (network tools for the
+# namespace lab, real third-party peers and load generators) and Python validators in .venv/.
+# Idempotent; prints what it installs. Run as root (CI and these machines are root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(iproute2 iptables tcpdump curl openssl util-linux procps psmisc
+              haproxy nginx-light libnginx-mod-stream iperf3 wrk nghttp2-client hey)
+declare -A PROVIDES=([iproute2]=ip [iptables]=iptables-restore [tcpdump]=tcpdump [curl]=curl
+  [openssl]=openssl [util-linux]=setpriv [procps]=ps [psmisc]=killall [haproxy]=haproxy
+  [nginx-light]=nginx [iperf3]=iperf3 [wrk]=wrk [nghttp2-client]=h2load [hey]=hey)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  tool=${PROVIDES[$p]:-}
+  if [[ -n "$tool" ]] && command -v "$tool" >/dev/null 2>&1; then continue; fi
+  if [[ "$p" == libnginx-mod-stream ]]; then
+    [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] && continue
+  fi
+  missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY_TOOLS=(jsonpatch==1.33 kubernetes-validate==1.37.0 yamllint==1.38.0 checkov==3.3.30)
+if [[ ! -x .venv/bin/checkov || ! -x .venv/bin/kubernetes-validate || ! -x .venv/bin/jsonpatch || ! -x .venv/bin/yamllint ]]; then
+  echo "setup: installing Python validators into .venv/: ${PY_TOOLS[*]}"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check "${PY_TOOLS[@]}"
+fi
+command -v kubectl >/dev/null 2>&1 || echo "setup: warning: kubectl not found; deploy/ rendering will fail (install kubectl >= 1.27)" >&2
+echo "setup: ok"
