@@ -164,12 +164,19 @@ impl CaClient {
 
     /// Requests a new SVID.
     pub async fn fetch(&self) -> Result<Svid, ClientError> {
+        self.fetch_with_bundle().await.map(|(svid, _)| svid)
+    }
+
+    /// Requests a new SVID; also returns the CA's current trust bundle when it differs from
+    /// ours and the new certificate verifies against it too (how root rotation reaches
+    /// workloads that have no bundle file).
+    pub async fn fetch_with_bundle(&self) -> Result<(Svid, Option<TrustBundle>), ClientError> {
         tokio::time::timeout(self.cfg.timeout, self.fetch_inner())
             .await
             .map_err(|_| ClientError::Timeout(self.cfg.timeout))?
     }
 
-    async fn fetch_inner(&self) -> Result<Svid, ClientError> {
+    async fn fetch_inner(&self) -> Result<(Svid, Option<TrustBundle>), ClientError> {
         let token = tokio::fs::read_to_string(&self.cfg.token_file)
             .await
             .map_err(|source| ClientError::Token {
@@ -191,7 +198,32 @@ impl CaClient {
         }
         let resp: CertificateResponse = serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::BadResponse(format!("not a certificate response: {e}")))?;
-        self.verify_issued(&resp, key_der)
+        let svid = self.verify_issued(&resp, key_der)?;
+        let bundle = self.newer_bundle(&resp.trust_bundle, &svid);
+        Ok((svid, bundle))
+    }
+
+    /// The response's bundle, if it differs from ours and also validates the new leaf.
+    fn newer_bundle(&self, pem: &str, svid: &Svid) -> Option<TrustBundle> {
+        let offered = TrustBundle::from_pem(pem.as_bytes()).ok()?;
+        if offered.certs() == self.bundle.load().certs() {
+            return None;
+        }
+        let td = crate::TrustDomain::new(self.cfg.identity.trust_domain_str()).ok()?;
+        let check = SpiffeVerifier::new(
+            Arc::new(ArcSwap::from_pointee(offered.clone())),
+            td,
+            self.provider.clone(),
+        );
+        check
+            .verify(
+                &svid.chain[0],
+                &svid.chain[1..],
+                UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+            )
+            .ok()?;
+        Some(offered)
     }
 
     fn verify_issued(

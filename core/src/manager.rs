@@ -175,10 +175,11 @@ impl IdentityManager {
 
     /// One renewal attempt; returns the delay before the next one.
     async fn renew(&mut self, attempt: &mut u32) -> Duration {
-        match self.client.fetch().await {
-            Ok(svid) => match self.install(&svid) {
+        match self.client.fetch_with_bundle().await {
+            Ok((svid, bundle)) => match self.install(&svid) {
                 Ok(()) => {
                     *attempt = 0;
+                    self.adopt_ca_bundle(bundle);
                     metrics::counter!(metric::RENEWALS, "result" => "ok", "reason" => "")
                         .increment(1);
                     let at = renew_at(&svid.info, SystemTime::now(), 0.5 + 0.2 * fastrand::f64());
@@ -231,6 +232,18 @@ impl IdentityManager {
             .send_replace(Some(Arc::new(IdentitySummary::of(svid))));
         self.report_expiry();
         Ok(())
+    }
+
+    /// Without a bundle file to watch, the CA's bundle (fetched over a channel authenticated
+    /// by the current one) is how new roots arrive.
+    fn adopt_ca_bundle(&self, bundle: Option<TrustBundle>) {
+        let Some(b) = bundle else { return };
+        if self.bundle_watch.is_some() {
+            return;
+        }
+        tracing::info!(roots = b.certs().len(), "trust bundle updated from the CA");
+        metrics::counter!(metric::BUNDLE_RELOADS, "result" => "ok").increment(1);
+        self.bundle.store(Arc::new(b));
     }
 
     fn report_expiry(&self) {

@@ -226,7 +226,8 @@ fn decide(
     if req.operation != Operation::Create {
         return skip("operation", Vec::new());
     }
-    let is_pod = req.kind.group.is_empty() && req.kind.kind == "Pod" && req.resource.resource == "pods";
+    let is_pod =
+        req.kind.group.is_empty() && req.kind.kind == "Pod" && req.resource.resource == "pods";
     if !is_pod {
         let w = warning(format!(
             "moat-injector only mutates Pods; {}/{} {} left unchanged",
@@ -292,14 +293,22 @@ fn decide(
                         tracing::info!(uid = %req.uid, namespace = ns_label, pod = %name, mode = %injection.status.mode, probes = injection.status.probes.len(), warnings = o.warnings.len(), dry_run = req.dry_run, "pod injected");
                         (encode(resp), "injected")
                     }
-                    Err(e) => internal(req, &name, ns_label, InjectError::Result(e.to_string()), failure),
+                    Err(e) => internal(
+                        req,
+                        &name,
+                        ns_label,
+                        InjectError::Result(e.to_string()),
+                        failure,
+                    ),
                 }
             }
         },
         Err(InjectError::Decode(e)) => {
             metrics::error("undecodable_object");
             tracing::warn!(uid = %req.uid, namespace = ns_label, pod = %name, error = %e, "pod not understood; admitted unchanged");
-            let w = warning(format!("moat-injector: pod not understood, admitted without sidecar: {e}"));
+            let w = warning(format!(
+                "moat-injector: pod not understood, admitted without sidecar: {e}"
+            ));
             (encode(with_warnings(allow, vec![w])), "error")
         }
         Err(e) => internal(req, &name, ns_label, e, failure),

@@ -338,7 +338,10 @@ mod tests {
         let t = tuning(Some(&a), &cfg(), &mut w);
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(syntax::format_ports(&t.skip_inbound_ports), "22,8000:8010");
-        assert_eq!(syntax::format_cidrs(&t.skip_outbound_cidrs), "10.96.0.1/32,fd00::/8");
+        assert_eq!(
+            syntax::format_cidrs(&t.skip_outbound_cidrs),
+            "10.96.0.1/32,fd00::/8"
+        );
         assert_eq!(t.resources.cpu_limit, "2");
         assert_eq!(t.resources.memory_limit, "1Gi");
         assert_eq!(t.log_level, "info,moat_proxy=debug");
@@ -382,7 +385,10 @@ mod tests {
     #[test]
     fn long_values_are_cut_in_warnings() {
         let long = "x".repeat(500);
-        let a = map(&[(SKIP_OUTBOUND_PORTS, long.as_str()), (LOG_LEVEL, long.as_str())]);
+        let a = map(&[
+            (SKIP_OUTBOUND_PORTS, long.as_str()),
+            (LOG_LEVEL, long.as_str()),
+        ]);
         let mut w = Vec::new();
         tuning(Some(&a), &cfg(), &mut w);
         assert_eq!(w.len(), 2);

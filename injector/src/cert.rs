@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use moat_core::client::{CaClientConfig, KeyAlgorithm};
 use moat_core::tls::CurrentCert;
 use moat_core::watch::FileWatch;
 use moat_core::{SpiffeId, TrustBundle, TrustDomain};
@@ -54,7 +55,8 @@ pub fn certified_key(
 ) -> Result<Arc<CertifiedKey>, CertError> {
     let chain = moat_core::pem::parse_certs(cert_pem)
         .map_err(|e| CertError::Pem(format!("certificate: {e}")))?;
-    let key = moat_core::pem::parse_key(key_pem).map_err(|e| CertError::Pem(format!("key: {e}")))?;
+    let key =
+        moat_core::pem::parse_key(key_pem).map_err(|e| CertError::Pem(format!("key: {e}")))?;
     let signing = provider
         .key_provider
         .load_private_key(key)
@@ -156,6 +158,26 @@ impl FileCert {
     }
 }
 
+/// How the injector asks moat-ca for its serving certificate: its own SPIFFE identity plus
+/// the DNS SAN the API server verifies ([`SERVICE_DNS_NAME`]; moat-ca grants it to this
+/// identity only, `moat-ca serve --dns-san`).
+pub fn ca_client_config(
+    ca_url: &str,
+    token_file: &Path,
+    td: &TrustDomain,
+) -> Result<CaClientConfig, String> {
+    Ok(CaClientConfig {
+        url: ca_url
+            .parse()
+            .map_err(|e| format!("--ca-url {ca_url:?}: {e}"))?,
+        token_file: token_file.to_path_buf(),
+        identity: injector_identity(td)?,
+        key_algorithm: KeyAlgorithm::default(),
+        dns_names: vec![SERVICE_DNS_NAME.to_string()],
+        timeout: Duration::from_secs(10),
+    })
+}
+
 /// The injector's SPIFFE identity in `td`.
 pub fn injector_identity(td: &TrustDomain) -> Result<SpiffeId, String> {
     SpiffeId::workload(td, CONTROL_PLANE_NAMESPACE, SERVICE_ACCOUNT).map_err(|e| e.to_string())
@@ -199,5 +221,55 @@ pub async fn sync_ca_bundle(
                 last_error = Some(msg);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_request_names_the_injector_and_its_service() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let c = ca_client_config(
+            "https://moat-ca.moat-system.svc:8443",
+            Path::new("/var/run/secrets/moat/token"),
+            &td,
+        )
+        .unwrap();
+        assert_eq!(
+            c.identity.as_str(),
+            "spiffe://cluster.local/ns/moat-system/sa/moat-injector"
+        );
+        assert_eq!(c.dns_names, ["moat-injector.moat-system.svc"]);
+        assert_eq!(c.url.port_u16(), Some(8443));
+        assert!(ca_client_config("not a url", Path::new("t"), &td).is_err());
+    }
+
+    #[test]
+    fn mismatched_pairs_are_refused() {
+        let provider = moat_core::tls::provider();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let ok = certified_key(
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            &provider,
+        );
+        assert!(ok.is_ok());
+        let other = rcgen::KeyPair::generate().unwrap();
+        let bad = certified_key(
+            cert.pem().as_bytes(),
+            other.serialize_pem().as_bytes(),
+            &provider,
+        );
+        assert!(matches!(bad, Err(CertError::Mismatch(_))));
+        assert!(matches!(
+            certified_key(b"junk", b"junk", &provider),
+            Err(CertError::Pem(_))
+        ));
     }
 }

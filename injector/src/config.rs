@@ -145,9 +145,7 @@ fn parse_image(s: &str) -> Result<String, String> {
 }
 
 fn parse_https_url(s: &str) -> Result<String, String> {
-    let uri: http::Uri = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
         return Err(format!("{s:?} must be https://host[:port]"));
     }

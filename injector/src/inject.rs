@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use json_patch::Patch;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -17,10 +17,10 @@ use serde_json::Value;
 
 use crate::annotations::{self, warning, PodChoice, Tuning};
 use crate::config::{
-    InjectConfig, SidecarMode, ADMIN_PORT, ADMIN_PORT_NAME, IGNORED_NAMESPACES,
-    INBOUND_PORT, INIT_CONTAINER, OUTBOUND_PORT, POLICY_CONFIGMAP, POLICY_DIR, POLICY_FILE,
-    POLICY_VOLUME, PROXY_CONTAINER, PROXY_UID, RUN_VOLUME, TOKEN_AUDIENCE, TOKEN_DIR,
-    TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME, VERSION,
+    InjectConfig, SidecarMode, ADMIN_PORT, ADMIN_PORT_NAME, IGNORED_NAMESPACES, INBOUND_PORT,
+    INIT_CONTAINER, OUTBOUND_PORT, POLICY_CONFIGMAP, POLICY_DIR, POLICY_FILE, POLICY_VOLUME,
+    PROXY_CONTAINER, PROXY_UID, RUN_VOLUME, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS,
+    TOKEN_FILE, TOKEN_VOLUME, VERSION,
 };
 use crate::patch::{PatchBuildError, PatchBuilder};
 use crate::probes::{self, AppProbe};
@@ -280,15 +280,15 @@ pub fn skip_reason(
     if spec.host_network == Some(true) {
         return Some(SkipReason::HostNetwork);
     }
-    let choice = annotations::pod_choice(
-        meta.labels.as_ref(),
-        meta.annotations.as_ref(),
-        warnings,
-    );
+    let choice = annotations::pod_choice(meta.labels.as_ref(), meta.annotations.as_ref(), warnings);
     if choice == PodChoice::Disabled {
         return Some(SkipReason::OptedOut);
     }
-    let user_containers = || spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    let user_containers = || {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+    };
     let injected_annotation = meta
         .annotations
         .as_ref()
@@ -310,8 +310,7 @@ pub fn skip_reason(
         warnings.push(warning("moat-injector does not inject Windows pods"));
         return Some(SkipReason::WindowsPod);
     }
-    if let Some(c) = user_containers().find(|c| OTHER_MESH_CONTAINERS.contains(&c.name.as_str()))
-    {
+    if let Some(c) = user_containers().find(|c| OTHER_MESH_CONTAINERS.contains(&c.name.as_str())) {
         warnings.push(warning(format!(
             "not injected: container {} belongs to another service mesh",
             syntax::shorten(&c.name, 40)
@@ -334,9 +333,12 @@ pub fn skip_reason(
             )));
             return Some(SkipReason::ProxyUidConflict);
         }
-        if let Some(p) = c.ports.iter().flatten().find(|p| {
-            [ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT].contains(&p.container_port)
-        }) {
+        if let Some(p) = c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| [ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT].contains(&p.container_port))
+        {
             warnings.push(warning(format!(
                 "not injected: container {} uses port {}, reserved for moat-proxy",
                 syntax::shorten(&c.name, 30),

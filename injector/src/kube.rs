@@ -21,7 +21,8 @@ use serde_json::{json, Value};
 /// Service-account credentials directory of every pod.
 pub const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// API path of the MutatingWebhookConfiguration collection.
-pub const WEBHOOK_CONFIGS: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
+pub const WEBHOOK_CONFIGS: &str =
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
 /// Content type of an RFC 6902 patch.
 pub const JSON_PATCH: &str = "application/json-patch+json";
 
@@ -98,9 +99,15 @@ fn request(
         .method(method)
         .uri(path)
         .header(http::header::HOST, authority)
-        .header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        )
         .header(http::header::ACCEPT, "application/json")
-        .header(http::header::USER_AGENT, concat!("moat-injector/", env!("CARGO_PKG_VERSION")));
+        .header(
+            http::header::USER_AGENT,
+            concat!("moat-injector/", env!("CARGO_PKG_VERSION")),
+        );
     let body = match body {
         Some((content_type, bytes)) => {
             b = b.header(http::header::CONTENT_TYPE, content_type);
@@ -118,7 +125,13 @@ pub fn get_request(
     name: &str,
     token: &str,
 ) -> Result<http::Request<Full<Bytes>>, KubeError> {
-    request(http::Method::GET, authority, &webhook_config_path(name)?, token, None)
+    request(
+        http::Method::GET,
+        authority,
+        &webhook_config_path(name)?,
+        token,
+        None,
+    )
 }
 
 /// `PATCH` (RFC 6902) of MutatingWebhookConfiguration `name`.
@@ -163,8 +176,14 @@ pub fn ca_bundle_patch(config: &Value, bundle_pem: &str) -> Option<Value> {
     if ops.is_empty() {
         return None;
     }
-    if let Some(rv) = config.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
-        ops.insert(0, json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}));
+    if let Some(rv) = config
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        ops.insert(
+            0,
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}),
+        );
     }
     Some(Value::Array(ops))
 }
@@ -230,7 +249,11 @@ impl KubeClient {
     }
 
     /// Applies an RFC 6902 patch to MutatingWebhookConfiguration `name`.
-    pub async fn patch_webhook_config(&self, name: &str, patch: &Value) -> Result<Value, KubeError> {
+    pub async fn patch_webhook_config(
+        &self,
+        name: &str,
+        patch: &Value,
+    ) -> Result<Value, KubeError> {
         let req = patch_request(&self.authority(), name, &self.token().await?, patch)?;
         self.send(req).await
     }
@@ -257,7 +280,9 @@ impl KubeClient {
             source: std::io::Error::other(e.to_string()),
         })?;
         for c in certs {
-            roots.add(c).map_err(|e| self.transport(format!("CA certificate: {e}")))?;
+            roots
+                .add(c)
+                .map_err(|e| self.transport(format!("CA certificate: {e}")))?;
         }
         // The API server is not a Moat endpoint: TLS 1.2 and 1.3 with the default suites.
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
 use moat_core::admin::{self, Health};
-use moat_core::client::{CaClient, CaClientConfig, KeyAlgorithm};
+use moat_core::client::CaClient;
 use moat_core::manager::{IdentityManager, Schedule};
 use moat_core::telemetry::{self, LogFormat};
 use moat_core::tls::CurrentCert;
@@ -49,10 +49,19 @@ struct ServeArgs {
     #[arg(long, env = "MOAT_INJECTOR_LISTEN", default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
     /// Admin listen address (/metrics, /ready, /live).
-    #[arg(long, env = "MOAT_INJECTOR_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "MOAT_INJECTOR_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
     admin_listen: SocketAddr,
     /// Serving certificate chain (PEM), reloaded when it changes.
-    #[arg(long, requires = "tls_key", required_unless_present = "tls_from_ca", conflicts_with = "tls_from_ca")]
+    #[arg(
+        long,
+        requires = "tls_key",
+        required_unless_present = "tls_from_ca",
+        conflicts_with = "tls_from_ca"
+    )]
     tls_cert: Option<PathBuf>,
     /// Serving certificate key (PEM), reloaded when it changes.
     #[arg(long, requires = "tls_cert")]
@@ -153,34 +162,30 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     metrics::describe();
     let cfg = args.config.load()?;
     let provider = moat_core::tls::provider();
-    let serving = Arc::new(CurrentCert::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     // Serving certificate, and whether it is currently valid.
-    let cert_valid: Box<dyn Fn() -> bool + Send + Sync> = if args.tls_from_ca {
+    let (serving, cert_valid): (Arc<CurrentCert>, Box<dyn Fn() -> bool + Send + Sync>) = if args
+        .tls_from_ca
+    {
         let bundle_bytes = std::fs::read(&args.config.trust_bundle).with_context(|| {
-            format!("cannot read trust bundle {}", args.config.trust_bundle.display())
+            format!(
+                "cannot read trust bundle {}",
+                args.config.trust_bundle.display()
+            )
         })?;
         let bundle = Arc::new(ArcSwap::from_pointee(
             TrustBundle::from_pem(&bundle_bytes).context("trust bundle")?,
         ));
-        let identity = cert::injector_identity(&args.config.trust_domain).map_err(anyhow::Error::msg)?;
-        let url: http::Uri = args.config.ca_url.parse().context("--ca-url")?;
-        // The API server verifies the webhook certificate by the Service's DNS name; the CA
-        // grants it to this identity only (moat-ca --dns-san).
-        let client = CaClient::new(
-            CaClientConfig {
-                url,
-                token_file: args.token_file.clone(),
-                identity: identity.clone(),
-                key_algorithm: KeyAlgorithm::default(),
-                dns_names: vec![cert::SERVICE_DNS_NAME.to_string()],
-                timeout: Duration::from_secs(10),
-            },
-            bundle.clone(),
-            provider.clone(),
+        let ca_cfg = cert::ca_client_config(
+            &args.config.ca_url,
+            &args.token_file,
+            &args.config.trust_domain,
         )
-        .context("CA client")?;
+        .map_err(anyhow::Error::msg)?;
+        let identity = ca_cfg.identity.clone();
+        let client =
+            CaClient::new(ca_cfg, bundle.clone(), provider.clone()).context("CA client")?;
         let (manager, handle) = IdentityManager::new(
             client,
             bundle.clone(),
@@ -200,29 +205,16 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ));
         tracing::info!(spiffe_id = %identity, dns_name = cert::SERVICE_DNS_NAME, webhook_config = %args.webhook_config_name, "serving certificate from moat-ca");
-        let resolver = handle.cert.clone();
-        let serving_ref = serving.clone();
-        // Mirror the manager's certificate into the resolver the server uses.
-        let mut updates = handle.subscribe();
-        let mut stop = shutdown_rx.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Some(ck) = resolver.get() {
-                    serving_ref.set(ck);
-                }
-                tokio::select! {
-                    r = updates.changed() => if r.is_err() { return },
-                    _ = moat_core::shutdown::signalled(&mut stop) => return,
-                }
-            }
-        });
-        Box::new(move || handle.has_valid_cert())
+        (
+            handle.cert.clone(),
+            Box::new(move || handle.has_valid_cert()),
+        )
     } else {
         let (Some(c), Some(k)) = (&args.tls_cert, &args.tls_key) else {
             bail!("give --tls-cert and --tls-key, or --tls-from-ca");
         };
-        let files = FileCert::load(c, k, &serving, &provider)
-            .context("serving certificate")?;
+        let serving = Arc::new(CurrentCert::default());
+        let files = FileCert::load(c, k, &serving, &provider).context("serving certificate")?;
         tokio::spawn(files.run(
             serving.clone(),
             provider.clone(),
@@ -230,7 +222,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ));
         tracing::info!(cert = %c.display(), key = %k.display(), "serving certificate from files");
-        Box::new(|| true)
+        (serving, Box::new(|| true))
     };
 
     let webhook_state = Arc::new(Webhook::new(cfg, args.failure_mode));
@@ -326,10 +318,14 @@ fn spawn_bundle_reload(
                         tracing::info!(path = %path.display(), "trust bundle for new sidecars reloaded");
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "new trust bundle rejected; sidecars keep getting the previous one"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "new trust bundle rejected; sidecars keep getting the previous one")
+                    }
                 },
                 Ok(None) => {}
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read trust bundle; keeping the previous one"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read trust bundle; keeping the previous one")
+                }
             }
         }
     });

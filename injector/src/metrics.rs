@@ -22,7 +22,10 @@ pub fn describe() {
         "Time to answer one AdmissionReview, by result."
     );
     metrics::describe_counter!(INJECTIONS, "Pods injected with the Moat sidecar.");
-    metrics::describe_counter!(SKIPS, "Admission requests answered without injection, by reason.");
+    metrics::describe_counter!(
+        SKIPS,
+        "Admission requests answered without injection, by reason."
+    );
     metrics::describe_counter!(ERRORS, "Admission requests that failed, by reason.");
     metrics::describe_counter!(
         CA_BUNDLE_SYNCS,

@@ -54,7 +54,11 @@ pub struct Report {
 pub fn template_path(kind: &str) -> Option<&'static [&'static str]> {
     match kind {
         "Pod" => Some(&[]),
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job"
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
         | "ReplicationController" => Some(&["spec", "template"]),
         "CronJob" => Some(&["spec", "jobTemplate", "spec", "template"]),
         _ => None,
@@ -81,7 +85,9 @@ pub fn inject_yaml(input: &str, cfg: &InjectConfig) -> Result<(String, Vec<Repor
         if !out.is_empty() {
             out.push_str("---\n");
         }
-        out.push_str(&serde_yaml::to_string(&doc).map_err(|e| OfflineError::Output(e.to_string()))?);
+        out.push_str(
+            &serde_yaml::to_string(&doc).map_err(|e| OfflineError::Output(e.to_string()))?,
+        );
     }
     Ok((out, reports))
 }
@@ -91,7 +97,10 @@ fn describe(doc: &Value, at: &str) -> String {
     let name = doc
         .pointer("/metadata/name")
         .and_then(Value::as_str)
-        .or_else(|| doc.pointer("/metadata/generateName").and_then(Value::as_str))
+        .or_else(|| {
+            doc.pointer("/metadata/generateName")
+                .and_then(Value::as_str)
+        })
         .unwrap_or("?");
     if at.is_empty() {
         format!("{kind}/{name}")
@@ -107,7 +116,11 @@ fn inject_document(
     cfg: &InjectConfig,
     reports: &mut Vec<Report>,
 ) -> Result<(), OfflineError> {
-    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if kind == "List" || (kind.ends_with("List") && doc.get("items").is_some()) {
         if let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) {
             for (i, item) in items.iter_mut().enumerate() {
@@ -137,7 +150,10 @@ fn inject_document(
         .map(str::to_string);
     match inject::inject(template, namespace.as_deref(), cfg) {
         Err(inject::InjectError::Decode(e)) => {
-            reports.push(report(format!("unchanged: pod template not understood: {e}"), Vec::new()));
+            reports.push(report(
+                format!("unchanged: pod template not understood: {e}"),
+                Vec::new(),
+            ));
         }
         Err(e) => {
             return Err(OfflineError::Internal {
@@ -147,7 +163,10 @@ fn inject_document(
         }
         Ok(outcome) => match outcome.decision {
             Decision::Skip(reason) => {
-                reports.push(report(format!("skipped: {}", reason.label()), outcome.warnings));
+                reports.push(report(
+                    format!("skipped: {}", reason.label()),
+                    outcome.warnings,
+                ));
             }
             Decision::Inject(injection) => {
                 let full = patch::prefixed(&injection.patch, &prefix).map_err(|e| {

@@ -47,9 +47,9 @@ pub fn prefixed(patch: &Patch, prefix: &str) -> Result<Patch, PatchBuildError> {
                     path: path(&o.path)?,
                     value: o.value.clone(),
                 }),
-                PatchOperation::Remove(o) => {
-                    PatchOperation::Remove(RemoveOperation { path: path(&o.path)? })
-                }
+                PatchOperation::Remove(o) => PatchOperation::Remove(RemoveOperation {
+                    path: path(&o.path)?,
+                }),
                 PatchOperation::Replace(o) => PatchOperation::Replace(ReplaceOperation {
                     path: path(&o.path)?,
                     value: o.value.clone(),
@@ -114,7 +114,11 @@ impl PatchBuilder {
     }
 
     /// `add` at `tokens`.
-    pub fn add<S: AsRef<str>>(&mut self, tokens: &[S], value: Value) -> Result<(), PatchBuildError> {
+    pub fn add<S: AsRef<str>>(
+        &mut self,
+        tokens: &[S],
+        value: Value,
+    ) -> Result<(), PatchBuildError> {
         let path = parse("add", &pointer(tokens))?;
         self.push(PatchOperation::Add(AddOperation { path, value }))
     }
@@ -256,12 +260,18 @@ mod tests {
             "metadata": {"annotations": {"keep": "me"}, "labels": null},
             "spec": {"initContainers": [{"name": "user"}], "volumes": [{"name": "u"}]}
         }));
-        b.set_entries(&["metadata", "annotations"], vec![("moat.dev/x".into(), json!("y"))])
-            .unwrap();
+        b.set_entries(
+            &["metadata", "annotations"],
+            vec![("moat.dev/x".into(), json!("y"))],
+        )
+        .unwrap();
         b.set_entries(&["metadata", "labels"], vec![("l".into(), json!("v"))])
             .unwrap();
-        b.prepend(&["spec", "initContainers"], vec![json!({"name": "a"}), json!({"name": "b"})])
-            .unwrap();
+        b.prepend(
+            &["spec", "initContainers"],
+            vec![json!({"name": "a"}), json!({"name": "b"})],
+        )
+        .unwrap();
         b.append(&["spec", "volumes"], vec![json!({"name": "m"})])
             .unwrap();
         let (patch, doc) = b.finish();
@@ -302,6 +312,9 @@ mod tests {
         b.append(&["spec", "containers"], vec![json!({"name": "x"})])
             .unwrap();
         let p = prefixed(&b.finish().0, "/spec/template").unwrap();
-        assert_eq!(p.0[0].path().to_string(), "/spec/template/spec/containers/-");
+        assert_eq!(
+            p.0[0].path().to_string(),
+            "/spec/template/spec/containers/-"
+        );
     }
 }

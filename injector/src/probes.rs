@@ -186,8 +186,14 @@ mod tests {
         let mut b = PatchBuilder::new(pod);
         let mut out = BTreeMap::new();
         let mut w = Vec::new();
-        rewrite(&mut b, &["spec", "containers", "0"], &container(c_json), &mut out, &mut w)
-            .unwrap();
+        rewrite(
+            &mut b,
+            &["spec", "containers", "0"],
+            &container(c_json),
+            &mut out,
+            &mut w,
+        )
+        .unwrap();
         assert!(w.is_empty());
         assert_eq!(
             to_env(&out),
@@ -217,8 +223,14 @@ mod tests {
         let mut b = PatchBuilder::new(pod);
         let mut out = BTreeMap::new();
         let mut w = Vec::new();
-        rewrite(&mut b, &["spec", "containers", "0"], &container(c_json), &mut out, &mut w)
-            .unwrap();
+        rewrite(
+            &mut b,
+            &["spec", "containers", "0"],
+            &container(c_json),
+            &mut out,
+            &mut w,
+        )
+        .unwrap();
         assert!(out.is_empty());
         assert_eq!(w.len(), 1);
         assert!(b.finish().0 .0.is_empty());
@@ -226,12 +238,19 @@ mod tests {
 
     #[test]
     fn default_path_and_scheme() {
-        let c_json = json!({"name": "a", "readinessProbe": {"httpGet": {"port": 3333, "scheme": "HTTPS"}}});
+        let c_json =
+            json!({"name": "a", "readinessProbe": {"httpGet": {"port": 3333, "scheme": "HTTPS"}}});
         let pod = json!({"spec": {"containers": [c_json.clone()]}});
         let mut b = PatchBuilder::new(pod);
         let mut out = BTreeMap::new();
-        rewrite(&mut b, &["spec", "containers", "0"], &container(c_json), &mut out, &mut Vec::new())
-            .unwrap();
+        rewrite(
+            &mut b,
+            &["spec", "containers", "0"],
+            &container(c_json),
+            &mut out,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert_eq!(
             out["a/readiness"],
             AppProbe::Http {

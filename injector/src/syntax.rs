@@ -231,7 +231,8 @@ pub fn validate_log_level(s: &str) -> Result<(), String> {
         }
         if let Some(t) = target {
             let ok = !t.is_empty()
-                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':');
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':');
             if !ok {
                 return Err(bad());
             }
@@ -292,14 +293,21 @@ mod tests {
         eq("1G", 1e9);
         eq("1e3", 1000.0);
         eq("2Gi", 2.0 * 1024f64.powi(3));
-        for bad in ["", "abc", "-1", "1x", "1.2.3", "Mi", "1 Mi", "1e", ".", "1e99"] {
+        for bad in [
+            "", "abc", "-1", "1x", "1.2.3", "Mi", "1 Mi", "1e", ".", "1e99",
+        ] {
             assert!(parse_quantity(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn log_levels() {
-        for ok in ["info", "debug", "info,moat_proxy=debug", "moat_proxy::tls=trace"] {
+        for ok in [
+            "info",
+            "debug",
+            "info,moat_proxy=debug",
+            "moat_proxy::tls=trace",
+        ] {
             assert!(validate_log_level(ok).is_ok(), "{ok}");
         }
         for bad in ["", "verbose", "info,", "x=loud", "a b=info", "$(X)=info"] {

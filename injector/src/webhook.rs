@@ -117,7 +117,8 @@ async fn read_body(mut body: Incoming, declared_len: Option<u64>) -> Result<Byte
     let mut too_large = declared_len.is_some_and(|l| l > MAX_BODY as u64);
     let drain = async {
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| BadRequest::InvalidJson(format!("cannot read body: {e}")))?;
+            let frame =
+                frame.map_err(|e| BadRequest::InvalidJson(format!("cannot read body: {e}")))?;
             let Some(data) = frame.data_ref() else {
                 continue;
             };
@@ -148,7 +149,8 @@ async fn read_body(mut body: Incoming, declared_len: Option<u64>) -> Result<Byte
 fn to_response(reply: Reply) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(&reply.body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *r.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
@@ -161,7 +163,9 @@ fn to_response(reply: Reply) -> Response<Full<Bytes>> {
 }
 
 /// TLS 1.3 server configuration presenting whatever `cert` currently resolves to.
-pub fn tls_config(cert: Arc<dyn ResolvesServerCert>) -> Result<rustls::ServerConfig, rustls::Error> {
+pub fn tls_config(
+    cert: Arc<dyn ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(moat_core::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
@@ -203,17 +207,18 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
             let service = hyper::service::service_fn(move |req| {
                 let webhook = webhook.clone();
                 async move { Ok::<_, Infallible>(webhook.handle(req).await) }

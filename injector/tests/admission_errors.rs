@@ -25,7 +25,9 @@ fn body(v: &Value) -> Vec<u8> {
 
 fn error_of(reply: &admission::Reply) -> (&str, &str) {
     (
-        reply.body["error"].as_str().unwrap_or_else(|| panic!("no error field: {}", reply.body)),
+        reply.body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {}", reply.body)),
         reply.body["message"].as_str().unwrap_or(""),
     )
 }
@@ -36,18 +38,34 @@ fn bodies_without_a_usable_review_get_4xx_json() {
     let mut v1beta1 = pod_review();
     v1beta1["apiVersion"] = json!("admission.k8s.io/v1beta1");
     let mut no_request = pod_review();
-    no_request.as_object_mut().expect("object").remove("request");
+    no_request
+        .as_object_mut()
+        .expect("object")
+        .remove("request");
     let mut no_uid = pod_review();
-    no_uid["request"].as_object_mut().expect("object").remove("uid");
+    no_uid["request"]
+        .as_object_mut()
+        .expect("object")
+        .remove("uid");
     let mut empty_uid = pod_review();
     empty_uid["request"]["uid"] = json!("");
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("not json", b"hello".to_vec(), 400, "invalid_json"),
         ("empty", Vec::new(), 400, "invalid_json"),
-        ("truncated", body(&pod_review())[..40].to_vec(), 400, "invalid_json"),
+        (
+            "truncated",
+            body(&pod_review())[..40].to_vec(),
+            400,
+            "invalid_json",
+        ),
         ("array", b"[1,2]".to_vec(), 400, "wrong_review_type"),
         ("v1beta1", body(&v1beta1), 400, "wrong_review_type"),
-        ("pod instead of review", body(&pod_review()["request"]["object"]), 400, "wrong_review_type"),
+        (
+            "pod instead of review",
+            body(&pod_review()["request"]["object"]),
+            400,
+            "wrong_review_type",
+        ),
         ("no request", body(&no_request), 400, "missing_request"),
         ("no uid", body(&no_uid), 400, "missing_uid"),
         ("empty uid", body(&empty_uid), 400, "missing_uid"),
@@ -66,12 +84,19 @@ fn undecodable_request_with_a_uid_is_admitted_with_a_warning() {
     let cfg = config(SidecarMode::Native);
     let mut r = pod_review();
     r["request"]["operation"] = json!("EXPLODE");
-    r["request"].as_object_mut().expect("object").remove("userInfo");
+    r["request"]
+        .as_object_mut()
+        .expect("object")
+        .remove("userInfo");
     let reply = admission::review(&body(&r), &cfg, FailureMode::Open);
     let resp = check_envelope(&r, &reply);
     assert_eq!(resp.response["allowed"], true);
     assert!(resp.patch.is_none());
-    assert!(resp.warnings().contains("request not understood"), "{}", resp.warnings());
+    assert!(
+        resp.warnings().contains("request not understood"),
+        "{}",
+        resp.warnings()
+    );
 }
 
 #[test]
@@ -81,7 +106,16 @@ fn transport_checks() {
     let post = http::Method::POST;
     let json_ct = Some("application/json");
     assert_eq!(wh.answer(&post, "/inject", json_ct, Ok(&ok)).status, 200);
-    assert_eq!(wh.answer(&post, "/inject", Some("application/json; charset=utf-8"), Ok(&ok)).status, 200);
+    assert_eq!(
+        wh.answer(
+            &post,
+            "/inject",
+            Some("application/json; charset=utf-8"),
+            Ok(&ok)
+        )
+        .status,
+        200
+    );
     let r = wh.answer(&post, "/inject", Some("text/plain"), Ok(&ok));
     assert_eq!((r.status, error_of(&r).0), (415, "unsupported_media_type"));
     let r = wh.answer(&post, "/inject", None, Ok(&ok));
@@ -90,7 +124,12 @@ fn transport_checks() {
     assert_eq!((r.status, error_of(&r).0), (405, "method_not_allowed"));
     let r = wh.answer(&post, "/mutate", json_ct, Ok(&ok));
     assert_eq!((r.status, error_of(&r).0), (404, "not_found"));
-    let r = wh.answer(&post, "/inject", json_ct, Err(admission::BadRequest::TooLarge));
+    let r = wh.answer(
+        &post,
+        "/inject",
+        json_ct,
+        Err(admission::BadRequest::TooLarge),
+    );
     assert_eq!((r.status, error_of(&r).0), (413, "body_too_large"));
     assert!(error_of(&r).1.contains(&MAX_BODY.to_string()));
 }
@@ -112,7 +151,11 @@ fn internal_failure_open_admits_unmodified_with_a_warning() {
         let resp = check_envelope(&r, &reply);
         assert_eq!(resp.response["allowed"], true);
         assert!(resp.patch.is_none());
-        assert!(resp.warnings().contains("WITHOUT the mesh sidecar"), "{}", resp.warnings());
+        assert!(
+            resp.warnings().contains("WITHOUT the mesh sidecar"),
+            "{}",
+            resp.warnings()
+        );
     }
 }
 

@@ -64,7 +64,13 @@ impl Drop for Server {
 
 fn start(pki: &Pki, bundle: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--tls-cert")
         .arg(&pki.cert)
         .arg("--tls-key")
@@ -98,7 +104,11 @@ fn start(pki: &Pki, bundle: &Path, extra: &[&str]) -> Server {
             panic!("moat-injector serve did not start");
         }
     };
-    Server { child, webhook, admin }
+    Server {
+        child,
+        webhook,
+        admin,
+    }
 }
 
 /// Runs curl; returns (HTTP status, body).
@@ -117,7 +127,15 @@ fn post(server: &Server, ca: &Path, body_file: &Path, content_type: &str) -> (u1
     let url = format!("https://{}/inject?timeout=10s", server.webhook);
     let ct = format!("Content-Type: {content_type}");
     let data = format!("@{}", body_file.display());
-    curl(&["--cacert", ca.to_str().expect("utf-8"), "-H", &ct, "--data-binary", &data, &url])
+    curl(&[
+        "--cacert",
+        ca.to_str().expect("utf-8"),
+        "-H",
+        &ct,
+        "--data-binary",
+        &data,
+        &url,
+    ])
 }
 
 #[test]
@@ -155,8 +173,14 @@ fn serves_admission_reviews_over_https() {
     let url = format!("https://{}/inject", server.webhook);
     let data = format!("@{}", review_file.display());
     let (status, _) = curl(&[
-        "--http2", "--cacert", pki.ca.to_str().expect("utf-8"),
-        "-H", "Content-Type: application/json", "--data-binary", &data, &url,
+        "--http2",
+        "--cacert",
+        pki.ca.to_str().expect("utf-8"),
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &data,
+        &url,
     ]);
     assert_eq!(status, 200);
 
@@ -170,8 +194,10 @@ fn serves_admission_reviews_over_https() {
     let no_uid = dir.0.join("no-uid.json");
     std::fs::write(
         &no_uid,
-        serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}))
-            .expect("json"),
+        serde_json::to_vec(
+            &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}),
+        )
+        .expect("json"),
     )
     .expect("write");
     for (file, ct, want_status, want_error) in [
@@ -190,14 +216,20 @@ fn serves_admission_reviews_over_https() {
     let (status, body) = curl(&["--cacert", pki.ca.to_str().expect("utf-8"), &url]);
     assert_eq!(status, 405, "{body}");
     let (status, _) = curl(&[
-        "--cacert", pki.ca.to_str().expect("utf-8"),
+        "--cacert",
+        pki.ca.to_str().expect("utf-8"),
         &format!("https://{}/other", server.webhook),
     ]);
     assert_eq!(status, 404);
 
     // TLS 1.2 is refused.
     let (status, _) = curl(&[
-        "--tlsv1.2", "--tls-max", "1.2", "--cacert", pki.ca.to_str().expect("utf-8"), &url,
+        "--tlsv1.2",
+        "--tls-max",
+        "1.2",
+        "--cacert",
+        pki.ca.to_str().expect("utf-8"),
+        &url,
     ]);
     assert_eq!(status, 0, "a TLS 1.2 handshake succeeded");
 
@@ -254,7 +286,13 @@ fn refuses_to_start_without_a_usable_certificate() {
     let bundle = dir.0.join("bundle.pem");
     std::fs::write(&bundle, &test_ca().0).expect("write");
     let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--tls-cert")
         .arg(&pki.cert)
         .arg("--tls-key")
@@ -265,7 +303,10 @@ fn refuses_to_start_without_a_usable_certificate() {
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("private key does not match the certificate"), "{err}");
+    assert!(
+        err.contains("private key does not match the certificate"),
+        "{err}"
+    );
 
     let out = Command::new(BIN)
         .args(["serve", "--trust-bundle"])

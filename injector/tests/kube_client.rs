@@ -41,7 +41,10 @@ fn ca_bundle_patch_for_the_recorded_configuration() {
     let p: json_patch::Patch = serde_json::from_value(patch).expect("patch");
     let mut updated = config.clone();
     json_patch::patch(&mut updated, &p).expect("applies to the recorded object");
-    assert_eq!(updated["webhooks"][1]["clientConfig"]["service"]["path"], "/inject");
+    assert_eq!(
+        updated["webhooks"][1]["clientConfig"]["service"]["path"],
+        "/inject"
+    );
     assert!(kube::ca_bundle_patch(&updated, PEM).is_none());
     // Only what differs is patched.
     let mut one_stale = updated.clone();
@@ -70,15 +73,23 @@ fn requests_are_built_like_kubectl_would() {
     assert_eq!(get.headers()["host"], "10.96.0.1:443");
     assert_eq!(get.headers()["accept"], "application/json");
 
-    let patch = json!([{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": "eA=="}]);
-    let req = kube::patch_request("10.96.0.1:443", "moat-injector", "tok", &patch).expect("request");
+    let patch =
+        json!([{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": "eA=="}]);
+    let req =
+        kube::patch_request("10.96.0.1:443", "moat-injector", "tok", &patch).expect("request");
     assert_eq!(req.method(), http::Method::PATCH);
     assert_eq!(req.headers()["content-type"], "application/json-patch+json");
     let body = futures_body(req.into_body());
     assert_eq!(serde_json::from_slice::<Value>(&body).expect("json"), patch);
 
     for bad in ["", "Moat", "a/b", "../x", "-x", &"a".repeat(254)] {
-        assert!(matches!(kube::get_request("h:1", bad, "t"), Err(KubeError::InvalidName(_))), "{bad}");
+        assert!(
+            matches!(
+                kube::get_request("h:1", bad, "t"),
+                Err(KubeError::InvalidName(_))
+            ),
+            "{bad}"
+        );
     }
 }
 
@@ -86,7 +97,12 @@ fn futures_body(body: Full<Bytes>) -> Bytes {
     tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime")
-        .block_on(async { body.collect().await.map(|b| b.to_bytes()).unwrap_or_default() })
+        .block_on(async {
+            body.collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default()
+        })
 }
 
 #[test]
@@ -99,7 +115,10 @@ fn api_errors_carry_the_status_message() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(kube::interpret(200, b"not json"), Err(KubeError::BadResponse(_))));
+    assert!(matches!(
+        kube::interpret(200, b"not json"),
+        Err(KubeError::BadResponse(_))
+    ));
     assert!(kube::interpret(200, b"{}").is_ok());
 }
 
@@ -118,11 +137,23 @@ struct FakeApi {
     forbid_patch: bool,
 }
 
-async fn api(state: Arc<FakeApi>, req: http::Request<hyper::body::Incoming>) -> http::Response<Full<Bytes>> {
+async fn api(
+    state: Arc<FakeApi>,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let header = |h: &str| {
-        parts.headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+        parts
+            .headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
     };
     state.seen.lock().expect("lock").push(Seen {
         method: parts.method.to_string(),
@@ -141,11 +172,16 @@ async fn api(state: Arc<FakeApi>, req: http::Request<hyper::body::Incoming>) -> 
     if header("authorization") != "Bearer test-token" {
         return status(401, "Unauthorized");
     }
-    if parts.uri.path() != "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/moat-injector" {
+    if parts.uri.path()
+        != "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/moat-injector"
+    {
         return status(404, "not found");
     }
     match parts.method.as_str() {
-        "GET" => reply(200, serde_json::to_vec(&*state.object.lock().expect("lock")).expect("json")),
+        "GET" => reply(
+            200,
+            serde_json::to_vec(&*state.object.lock().expect("lock")).expect("json"),
+        ),
         "PATCH" if state.forbid_patch => reply(403, include_bytes!("data/forbidden.json").to_vec()),
         "PATCH" if header("content-type") == "application/json-patch+json" => {
             let Ok(patch) = serde_json::from_slice::<json_patch::Patch>(&body) else {
@@ -156,7 +192,10 @@ async fn api(state: Arc<FakeApi>, req: http::Request<hyper::body::Incoming>) -> 
             if let Err(e) = json_patch::patch(&mut next, &patch) {
                 return status(422, &e.to_string());
             }
-            let rv: u64 = next["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let rv: u64 = next["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             next["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
             *obj = next.clone();
             reply(200, serde_json::to_vec(&next).expect("json"))
@@ -191,7 +230,9 @@ async fn fake_api_server(forbid_patch: bool) -> (KubeClient, Arc<FakeApi>, TempD
         )
         .expect("cert");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let state = Arc::new(FakeApi {
         object: Mutex::new(recorded()),
@@ -201,11 +242,15 @@ async fn fake_api_server(forbid_patch: bool) -> (KubeClient, Arc<FakeApi>, TempD
     let st = state.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let acceptor = acceptor.clone();
             let st = st.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let svc = hyper::service::service_fn(move |req| {
                     let st = st.clone();
                     async move { Ok::<_, Infallible>(api(st, req).await) }
@@ -216,14 +261,22 @@ async fn fake_api_server(forbid_patch: bool) -> (KubeClient, Arc<FakeApi>, TempD
             });
         }
     });
-    let client = KubeClient::new("127.0.0.1".into(), port, dir.0.join("token"), dir.0.join("ca.crt"));
+    let client = KubeClient::new(
+        "127.0.0.1".into(),
+        port,
+        dir.0.join("token"),
+        dir.0.join("ca.crt"),
+    );
     (client, state, dir)
 }
 
 #[tokio::test]
 async fn syncs_the_ca_bundle_over_https() {
     let (client, state, _dir) = fake_api_server(false).await;
-    assert!(client.sync_ca_bundle("moat-injector", PEM).await.expect("first sync"));
+    assert!(client
+        .sync_ca_bundle("moat-injector", PEM)
+        .await
+        .expect("first sync"));
     let b64 = base64::engine::general_purpose::STANDARD.encode(PEM);
     {
         let obj = state.object.lock().expect("lock");
@@ -233,32 +286,60 @@ async fn syncs_the_ca_bundle_over_https() {
         assert_eq!(obj["metadata"]["resourceVersion"], "48214");
     }
     // In sync: only a GET.
-    assert!(!client.sync_ca_bundle("moat-injector", PEM).await.expect("second sync"));
+    assert!(!client
+        .sync_ca_bundle("moat-injector", PEM)
+        .await
+        .expect("second sync"));
     let seen = state.seen.lock().expect("lock").clone();
-    let calls: Vec<(String, String)> = seen.iter().map(|s| (s.method.clone(), s.content_type.clone())).collect();
+    let calls: Vec<(String, String)> = seen
+        .iter()
+        .map(|s| (s.method.clone(), s.content_type.clone()))
+        .collect();
     assert_eq!(
         calls,
         [
             ("GET".to_string(), String::new()),
-            ("PATCH".to_string(), "application/json-patch+json".to_string()),
+            (
+                "PATCH".to_string(),
+                "application/json-patch+json".to_string()
+            ),
             ("GET".to_string(), String::new()),
         ]
     );
     assert!(seen.iter().all(|s| s.auth == "Bearer test-token"));
-    assert!(seen.iter().all(|s| s.path.ends_with("/mutatingwebhookconfigurations/moat-injector")));
+    assert!(seen.iter().all(|s| s
+        .path
+        .ends_with("/mutatingwebhookconfigurations/moat-injector")));
     // A root rotation (new bundle) is synced again.
-    assert!(client.sync_ca_bundle("moat-injector", &format!("{PEM}{PEM}")).await.expect("rotation"));
+    assert!(client
+        .sync_ca_bundle("moat-injector", &format!("{PEM}{PEM}"))
+        .await
+        .expect("rotation"));
 }
 
 #[tokio::test]
 async fn reports_rbac_and_transport_errors() {
     let (client, _state, _dir) = fake_api_server(true).await;
-    let e = client.sync_ca_bundle("moat-injector", PEM).await.unwrap_err();
-    assert!(e.to_string().contains("403") && e.to_string().contains("cannot patch"), "{e}");
+    let e = client
+        .sync_ca_bundle("moat-injector", PEM)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("403") && e.to_string().contains("cannot patch"),
+        "{e}"
+    );
     let e = client.get_webhook_config("other").await.unwrap_err();
     assert!(matches!(e, KubeError::Status { status: 404, .. }), "{e}");
 
-    let nowhere = KubeClient::new("127.0.0.1".into(), 1, "/nonexistent/token".into(), "/nonexistent/ca".into());
-    let e = nowhere.get_webhook_config("moat-injector").await.unwrap_err();
+    let nowhere = KubeClient::new(
+        "127.0.0.1".into(),
+        1,
+        "/nonexistent/token".into(),
+        "/nonexistent/ca".into(),
+    );
+    let e = nowhere
+        .get_webhook_config("moat-injector")
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("/nonexistent/token"), "{e}");
 }

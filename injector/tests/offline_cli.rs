@@ -29,7 +29,11 @@ fn inject(file: &str, bundle: &Path, extra: &[&str], stdin: Option<&str>) -> Out
         .env_remove("MOAT_PROXY_IMAGE")
         .env_remove("MOAT_TRUST_DOMAIN")
         .env_remove("MOAT_MESH_NETWORKS")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("run moat-injector");
@@ -49,9 +53,18 @@ fn docs(yaml: &str) -> Vec<Value> {
 /// The pod templates of a document (List items included).
 fn templates(doc: &Value) -> Vec<Value> {
     match doc["kind"].as_str().unwrap_or("") {
-        "List" => doc["items"].as_array().into_iter().flatten().flat_map(templates).collect(),
+        "List" => doc["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(templates)
+            .collect(),
         "Pod" => vec![doc.clone()],
-        "CronJob" => doc.pointer("/spec/jobTemplate/spec/template").cloned().into_iter().collect(),
+        "CronJob" => doc
+            .pointer("/spec/jobTemplate/spec/template")
+            .cloned()
+            .into_iter()
+            .collect(),
         _ => doc.pointer("/spec/template").cloned().into_iter().collect(),
     }
 }
@@ -66,7 +79,8 @@ fn validatable(doc: &Value) -> Vec<Value> {
 }
 
 fn is_injected(t: &Value) -> bool {
-    t.pointer("/metadata/annotations/moat.dev~1injected").is_some()
+    t.pointer("/metadata/annotations/moat.dev~1injected")
+        .is_some()
 }
 
 #[test]
@@ -81,15 +95,26 @@ fn injects_the_istio_corpus_through_the_binary() {
     files.sort();
     let names: Vec<String> = files
         .iter()
-        .map(|f| f.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string())
+        .map(|f| {
+            f.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
-    assert!(names.contains(&"list.yaml".to_string()) && names.contains(&"cronjob.yaml".to_string()));
+    assert!(
+        names.contains(&"list.yaml".to_string()) && names.contains(&"cronjob.yaml".to_string())
+    );
 
     let mut to_validate = BTreeMap::new();
     for (file, name) in files.iter().zip(&names) {
         let path = file.to_str().expect("utf-8 path");
         let out = inject(path, &bundle, &[], None);
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         let input = yaml_docs(file);
@@ -104,7 +129,9 @@ fn injects_the_istio_corpus_through_the_binary() {
                     assert!(stderr.contains("skipped: host_network"), "{stderr}");
                 } else {
                     assert!(is_injected(a), "{name}: not injected:\n{stdout}");
-                    let init = a["spec"]["initContainers"].as_array().expect("initContainers");
+                    let init = a["spec"]["initContainers"]
+                        .as_array()
+                        .expect("initContainers");
                     assert_eq!(init[0]["name"], "moat-init", "{name}");
                     assert_eq!(init[1]["name"], "moat-proxy", "{name}");
                 }
@@ -129,7 +156,11 @@ fn injects_the_istio_corpus_through_the_binary() {
                 }
                 d
             };
-            assert_eq!(strip(before), strip(after), "{name}: outside of the template changed");
+            assert_eq!(
+                strip(before),
+                strip(after),
+                "{name}: outside of the template changed"
+            );
             for (i, v) in validatable(after).into_iter().enumerate() {
                 to_validate.insert(format!("{name}#{i}"), v);
             }
@@ -140,7 +171,11 @@ fn injects_the_istio_corpus_through_the_binary() {
         std::fs::write(&again_file, &stdout).expect("write");
         let again = inject(again_file.to_str().expect("utf-8"), &bundle, &[], None);
         assert!(again.status.success());
-        assert_eq!(docs(&String::from_utf8_lossy(&again.stdout)), output, "{name}: not idempotent");
+        assert_eq!(
+            docs(&String::from_utf8_lossy(&again.stdout)),
+            output,
+            "{name}: not idempotent"
+        );
         if name != "hello-host-network.yaml" {
             assert!(
                 String::from_utf8_lossy(&again.stderr).contains("skipped: already_injected"),
@@ -220,10 +255,17 @@ spec:
   ports: [{port: 5432}]
 ";
     let out = inject("-", &bundle, &["--sidecar-mode", "classic"], Some(input));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("StatefulSet/db: injected"), "{stderr}");
-    assert!(stderr.contains("Job/opted-out: skipped: opted_out"), "{stderr}");
+    assert!(
+        stderr.contains("Job/opted-out: skipped: opted_out"),
+        "{stderr}"
+    );
     let before = docs(input);
     let after = docs(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(after.len(), 4);
@@ -237,7 +279,11 @@ spec:
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(containers, ["db", "moat-proxy"], "classic mode appends the proxy");
+    assert_eq!(
+        containers,
+        ["db", "moat-proxy"],
+        "classic mode appends the proxy"
+    );
     assert_eq!(t["spec"]["initContainers"][0]["name"], "moat-init");
     assert_eq!(
         t["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"],
@@ -258,10 +304,18 @@ fn clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent.yaml"));
 
-    let out = inject("-", Path::new("/nonexistent/bundle.pem"), &[], Some("kind: Pod\n"));
+    let out = inject(
+        "-",
+        Path::new("/nonexistent/bundle.pem"),
+        &[],
+        Some("kind: Pod\n"),
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot read trust bundle /nonexistent/bundle.pem"), "{err}");
+    assert!(
+        err.contains("cannot read trust bundle /nonexistent/bundle.pem"),
+        "{err}"
+    );
 
     let out = inject("-", &bundle, &[], Some("a: [unclosed\n"));
     assert!(!out.status.success());

@@ -66,7 +66,11 @@ fn corpus_cases() -> Vec<Case> {
     istio.sort();
     assert!(istio.len() >= 12, "istio corpus incomplete: {istio:?}");
     for path in istio {
-        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("?").to_string();
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("?")
+            .to_string();
         for (i, doc) in yaml_docs(&path).iter().enumerate() {
             for (j, p) in pods_of(doc).into_iter().enumerate() {
                 let expect = if file == "hello-host-network.yaml" {
@@ -97,7 +101,11 @@ fn corpus_cases() -> Vec<Case> {
             for mut p in pods_of(&doc) {
                 let name = format!("linkerd/{file}");
                 if p["kind"] == "Namespace" {
-                    let mut c = case(&name, review_of(&name, &p, ""), Expect::Untouched("not_pod"));
+                    let mut c = case(
+                        &name,
+                        review_of(&name, &p, ""),
+                        Expect::Untouched("not_pod"),
+                    );
                     c.warning = Some("only mutates Pods");
                     cases.push(c);
                     continue;
@@ -140,7 +148,14 @@ fn corpus_cases() -> Vec<Case> {
     cases
 }
 
-fn add(v: &mut Vec<Case>, name: &str, object: Value, ns: &str, expect: Expect, warning: Option<&'static str>) {
+fn add(
+    v: &mut Vec<Case>,
+    name: &str,
+    object: Value,
+    ns: &str,
+    expect: Expect,
+    warning: Option<&'static str>,
+) {
     let mut c = case(name, review_of(name, &object, ns), expect);
     c.warning = warning;
     v.push(c);
@@ -152,7 +167,11 @@ fn own_cases() -> Vec<Case> {
     add(
         &mut v,
         "own/minimal",
-        pod("minimal", json!({}), json!({"containers": [{"name": "app", "image": "nginx"}]})),
+        pod(
+            "minimal",
+            json!({}),
+            json!({"containers": [{"name": "app", "image": "nginx"}]}),
+        ),
         "default",
         Expect::Inject,
         None,
@@ -268,7 +287,11 @@ fn own_cases() -> Vec<Case> {
     add(
         &mut v,
         "own/host-network",
-        pod("hn", json!({}), json!({"hostNetwork": true, "containers": app()})),
+        pod(
+            "hn",
+            json!({}),
+            json!({"hostNetwork": true, "containers": app()}),
+        ),
         "default",
         skip(SkipReason::HostNetwork),
         None,
@@ -276,7 +299,11 @@ fn own_cases() -> Vec<Case> {
     add(
         &mut v,
         "own/opt-out-label",
-        pod("ol", json!({"labels": {"moat.dev/inject": "disabled"}}), json!({"containers": app()})),
+        pod(
+            "ol",
+            json!({"labels": {"moat.dev/inject": "disabled"}}),
+            json!({"containers": app()}),
+        ),
         "default",
         skip(SkipReason::OptedOut),
         None,
@@ -320,7 +347,11 @@ fn own_cases() -> Vec<Case> {
     add(
         &mut v,
         "own/system-namespace",
-        pod("sys", json!({"labels": {"moat.dev/inject": "enabled"}}), json!({"containers": app()})),
+        pod(
+            "sys",
+            json!({"labels": {"moat.dev/inject": "enabled"}}),
+            json!({"containers": app()}),
+        ),
         "kube-system",
         skip(SkipReason::SystemNamespace),
         Some("never injects pods in namespace kube-system"),
@@ -328,7 +359,11 @@ fn own_cases() -> Vec<Case> {
     add(
         &mut v,
         "own/windows",
-        pod("win", json!({}), json!({"os": {"name": "windows"}, "containers": app()})),
+        pod(
+            "win",
+            json!({}),
+            json!({"os": {"name": "windows"}, "containers": app()}),
+        ),
         "default",
         skip(SkipReason::WindowsPod),
         Some("does not inject Windows pods"),
@@ -455,7 +490,13 @@ fn env_of<'a>(proxy: &'a Value, name: &str) -> &'a Value {
 }
 
 /// Structural checks of an injected pod against its original.
-fn check_injected(name: &str, original: &Value, result: &Value, mode: SidecarMode, cfg: &InjectConfig) {
+fn check_injected(
+    name: &str,
+    original: &Value,
+    result: &Value,
+    mode: SidecarMode,
+    cfg: &InjectConfig,
+) {
     let spec = &result["spec"];
     let orig_init = names(&original["spec"]["initContainers"]);
     let orig_containers = names(&original["spec"]["containers"]);
@@ -466,11 +507,22 @@ fn check_injected(name: &str, original: &Value, result: &Value, mode: SidecarMod
     )
     .expect("status annotation is JSON");
     assert_eq!(status["version"], "0.1.0", "{name}");
-    assert_eq!(status["containers"], json!(["moat-init", "moat-proxy"]), "{name}");
-    assert_eq!(status["volumes"], json!(["moat-token", "moat-policy", "moat-run"]), "{name}");
+    assert_eq!(
+        status["containers"],
+        json!(["moat-init", "moat-proxy"]),
+        "{name}"
+    );
+    assert_eq!(
+        status["volumes"],
+        json!(["moat-token", "moat-policy", "moat-run"]),
+        "{name}"
+    );
 
     // Annotation override of the mode.
-    let mode = match original.pointer("/metadata/annotations/moat.dev~1sidecar-mode").and_then(Value::as_str) {
+    let mode = match original
+        .pointer("/metadata/annotations/moat.dev~1sidecar-mode")
+        .and_then(Value::as_str)
+    {
         Some("classic") => SidecarMode::Classic,
         Some("native") => SidecarMode::Native,
         _ => mode,
@@ -496,9 +548,17 @@ fn check_injected(name: &str, original: &Value, result: &Value, mode: SidecarMod
             want.push("moat-proxy".into());
             assert_eq!(names(&spec["containers"]), want, "{name}");
             assert_eq!(status["mode"], "classic");
-            let proxy = spec["containers"].as_array().and_then(|c| c.last()).cloned().unwrap_or_default();
+            let proxy = spec["containers"]
+                .as_array()
+                .and_then(|c| c.last())
+                .cloned()
+                .unwrap_or_default();
             assert!(proxy.get("restartPolicy").is_none(), "{name}");
-            let init = spec["initContainers"].as_array().and_then(|c| c.last()).cloned().unwrap_or_default();
+            let init = spec["initContainers"]
+                .as_array()
+                .and_then(|c| c.last())
+                .cloned()
+                .unwrap_or_default();
             (proxy, init)
         }
     };
@@ -506,7 +566,10 @@ fn check_injected(name: &str, original: &Value, result: &Value, mode: SidecarMod
     // The sidecar.
     assert_eq!(proxy["args"], json!(["run"]), "{name}");
     assert_eq!(proxy["image"], cfg.proxy_image.as_str());
-    assert_eq!(proxy["ports"], json!([{"name": "moat-admin", "containerPort": 15020, "protocol": "TCP"}]));
+    assert_eq!(
+        proxy["ports"],
+        json!([{"name": "moat-admin", "containerPort": 15020, "protocol": "TCP"}])
+    );
     assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
     assert_eq!(proxy["livenessProbe"]["httpGet"]["port"], 15020);
@@ -518,37 +581,84 @@ fn check_injected(name: &str, original: &Value, result: &Value, mode: SidecarMod
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["capabilities"], json!({"drop": ["ALL"]}));
     assert_eq!(sc["seccompProfile"], json!({"type": "RuntimeDefault"}));
-    assert_eq!(env_of(&proxy, "MOAT_POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
-    assert_eq!(env_of(&proxy, "MOAT_POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
-    assert_eq!(env_of(&proxy, "MOAT_SERVICE_ACCOUNT")["valueFrom"]["fieldRef"]["fieldPath"], "spec.serviceAccountName");
-    assert_eq!(env_of(&proxy, "MOAT_POD_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
-    assert_eq!(env_of(&proxy, "MOAT_TRUST_BUNDLE_PEM")["value"], cfg.trust_bundle_pem.as_str());
-    assert_eq!(env_of(&proxy, "MOAT_TRUST_DOMAIN")["value"], "cluster.local");
-    assert_eq!(env_of(&proxy, "MOAT_CA_URL")["value"], "https://moat-ca.moat-system.svc:8443");
-    assert_eq!(env_of(&proxy, "MOAT_TOKEN_FILE")["value"], "/var/run/secrets/moat/token");
-    assert_eq!(env_of(&proxy, "MOAT_POLICY")["value"], "/etc/moat/policy/policy.yaml");
+    assert_eq!(
+        env_of(&proxy, "MOAT_POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_SERVICE_ACCOUNT")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.serviceAccountName"
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_TRUST_BUNDLE_PEM")["value"],
+        cfg.trust_bundle_pem.as_str()
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_TRUST_DOMAIN")["value"],
+        "cluster.local"
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_CA_URL")["value"],
+        "https://moat-ca.moat-system.svc:8443"
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_TOKEN_FILE")["value"],
+        "/var/run/secrets/moat/token"
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_POLICY")["value"],
+        "/etc/moat/policy/policy.yaml"
+    );
     assert_eq!(env_of(&proxy, "MOAT_MESH_NETWORKS")["value"], "10.0.0.0/8");
     let mounts = &proxy["volumeMounts"];
-    assert!(mounts.as_array().is_some_and(|m| m.contains(&json!({"name": "moat-token", "mountPath": "/var/run/secrets/moat", "readOnly": true}))), "{name}");
-    assert!(mounts.as_array().is_some_and(|m| m.contains(&json!({"name": "moat-policy", "mountPath": "/etc/moat/policy", "readOnly": true}))), "{name}");
+    assert!(
+        mounts.as_array().is_some_and(|m| m.contains(
+            &json!({"name": "moat-token", "mountPath": "/var/run/secrets/moat", "readOnly": true})
+        )),
+        "{name}"
+    );
+    assert!(
+        mounts.as_array().is_some_and(|m| m.contains(
+            &json!({"name": "moat-policy", "mountPath": "/etc/moat/policy", "readOnly": true})
+        )),
+        "{name}"
+    );
 
     // The init container.
     assert_eq!(init["name"], "moat-init");
     assert_eq!(init["args"][0], "init", "{name}");
     let isc = &init["securityContext"];
-    assert_eq!(isc["capabilities"], json!({"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}));
+    assert_eq!(
+        isc["capabilities"],
+        json!({"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]})
+    );
     assert_eq!(isc["runAsUser"], 0);
     assert_eq!(isc["runAsNonRoot"], false);
     assert_eq!(isc["readOnlyRootFilesystem"], true);
     assert_eq!(isc["allowPrivilegeEscalation"], false);
     assert_eq!(isc["seccompProfile"], json!({"type": "RuntimeDefault"}));
-    assert_eq!(init["volumeMounts"], json!([{"name": "moat-run", "mountPath": "/run"}]));
+    assert_eq!(
+        init["volumeMounts"],
+        json!([{"name": "moat-run", "mountPath": "/run"}])
+    );
 
     // Volumes: the user's first, untouched, then ours.
     let mut want = names(&original["spec"]["volumes"]);
     want.extend(["moat-token", "moat-policy", "moat-run"].map(String::from));
     assert_eq!(names(&spec["volumes"]), want, "{name}");
-    let token = &spec["volumes"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "moat-token")).cloned().unwrap_or_default();
+    let token = &spec["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "moat-token"))
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(
         token["projected"]["sources"][0]["serviceAccountToken"],
         json!({"audience": "moat-ca", "expirationSeconds": 3600, "path": "token"})
@@ -566,31 +676,59 @@ fn check_injected(name: &str, original: &Value, result: &Value, mode: SidecarMod
         .pointer("/metadata/annotations/kubectl.kubernetes.io~1default-container")
         .cloned()
         .unwrap_or_else(|| json!(orig_containers[0]));
-    assert_eq!(result["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"], default_container);
+    assert_eq!(
+        result["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+        default_container
+    );
 
     // Probes: HTTP/TCP ones of app containers now go to the admin port, recorded in env.
     let app_probes: Value = serde_json::from_str(
-        env_of(&proxy, "MOAT_APP_PROBES")["value"].as_str().expect("string").replace("$$", "$").as_str(),
+        env_of(&proxy, "MOAT_APP_PROBES")["value"]
+            .as_str()
+            .expect("string")
+            .replace("$$", "$")
+            .as_str(),
     )
     .expect("MOAT_APP_PROBES is JSON");
     assert!(app_probes.is_object());
     let mut probed = Vec::new();
-    let mut containers: Vec<&Value> = spec["containers"].as_array().into_iter().flatten().collect();
+    let mut containers: Vec<&Value> = spec["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
     if mode == SidecarMode::Native {
-        containers.extend(spec["initContainers"].as_array().into_iter().flatten().filter(|c| c["restartPolicy"] == "Always"));
+        containers.extend(
+            spec["initContainers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["restartPolicy"] == "Always"),
+        );
     }
     for c in containers {
         let cname = c["name"].as_str().unwrap_or("");
         if cname == "moat-proxy" {
             continue;
         }
-        for (field, kind) in [("readinessProbe", "readiness"), ("livenessProbe", "liveness"), ("startupProbe", "startup")] {
+        for (field, kind) in [
+            ("readinessProbe", "readiness"),
+            ("livenessProbe", "liveness"),
+            ("startupProbe", "startup"),
+        ] {
             let p = &c[field];
-            assert!(p.get("tcpSocket").is_none(), "{name}: {cname} {field} still tcpSocket");
+            assert!(
+                p.get("tcpSocket").is_none(),
+                "{name}: {cname} {field} still tcpSocket"
+            );
             if let Some(h) = p.get("httpGet") {
                 let key = format!("{cname}/{kind}");
                 if h.get("host").is_none() {
-                    assert_eq!(h, &json!({"path": format!("/app-health/{key}"), "port": 15020, "scheme": "HTTP"}), "{name}");
+                    assert_eq!(
+                        h,
+                        &json!({"path": format!("/app-health/{key}"), "port": 15020, "scheme": "HTTP"}),
+                        "{name}"
+                    );
                     assert!(app_probes.get(&key).is_some(), "{name}: {key} not recorded");
                     probed.push(key);
                 }
@@ -599,7 +737,11 @@ fn check_injected(name: &str, original: &Value, result: &Value, mode: SidecarMod
     }
     probed.sort();
     assert_eq!(status["probes"], json!(probed), "{name}");
-    assert_eq!(app_probes.as_object().map(|o| o.len()), Some(probed.len()), "{name}");
+    assert_eq!(
+        app_probes.as_object().map(|o| o.len()),
+        Some(probed.len()),
+        "{name}"
+    );
 }
 
 fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
@@ -614,12 +756,19 @@ fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
         let resp = check_envelope(&c.review, &reply);
         assert_eq!(resp.response["allowed"], true, "{}: {}", c.name, reply.body);
         if let Some(w) = c.warning {
-            assert!(resp.warnings().contains(w), "{}: warning {w:?} missing in {:?}", c.name, resp.warnings());
+            assert!(
+                resp.warnings().contains(w),
+                "{}: warning {w:?} missing in {:?}",
+                c.name,
+                resp.warnings()
+            );
         }
         let object = object_of(&c.review);
         match &c.expect {
             Expect::Inject => {
-                let patch = resp.patch.unwrap_or_else(|| panic!("{}: no patch: {}", c.name, reply.body));
+                let patch = resp
+                    .patch
+                    .unwrap_or_else(|| panic!("{}: no patch: {}", c.name, reply.body));
                 let result = apply_rust(object, &patch);
                 python_cases.insert(c.name.clone(), (object.clone(), patch));
                 rust_results.insert(c.name.clone(), result);
@@ -627,7 +776,8 @@ fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
             }
             Expect::Skip(reason) => {
                 assert!(resp.patch.is_none(), "{}: unexpected patch", c.name);
-                let outcome = inject::inject(object, namespace_of(&c.review), &cfg).expect("decision");
+                let outcome =
+                    inject::inject(object, namespace_of(&c.review), &cfg).expect("decision");
                 match outcome.decision {
                     Decision::Skip(r) => assert_eq!(r, *reason, "{}", c.name),
                     Decision::Inject(_) => panic!("{}: injected, expected {reason:?}", c.name),
@@ -646,19 +796,30 @@ fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
     assert_eq!(python_results.len(), rust_results.len());
     let mut injected = BTreeMap::new();
     for (name, rust) in &rust_results {
-        assert_eq!(&python_results[name], rust, "{name}: jsonpatch and json-patch disagree");
+        assert_eq!(
+            &python_results[name], rust,
+            "{name}: jsonpatch and json-patch disagree"
+        );
         let original = &python_cases[name].0;
         check_injected(name, original, rust, mode, &cfg);
 
         // Idempotent: the injected pod gets no second patch.
         let again = review_of(&format!("{name}-again"), rust, "default");
         let resp = check_envelope(&again, &call(&again, &cfg));
-        assert!(resp.patch.is_none(), "{name}: re-injection produced a patch");
+        assert!(
+            resp.patch.is_none(),
+            "{name}: re-injection produced a patch"
+        );
         // kubernetes-validate needs metadata.name; the API server generates it from
         // generateName after admission, so do the same here.
         let mut to_validate = rust.clone();
         if to_validate["metadata"].get("name").is_none() {
-            let generated = format!("{}abcde", to_validate["metadata"]["generateName"].as_str().unwrap_or("pod-"));
+            let generated = format!(
+                "{}abcde",
+                to_validate["metadata"]["generateName"]
+                    .as_str()
+                    .unwrap_or("pod-")
+            );
             to_validate["metadata"]["name"] = json!(generated);
         }
         injected.insert(name.clone(), to_validate);
@@ -698,8 +859,15 @@ fn corpus_and_edge_cases_native() {
             | SkipReason::NameConflict => {}
         }
     }
-    let mut expected: BTreeSet<String> = all_reasons.iter().map(|r| r.label().to_string()).collect();
-    for extra in ["injected", "not_pod", "operation", "subresource", "undecodable_object"] {
+    let mut expected: BTreeSet<String> =
+        all_reasons.iter().map(|r| r.label().to_string()).collect();
+    for extra in [
+        "injected",
+        "not_pod",
+        "operation",
+        "subresource",
+        "undecodable_object",
+    ] {
         expected.insert(extra.into());
     }
     assert_eq!(covered, expected);
@@ -714,7 +882,10 @@ fn inject_one(object: &Value, cfg: &InjectConfig) -> (Value, Value, Response) {
     let review = review_of("one", object, "default");
     let reply = call(&review, cfg);
     let resp = check_envelope(&review, &reply);
-    let patch = resp.patch.clone().unwrap_or_else(|| panic!("no patch: {}", reply.body));
+    let patch = resp
+        .patch
+        .clone()
+        .unwrap_or_else(|| panic!("no patch: {}", reply.body));
     (apply_rust(object, &patch), patch, resp)
 }
 
@@ -723,18 +894,32 @@ fn paths(patch: &Value) -> Vec<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|op| format!("{} {}", op["op"].as_str().unwrap_or(""), op["path"].as_str().unwrap_or("")))
+        .map(|op| {
+            format!(
+                "{} {}",
+                op["op"].as_str().unwrap_or(""),
+                op["path"].as_str().unwrap_or("")
+            )
+        })
         .collect()
 }
 
 #[test]
 fn minimal_pod_gets_its_parents_created_first() {
     let cfg = config(SidecarMode::Native);
-    let object = pod("m", json!({}), json!({"containers": [{"name": "app", "image": "nginx"}]}));
+    let object = pod(
+        "m",
+        json!({}),
+        json!({"containers": [{"name": "app", "image": "nginx"}]}),
+    );
     let (_, patch, _) = inject_one(&object, &cfg);
     assert_eq!(
         paths(&patch),
-        ["add /spec/initContainers", "add /spec/volumes", "add /metadata/annotations"]
+        [
+            "add /spec/initContainers",
+            "add /spec/volumes",
+            "add /metadata/annotations"
+        ]
     );
 }
 
@@ -788,10 +973,15 @@ fn probes_with_named_ports_are_rewritten_and_recorded() {
     );
     let web = &result["spec"]["containers"][0];
     assert_eq!(web["livenessProbe"]["periodSeconds"], 7);
-    assert_eq!(web["livenessProbe"]["httpGet"]["path"], "/app-health/web/liveness");
+    assert_eq!(
+        web["livenessProbe"]["httpGet"]["path"],
+        "/app-health/web/liveness"
+    );
     assert_eq!(web["startupProbe"], json!({"grpc": {"port": 9090}}));
     let proxy = &result["spec"]["initContainers"][1];
-    let probes = env_of(proxy, "MOAT_APP_PROBES")["value"].as_str().expect("value");
+    let probes = env_of(proxy, "MOAT_APP_PROBES")["value"]
+        .as_str()
+        .expect("value");
     assert_eq!(
         serde_json::from_str::<Value>(probes).expect("json"),
         json!({
@@ -813,7 +1003,9 @@ fn env_values_are_literal() {
     );
     let (result, _, _) = inject_one(&object, &cfg);
     let proxy = &result["spec"]["initContainers"][1];
-    let raw = env_of(proxy, "MOAT_APP_PROBES")["value"].as_str().expect("value");
+    let raw = env_of(proxy, "MOAT_APP_PROBES")["value"]
+        .as_str()
+        .expect("value");
     assert!(raw.contains("$$(HOME)"), "{raw}");
 }
 
@@ -838,9 +1030,23 @@ fn annotations_tune_the_sidecar_and_init_args() {
     let init = &result["spec"]["initContainers"][0];
     assert_eq!(
         init["args"],
-        json!(["init", "--inbound-port", "15006", "--outbound-port", "15001", "--proxy-uid", "7777",
-               "--proxy-gid", "7777", "--exclude-inbound-ports", "22,9000:9010",
-               "--exclude-outbound-ports", "5432", "--exclude-outbound-cidrs", "10.96.0.1/32,fd00::/8"])
+        json!([
+            "init",
+            "--inbound-port",
+            "15006",
+            "--outbound-port",
+            "15001",
+            "--proxy-uid",
+            "7777",
+            "--proxy-gid",
+            "7777",
+            "--exclude-inbound-ports",
+            "22,9000:9010",
+            "--exclude-outbound-ports",
+            "5432",
+            "--exclude-outbound-cidrs",
+            "10.96.0.1/32,fd00::/8"
+        ])
     );
     let proxy = &result["spec"]["initContainers"][1];
     assert_eq!(
@@ -865,7 +1071,10 @@ fn default_resources_and_bad_quantities_fall_back() {
         json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}})
     );
     let w = resp.warnings();
-    assert!(w.contains("moat.dev/proxy-cpu-request 50m exceeds limit 10m; defaults used"), "{w}");
+    assert!(
+        w.contains("moat.dev/proxy-cpu-request 50m exceeds limit 10m; defaults used"),
+        "{w}"
+    );
     assert!(w.contains("moat.dev/proxy-memory-limit ignored"), "{w}");
 }
 
@@ -895,7 +1104,11 @@ fn validators_are_not_vacuous() {
     let mut bad = BTreeMap::new();
     bad.insert(
         "unknown-field".to_string(),
-        pod("x", json!({}), json!({"containers": [{"name": "a", "image": "b", "bogus": 1}]})),
+        pod(
+            "x",
+            json!({}),
+            json!({"containers": [{"name": "a", "image": "b", "bogus": 1}]}),
+        ),
     );
     assert!(std::panic::catch_unwind(|| kubernetes_validate(&bad)).is_err());
     let mut no_schema = BTreeMap::new();
@@ -908,7 +1121,10 @@ fn validators_are_not_vacuous() {
     let mut cases = BTreeMap::new();
     cases.insert(
         "missing-parent".to_string(),
-        (json!({"spec": {}}), json!([{"op": "add", "path": "/spec/volumes/-", "value": {}}])),
+        (
+            json!({"spec": {}}),
+            json!([{"op": "add", "path": "/spec/volumes/-", "value": {}}]),
+        ),
     );
     assert!(std::panic::catch_unwind(|| apply_python(&cases)).is_err());
 }

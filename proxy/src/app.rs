@@ -62,7 +62,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     rt.block_on(serve(args, cfg))
 }
 
-fn load_bundle(args: &RunArgs) -> anyhow::Result<(TrustBundle, Option<(std::path::PathBuf, Vec<u8>)>)> {
+/// A bundle file to watch, with the contents already loaded.
+type WatchedFile = Option<(std::path::PathBuf, Vec<u8>)>;
+
+fn load_bundle(args: &RunArgs) -> anyhow::Result<(TrustBundle, WatchedFile)> {
     if let Some(path) = &args.trust_bundle {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read trust bundle {}", path.display()))?;

@@ -325,9 +325,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Stream<I
                     let h = this.rhdr;
                     let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
                     match h[0] {
-                        DATA if len > 0 && len <= MAX_FRAME => this.rstate = ReadState::Data(len),
+                        DATA if (1..=MAX_FRAME).contains(&len) => this.rstate = ReadState::Data(len),
                         FIN if len == 0 => this.rstate = ReadState::Fin,
-                        RESET if len >= 1 && len <= MAX_FRAME => {
+                        RESET if (1..=MAX_FRAME).contains(&len) => {
                             this.reset_buf = vec![0; len];
                             this.rstate = ReadState::Reset { len, n: 0 };
                         }

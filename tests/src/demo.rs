@@ -311,18 +311,22 @@ async fn get(send: &mut Sender, path: &str) -> anyhow::Result<(http::StatusCode,
     Ok((parts.status, parts.headers, body))
 }
 
-/// Sends `GET /orders/<n>` (n counting up from `first_id + 1`) on one keep-alive connection to
-/// `addr`, `rate` per second, for `duration`; reconnects after an error. An answer counts as
-/// ok when it is 200 with order `n`.
-pub async fn http_load(addr: SocketAddr, rate: u32, duration: Duration, first_id: u64) -> HttpLoad {
+/// Requests that `rate` per second for `duration` make.
+pub fn request_count(rate: u32, duration: Duration) -> usize {
+    (f64::from(rate) * duration.as_secs_f64()).round().max(1.0) as usize
+}
+
+/// Sends `count` requests `GET /orders/<n>` (n counting up from `first_id + 1`) on one
+/// keep-alive connection to `addr`, `rate` per second; reconnects after an error. An answer
+/// counts as ok when it is 200 with order `n`.
+pub async fn http_load(addr: SocketAddr, rate: u32, count: usize, first_id: u64) -> HttpLoad {
     let mut out = HttpLoad::default();
     let period = Duration::from_secs(1) / rate.max(1);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let deadline = Instant::now() + duration;
     let mut conn: Option<Sender> = None;
     let mut id = first_id;
-    while Instant::now() < deadline {
+    while out.sent < count {
         tick.tick().await;
         let send = match conn.as_mut() {
             Some(s) => s,
@@ -641,13 +645,14 @@ pub async fn drive(plan: Plan, t: Targets) -> anyhow::Result<Traffic> {
     let d = plan.duration;
     let web_http = async {
         let mut all = HttpLoad::default();
-        let runs = (0..WEB_CONNS).map(|i| http_load(t.web.http, WEB_RATE_PER_CONN, d, u64::from(i) * 1_000_000));
+        let n = request_count(WEB_RATE_PER_CONN, d);
+        let runs = (0..WEB_CONNS).map(|i| http_load(t.web.http, WEB_RATE_PER_CONN, n, u64::from(i) * 1_000_000));
         for r in futures_join_all(runs).await {
             all.merge(r);
         }
         all
     };
-    let batch_http = http_load(t.batch.http, 4, d, 9_000_000);
+    let batch_http = http_load(t.batch.http, 4, request_count(4, d), 9_000_000);
     let web_tcp = tcp_series(t.web.tcp, plan.tcp_count(), Duration::from_millis(500));
     let batch_tcp = tcp_series(t.batch.tcp, plan.tcp_count().div_ceil(2), Duration::from_secs(1));
     let forged = async {
@@ -674,9 +679,9 @@ pub async fn drive(plan: Plan, t: Targets) -> anyhow::Result<Traffic> {
 }
 
 /// Awaits every future concurrently, keeping their order.
-async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
@@ -777,10 +782,6 @@ pub struct Verdict {
     pub failures: Vec<String>,
 }
 
-fn counter(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    m.value(name, labels)
-}
-
 fn rules_with(m: &Metrics, decision: &str) -> BTreeSet<String> {
     m.series(M_AUTHZ)
         .filter(|s| s.has_labels(&[("decision", decision)]) && s.value > 0.0)
@@ -803,234 +804,265 @@ fn until(rfc3339: &str) -> Option<Duration> {
     left.try_into().ok()
 }
 
-/// Checks the observations against the story and writes the report.
-pub fn evaluate(o: &Observed, style: Style) -> Verdict {
-    let mut v = Verdict::default();
-    let s = style;
-    let [api_id, web_id, batch_id] = &o.expected_ids;
+/// One report line and the expectations behind it that did not hold.
+struct Part {
+    line: String,
+    problems: Vec<String>,
+}
 
+impl Part {
+    /// `ok` as the outcome when every expectation held, a loud FAILED otherwise.
+    fn new(who: String, ok: String, problems: Vec<String>, s: Style) -> Self {
+        let outcome = if problems.is_empty() {
+            s.good(&ok)
+        } else {
+            s.bad("FAILED (see below)")
+        };
+        Self {
+            line: format!("{who}   {outcome}"),
+            problems,
+        }
+    }
+}
+
+fn inbound_http(o: &Observed, peer: &str, class: &str) -> f64 {
+    o.api.metrics.value(
+        M_HTTP,
+        &[("direction", "inbound"), ("peer", peer), ("status_class", class)],
+    )
+}
+
+fn first_error(h: &HttpLoad) -> String {
+    h.errors
+        .first()
+        .map(|e| format!(", first error: {e}"))
+        .unwrap_or_default()
+}
+
+fn others(outcomes: &[TcpOutcome], want: &TcpOutcome) -> String {
+    outcomes
+        .iter()
+        .filter(|x| *x != want)
+        .map(TcpOutcome::describe)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Identities and proof that mutual TLS happened at all.
+fn check_mesh(o: &Observed) -> Vec<String> {
+    let mut problems = Vec::new();
+    let [api_id, web_id, batch_id] = &o.expected_ids;
     for (name, view, want) in [("api", &o.api, api_id), ("web", &o.web, web_id), ("batch", &o.batch, batch_id)] {
         if view.identity.spiffe_id != *want {
-            v.failures.push(format!(
+            problems.push(format!(
                 "the {name} sidecar holds identity {:?}, expected {want:?}",
                 view.identity.spiffe_id
             ));
         }
     }
-
-    // mTLS actually happened: the callers dialled api, api accepted them.
-    let web_hs = counter(&o.web.metrics, M_HS, &[("direction", "outbound")]);
-    let batch_hs = counter(&o.batch.metrics, M_HS, &[("direction", "outbound")]);
-    let api_hs = counter(&o.api.metrics, M_HS, &[("direction", "inbound")]);
+    let web_hs = o.web.metrics.value(M_HS, &[("direction", "outbound")]);
+    let batch_hs = o.batch.metrics.value(M_HS, &[("direction", "outbound")]);
+    let api_hs = o.api.metrics.value(M_HS, &[("direction", "inbound")]);
     if web_hs < 1.0 || batch_hs < 1.0 || api_hs < 2.0 {
-        v.failures.push(format!(
+        problems.push(format!(
             "mutual TLS handshakes missing: web made {web_hs}, batch made {batch_hs}, api accepted {api_hs}"
         ));
     }
-    v.lines.push(s.bold(
-        "Moat demo — everything below went over mutual TLS 1.3 between sidecars",
-    ));
+    problems
+}
 
-    // web → api.
+/// `web` → `api`: every request and echo went through, and `api` saw them come from `web`.
+fn check_web(o: &Observed, s: Style) -> Part {
+    let web_id = &o.expected_ids[1];
     let wh = &o.traffic.web_http;
-    let api_from_web_2xx = counter(
-        &o.api.metrics,
-        M_HTTP,
-        &[("direction", "inbound"), ("peer", web_id), ("status_class", "2xx")],
-    );
-    let api_from_web_4xx = counter(
-        &o.api.metrics,
-        M_HTTP,
-        &[("direction", "inbound"), ("peer", web_id), ("status_class", "4xx")],
-    );
-    let web_tcp_ok = o.traffic.web_tcp.iter().filter(|x| **x == TcpOutcome::Echoed).count();
-    let mut web_problems = Vec::new();
+    let tcp = &o.traffic.web_tcp;
+    let api_2xx = inbound_http(o, web_id, "2xx");
+    let api_4xx = inbound_http(o, web_id, "4xx");
+    let tcp_ok = tcp.iter().filter(|x| **x == TcpOutcome::Echoed).count();
+    let mut problems = Vec::new();
     if wh.sent == 0 || wh.ok != wh.sent {
-        web_problems.push(format!(
+        problems.push(format!(
             "web -> api HTTP: {} of {} requests succeeded (statuses {:?}{})",
             wh.ok,
             wh.sent,
             wh.statuses,
-            wh.errors
-                .first()
-                .map(|e| format!(", first error: {e}"))
-                .unwrap_or_default()
+            first_error(wh)
         ));
     }
-    if !wh.denied_by.is_empty() || api_from_web_4xx > 0.0 {
-        web_problems.push(format!(
-            "web was DENIED by api (rules {:?}, {api_from_web_4xx} requests answered 4xx) although the policy admits shop/web",
+    if !wh.denied_by.is_empty() || api_4xx > 0.0 {
+        problems.push(format!(
+            "web was DENIED by api (rules {:?}, {api_4xx} requests answered 4xx) although the policy admits shop/web",
             wh.denied_by
         ));
     }
-    if (api_from_web_2xx as usize) < wh.ok {
-        web_problems.push(format!(
-            "api's sidecar counted only {api_from_web_2xx} successful requests from {web_id}, the client got {}",
+    if (api_2xx as usize) < wh.ok {
+        problems.push(format!(
+            "api's sidecar counted only {api_2xx} successful requests from {web_id}, the client got {}",
             wh.ok
         ));
     }
-    if web_tcp_ok != o.traffic.web_tcp.len() || o.traffic.web_tcp.is_empty() {
-        let bad: Vec<String> = o
-            .traffic
-            .web_tcp
-            .iter()
-            .filter(|x| **x != TcpOutcome::Echoed)
-            .map(TcpOutcome::describe)
-            .collect();
-        web_problems.push(format!(
-            "web -> api TCP echo: {web_tcp_ok} of {} came back ({})",
-            o.traffic.web_tcp.len(),
-            bad.join(", ")
+    if tcp.is_empty() || tcp_ok != tcp.len() {
+        problems.push(format!(
+            "web -> api TCP echo: {tcp_ok} of {} came back ({})",
+            tcp.len(),
+            others(tcp, &TcpOutcome::Echoed)
         ));
     }
-    let web_who = format!("{:<5} ({})", "web", o.web.identity.spiffe_id);
-    let web_outcome = if web_problems.is_empty() {
-        s.good(&format!("HTTP {} ok   TCP echo {web_tcp_ok} ok", wh.ok))
-    } else {
-        s.bad("FAILED (see below)")
-    };
-    v.lines.push(format!(
-        "  {web_who}   ->  api ({})   {web_outcome}",
-        o.api.identity.spiffe_id
-    ));
-    v.failures.extend(web_problems);
+    Part::new(
+        format!(
+            "  {:<5} ({})   ->  api ({})",
+            "web", o.web.identity.spiffe_id, o.api.identity.spiffe_id
+        ),
+        format!("{} HTTP requests ok, {tcp_ok} TCP echoes ok", wh.ok),
+        problems,
+        s,
+    )
+}
 
-    // batch → api: denied, and the rule is the one the metrics name.
+/// `batch` → `api`: 403 naming the rule that `api`'s metrics count, resets on TCP.
+fn check_batch(o: &Observed, s: Style) -> Part {
+    let batch_id = &o.expected_ids[2];
     let bh = &o.traffic.batch_http;
+    let tcp = &o.traffic.batch_tcp;
     let deny_rules = rules_with(&o.api.metrics, "deny");
-    let api_from_batch_4xx = counter(
-        &o.api.metrics,
-        M_HTTP,
-        &[("direction", "inbound"), ("peer", batch_id), ("status_class", "4xx")],
-    );
-    let api_from_batch_2xx = counter(
-        &o.api.metrics,
-        M_HTTP,
-        &[("direction", "inbound"), ("peer", batch_id), ("status_class", "2xx")],
-    );
-    let batch_resets = o.traffic.batch_tcp.iter().filter(|x| **x == TcpOutcome::Reset).count();
-    let mut batch_problems = Vec::new();
-    let all_403 = bh.sent > 0 && bh.statuses.get(&403).copied().unwrap_or(0) == bh.sent;
-    if !all_403 {
-        batch_problems.push(format!(
+    let api_4xx = inbound_http(o, batch_id, "4xx");
+    let api_2xx = inbound_http(o, batch_id, "2xx");
+    let got_403 = bh.statuses.get(&403).copied().unwrap_or(0);
+    let resets = tcp.iter().filter(|x| **x == TcpOutcome::Reset).count();
+    let mut problems = Vec::new();
+    if bh.sent == 0 || got_403 != bh.sent {
+        problems.push(format!(
             "batch -> api HTTP: expected every request to be answered 403, got {:?} of {} sent{}",
             bh.statuses,
             bh.sent,
-            bh.errors.first().map(|e| format!(" (first error: {e})")).unwrap_or_default()
+            first_error(bh)
         ));
     }
-    if bh.ok > 0 || api_from_batch_2xx > 0.0 {
-        batch_problems.push(format!(
+    if bh.ok > 0 || api_2xx > 0.0 {
+        problems.push(format!(
             "batch REACHED the orders app ({} answers with an order) although api's policy does not admit it",
-            bh.ok.max(api_from_batch_2xx as usize)
+            bh.ok.max(api_2xx as usize)
         ));
     }
     if bh.denied_by.is_empty() {
-        batch_problems.push(format!("batch's 403 answers carry no {HEADER_DENIED_BY} header"));
+        problems.push(format!("batch's answers carry no {HEADER_DENIED_BY} header"));
     }
     if deny_rules.is_empty() {
-        batch_problems.push("api's /metrics count no deny decision".into());
+        problems.push("api's /metrics count no deny decision".into());
     } else if !bh.denied_by.is_empty() && bh.denied_by != deny_rules {
-        batch_problems.push(format!(
-            "{HEADER_DENIED_BY} says {:?} but api's metrics count denials by {:?}",
-            bh.denied_by, deny_rules
+        problems.push(format!(
+            "{HEADER_DENIED_BY} says {:?} but api's metrics count denials by {deny_rules:?}",
+            bh.denied_by
         ));
     }
-    if (api_from_batch_4xx as usize) < bh.statuses.get(&403).copied().unwrap_or(0) {
-        batch_problems.push(format!(
-            "api's sidecar counted {api_from_batch_4xx} refused requests from {batch_id}, the client got {}",
-            bh.statuses.get(&403).copied().unwrap_or(0)
+    if (api_4xx as usize) < got_403 {
+        problems.push(format!(
+            "api's sidecar counted {api_4xx} refused requests from {batch_id}, the client got {got_403}"
         ));
     }
-    if batch_resets != o.traffic.batch_tcp.len() || o.traffic.batch_tcp.is_empty() {
-        let other: Vec<String> = o
-            .traffic
-            .batch_tcp
-            .iter()
-            .filter(|x| **x != TcpOutcome::Reset)
-            .map(TcpOutcome::describe)
-            .collect();
-        batch_problems.push(format!(
-            "batch -> api TCP: expected a reset every time, got {batch_resets} of {} ({})",
-            o.traffic.batch_tcp.len(),
-            other.join(", ")
+    if tcp.is_empty() || resets != tcp.len() {
+        problems.push(format!(
+            "batch -> api TCP: expected a reset every time, got {resets} of {} ({})",
+            tcp.len(),
+            others(tcp, &TcpOutcome::Reset)
         ));
     }
-    let rules_text = deny_rules
-        .iter()
-        .map(|r| format!("{r:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let batch_who = format!("{:<5} ({})", "batch", o.batch.identity.spiffe_id);
-    let batch_outcome = if batch_problems.is_empty() {
-        let statuses: Vec<String> = bh.statuses.keys().map(u16::to_string).collect();
-        s.good(&format!(
-            "DENIED by rule {rules_text}: HTTP {}, TCP reset",
+    let rules: Vec<String> = deny_rules.iter().map(|r| format!("{r:?}")).collect();
+    let statuses: Vec<String> = bh.statuses.keys().map(u16::to_string).collect();
+    Part::new(
+        format!("  {:<5} ({}) ->  api", "batch", o.batch.identity.spiffe_id),
+        format!(
+            "DENIED by rule {}: HTTP {}, TCP reset",
+            rules.join(", "),
             statuses.join("/")
-        ))
-    } else {
-        s.bad("FAILED (see below)")
-    };
-    v.lines.push(format!("  {batch_who} ->  api   {batch_outcome}"));
-    v.failures.extend(batch_problems);
+        ),
+        problems,
+        s,
+    )
+}
 
-    // The impostor.
+/// The impostor: refused during the handshake, because its CA is not trusted.
+fn check_forged(o: &Observed, s: Style) -> Part {
     let f = &o.traffic.forged;
-    let mut forged_problems = Vec::new();
     let reasons: Vec<&str> = f.reasons.keys().map(String::as_str).collect();
+    let mut problems = Vec::new();
     match &f.refused {
-        None => forged_problems.push(format!(
+        None => problems.push(format!(
             "a certificate from a self-made CA claiming {} was ACCEPTED by api (the handshake succeeded)",
             f.claimed
         )),
-        Some(_) if reasons.is_empty() => forged_problems.push(
+        Some(_) if reasons.is_empty() => problems.push(
             "api refused the forged certificate but its /metrics count no inbound handshake failure".into(),
         ),
-        Some(_) if reasons != ["untrusted_issuer"] => forged_problems.push(format!(
+        Some(_) if reasons != ["untrusted_issuer"] => problems.push(format!(
             "api refused the forged certificate for {reasons:?}, expected untrusted_issuer (a certificate from an unknown CA)"
         )),
         Some(_) => {}
     }
-    let forged_outcome = if forged_problems.is_empty() {
-        s.good(&format!("REFUSED in handshake: {}", reasons.join(", ")))
-    } else {
-        s.bad("FAILED (see below)")
-    };
-    v.lines.push(format!(
-        "  forged certificate (self-made CA, claims {}) -> api   {forged_outcome}",
-        short_id(&f.claimed)
-    ));
+    let mut part = Part::new(
+        format!(
+            "  forged certificate (self-made CA, claims {}) -> api",
+            short_id(&f.claimed)
+        ),
+        format!("REFUSED in handshake: {}", reasons.join(", ")),
+        problems,
+        s,
+    );
     if let Some(seen) = &f.refused {
-        v.lines.push(s.dim(&format!("      the impostor's TLS client saw: {seen}")));
+        part.line.push('\n');
+        part.line
+            .push_str(&s.dim(&format!("      the impostor's TLS client saw: {seen}")));
     }
-    v.failures.extend(forged_problems);
+    part
+}
 
-    // Latency.
-    let mut lat = wh.latencies.clone();
+/// Latency, where to scrape, and the certificate in use.
+fn facts(o: &Observed) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut lat = o.traffic.web_http.latencies.clone();
     lat.sort();
     match (percentile(&lat, 0.5), percentile(&lat, 0.99), percentile(&lat, 0.999)) {
-        (Some(p50), Some(p99), Some(p999)) => v.lines.push(format!(
+        (Some(p50), Some(p99), Some(p999)) => lines.push(format!(
             "Request latency through both sidecars (client-side, {} requests): p50 {}  p99 {}  p99.9 {}",
             lat.len(),
             ms(p50),
             ms(p99),
             ms(p999)
         )),
-        _ => v.lines.push("Request latency: no request was answered".into()),
+        _ => lines.push("Request latency: no request was answered".into()),
     }
-    v.lines.push(format!(
+    lines.push(format!(
         "Sidecar metrics (what SREs scrape): web http://{}/metrics   api http://{}/metrics   batch http://{}/metrics",
         o.web.admin, o.api.admin, o.batch.admin
     ));
     let id = &o.api.identity;
-    let serial = if id.serial.len() > 12 { format!("{}…", &id.serial[..12]) } else { id.serial.clone() };
+    let serial = match id.serial.get(..12) {
+        Some(head) if id.serial.len() > 12 => format!("{head}…"),
+        _ => id.serial.clone(),
+    };
     let left = until(&id.not_after)
         .map(|d| format!("in {}", moat_core::duration::format(Duration::from_secs(d.as_secs()))))
         .unwrap_or_else(|| "?".into());
-    v.lines.push(format!(
+    lines.push(format!(
         "Certificates: api serial {serial}  expires {} ({left}; the sidecar renews it automatically)",
         id.not_after
     ));
+    lines
+}
+
+/// Checks the observations against the story and writes the report.
+pub fn evaluate(o: &Observed, style: Style) -> Verdict {
+    let mut v = Verdict {
+        lines: vec![style.bold(
+            "Moat demo — everything below went over mutual TLS 1.3 between sidecars",
+        )],
+        failures: check_mesh(o),
+    };
+    for part in [check_web(o, style), check_batch(o, style), check_forged(o, style)] {
+        v.lines.push(part.line);
+        v.failures.extend(part.problems);
+    }
+    v.lines.extend(facts(o));
     v
 }
 
@@ -1070,6 +1102,126 @@ mod tests {
         assert_eq!(orders_answer(&http::Method::GET, "/orders/x").status(), 404);
         assert_eq!(orders_answer(&http::Method::POST, "/orders/7").status(), 404);
         assert_eq!(short_id("spiffe://cluster.local/ns/shop/sa/web"), ".../sa/web");
+    }
+
+    const TD: &str = "spiffe://cluster.local/ns/shop/sa";
+
+    fn view(metrics: &str) -> SidecarView {
+        SidecarView {
+            identity: Identity::default(),
+            metrics: Metrics::parse(metrics),
+            admin: "127.0.0.1:1".into(),
+        }
+    }
+
+    /// Observations of a mesh that behaved.
+    fn good() -> Observed {
+        let (api, web, batch) = (format!("{TD}/api"), format!("{TD}/web"), format!("{TD}/batch"));
+        let api_metrics = format!(
+            "moat_proxy_tls_handshakes_total{{direction=\"inbound\"}} 3\n\
+             moat_proxy_http_requests_total{{direction=\"inbound\",status_class=\"2xx\",peer=\"{web}\",local=\"{api}\"}} 300\n\
+             moat_proxy_http_requests_total{{direction=\"inbound\",status_class=\"4xx\",peer=\"{batch}\",local=\"{api}\"}} 12\n\
+             moat_proxy_authz_decisions_total{{decision=\"allow\",rule=\"web-to-api\"}} 8\n\
+             moat_proxy_authz_decisions_total{{decision=\"deny\",rule=\"default\"}} 4\n"
+        );
+        let caller = "moat_proxy_tls_handshakes_total{direction=\"outbound\"} 1\n";
+        let mut o = Observed {
+            traffic: Traffic {
+                web_http: HttpLoad {
+                    sent: 300,
+                    ok: 300,
+                    latencies: vec![Duration::from_micros(500); 300],
+                    statuses: BTreeMap::from([(200, 300)]),
+                    ..HttpLoad::default()
+                },
+                web_tcp: vec![TcpOutcome::Echoed; 6],
+                batch_http: HttpLoad {
+                    sent: 12,
+                    statuses: BTreeMap::from([(403, 12)]),
+                    denied_by: BTreeSet::from(["default".to_string()]),
+                    ..HttpLoad::default()
+                },
+                batch_tcp: vec![TcpOutcome::Reset; 3],
+                forged: Forged {
+                    claimed: web.clone(),
+                    refused: Some("received fatal alert: CertificateUnknown".into()),
+                    reasons: BTreeMap::from([("untrusted_issuer".to_string(), 1.0)]),
+                },
+            },
+            api: view(&api_metrics),
+            web: view(caller),
+            batch: view(caller),
+            expected_ids: [api.clone(), web.clone(), batch.clone()],
+        };
+        o.api.identity.spiffe_id = api;
+        o.web.identity.spiffe_id = web;
+        o.batch.identity.spiffe_id = batch;
+        o
+    }
+
+    #[test]
+    fn a_mesh_that_behaves_passes_with_measured_facts() {
+        let v = evaluate(&good(), Style::default());
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        let text = render(&v, Style::default());
+        assert!(text.contains("300 HTTP requests ok, 6 TCP echoes ok"), "{text}");
+        assert!(text.contains("DENIED by rule \"default\": HTTP 403, TCP reset"), "{text}");
+        assert!(text.contains("REFUSED in handshake: untrusted_issuer"), "{text}");
+        assert!(text.contains("p50 0.50 ms"), "{text}");
+    }
+
+    #[test]
+    fn every_misbehaviour_fails_loudly() {
+        type Breakage = Box<dyn Fn(&mut Observed)>;
+        let cases: Vec<(&str, Breakage)> = vec![
+            ("ACCEPTED", Box::new(|o| o.traffic.forged.refused = None)),
+            (
+                "expected untrusted_issuer",
+                Box::new(|o| o.traffic.forged.reasons = BTreeMap::from([("not_svid".into(), 1.0)])),
+            ),
+            (
+                "web was DENIED",
+                Box::new(|o| {
+                    o.traffic.web_http.denied_by.insert("default".into());
+                }),
+            ),
+            (
+                "batch REACHED",
+                Box::new(|o| {
+                    o.traffic.batch_http.ok = 12;
+                    o.traffic.batch_http.statuses = BTreeMap::from([(200, 12)]);
+                }),
+            ),
+            (
+                "expected a reset",
+                Box::new(|o| o.traffic.batch_tcp[1] = TcpOutcome::Echoed),
+            ),
+            ("TCP echo: 5 of 6", Box::new(|o| o.traffic.web_tcp[0] = TcpOutcome::Reset)),
+            (
+                "holds identity",
+                Box::new(|o| o.web.identity.spiffe_id = format!("{TD}/other")),
+            ),
+            (
+                "handshakes missing",
+                Box::new(|o| o.web.metrics = Metrics::default()),
+            ),
+            (
+                "counted only",
+                Box::new(|o| o.api.metrics.samples.retain(|s| s.label("status_class") != Some("2xx"))),
+            ),
+        ];
+        for (want, break_it) in cases {
+            let mut o = good();
+            break_it(&mut o);
+            let v = evaluate(&o, Style::default());
+            let text = render(&v, Style::default());
+            assert!(text.contains("DEMO FAILED"), "{want}: {text}");
+            assert!(
+                v.failures.iter().any(|f| f.contains(want)),
+                "{want}: {:?}",
+                v.failures
+            );
+        }
     }
 
     #[test]

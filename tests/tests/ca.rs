@@ -477,16 +477,38 @@ async fn issues_the_exact_svid_profile() -> TestResult {
         .json()?;
     let chain2 = parse_chain(&again.certificate_chain)?;
     let facts2 = check_profile(&chain2[0], &root_der(&ca)?, &id, &[])?;
-    ensure!(facts.serial != facts2.serial, "two issuances, one serial");
     ensure!(ca.metric(ISSUED, &[])? == 2.0);
     ensure!(ca.metric(REFUSED, &[])? == 0.0);
 
-    // The audit log records both issuances with the serial.
+    // Serials are distinct, and the audit log names each one as the certificate encodes it
+    // (and as moat-core reports it), whether or not its top bit is set.
+    let mut serials = vec![facts.serial, facts2.serial];
+    for _ in 0..10 {
+        let r: CertificateResponse = ca
+            .request_certificate(&token, &client_csr(&id)?)
+            .await?
+            .json()?;
+        let chain = parse_chain(&r.certificate_chain)?;
+        serials.push(check_profile(&chain[0], &root_der(&ca)?, &id, &[])?.serial);
+        ensure!(
+            moat_core::x509::inspect(&chain[0])?.serial_hex == moat_core::x509::hex(serials.last().context("serial")?)
+        );
+    }
+    let distinct: std::collections::HashSet<_> = serials.iter().collect();
+    ensure!(distinct.len() == serials.len(), "repeated serial");
     let audit = ca.json_logs();
     let issued = logs::matching(&audit, &[("event", "issued"), ("spiffe_id", id.as_str())]);
-    ensure!(issued.len() == 2, "audit lines: {issued:?}");
-    ensure!(issued[0]["serial"] == moat_core::x509::hex(&facts.serial));
-    ensure!(issued[0]["pod"] == "web-0" && issued[0]["namespace"] == "shop");
+    ensure!(issued.len() == serials.len(), "audit lines: {issued:?}");
+    for (line, serial) in issued.iter().zip(&serials) {
+        ensure!(
+            line["serial"] == moat_core::x509::hex(serial),
+            "audit serial {} is not the certificate's {}",
+            line["serial"],
+            moat_core::x509::hex(serial)
+        );
+        ensure!(line["pod"] == "web-0" && line["namespace"] == "shop");
+        ensure!(line["target"] == "moat_ca::audit" && line["level"] == "INFO");
+    }
     Ok(())
 }
 
@@ -1331,6 +1353,12 @@ async fn manager_renews_before_expiry_twice() -> TestResult {
         );
         ensure!(handle.has_valid_cert());
         ensure!(handle.cert.get().is_some());
+        // The workload's view of the serial is the CA's audit record of it.
+        ensure!(
+            !logs::matching(&ca.json_logs(), &[("event", "issued"), ("serial", &next.serial)]).is_empty(),
+            "round {round}: serial {} not in the CA's audit log",
+            next.serial
+        );
         current = next;
         installed_at = Instant::now();
     }

@@ -20,9 +20,14 @@ pub const K8S_VERSION: &str = "1.33";
 
 /// The shared corpus of real pod specs and AdmissionRequests (fails loudly when missing).
 pub fn corpus_dir() -> PathBuf {
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus/k8s"));
+    let dir = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/corpus/k8s"
+    ));
     assert!(
-        dir.join("istio").is_dir() && dir.join("linkerd").is_dir() && dir.join("kubewarden").is_dir(),
+        dir.join("istio").is_dir()
+            && dir.join("linkerd").is_dir()
+            && dir.join("kubewarden").is_dir(),
         "corpus missing at {}: the tests need ../shared/corpus/k8s next to the workspace",
         dir.display()
     );
@@ -37,10 +42,8 @@ impl TempDir {
     pub fn new(tag: &str) -> Self {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!(
-            "moat-injector-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let p =
+            std::env::temp_dir().join(format!("moat-injector-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
         Self(p)
@@ -101,7 +104,12 @@ pub fn yaml_docs(path: &Path) -> Vec<Value> {
 pub fn pods_of(doc: &Value) -> Vec<Value> {
     let kind = doc["kind"].as_str().unwrap_or("");
     if kind == "List" {
-        return doc["items"].as_array().into_iter().flatten().flat_map(pods_of).collect();
+        return doc["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(pods_of)
+            .collect();
     }
     let template = match kind {
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
@@ -113,12 +121,17 @@ pub fn pods_of(doc: &Value) -> Vec<Value> {
     let Some(t) = template else { return vec![] };
     let mut metadata = t.get("metadata").cloned().unwrap_or_else(|| json!({}));
     // A controller-created pod: generateName, no name.
-    let owner = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("pod");
+    let owner = doc
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("pod");
     metadata["generateName"] = json!(format!("{owner}-"));
     if let Some(ns) = doc.pointer("/metadata/namespace") {
         metadata["namespace"] = ns.clone();
     }
-    vec![json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": t["spec"].clone()})]
+    vec![
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": t["spec"].clone()}),
+    ]
 }
 
 /// Wraps an AdmissionRequest into an AdmissionReview.
@@ -189,7 +202,10 @@ pub fn check_envelope(review: &Value, reply: &Reply) -> Response {
     assert_eq!(body["kind"], "AdmissionReview", "{body}");
     assert!(body.get("request").is_none(), "request echoed back: {body}");
     let resp = body["response"].clone();
-    assert_eq!(resp["uid"], review["request"]["uid"], "uid not echoed: {body}");
+    assert_eq!(
+        resp["uid"], review["request"]["uid"],
+        "uid not echoed: {body}"
+    );
     assert!(resp["allowed"].is_boolean(), "{body}");
     for w in resp["warnings"].as_array().into_iter().flatten() {
         let w = w.as_str().expect("warning is a string");
@@ -199,7 +215,9 @@ pub fn check_envelope(review: &Value, reply: &Reply) -> Response {
         (None, None) => None,
         (Some(p), Some(t)) => {
             assert_eq!(t, "JSONPatch");
-            let b64 = p.as_str().unwrap_or_else(|| panic!("patch is not a base64 string: {p}"));
+            let b64 = p
+                .as_str()
+                .unwrap_or_else(|| panic!("patch is not a base64 string: {p}"));
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64)
                 .expect("patch is base64");
@@ -209,14 +227,18 @@ pub fn check_envelope(review: &Value, reply: &Reply) -> Response {
         }
         (p, t) => panic!("patch and patchType must come together: {p:?} {t:?}"),
     };
-    Response { response: resp, patch }
+    Response {
+        response: resp,
+        patch,
+    }
 }
 
 /// Applies `patch` to `doc` with the json-patch crate.
 pub fn apply_rust(doc: &Value, patch: &Value) -> Value {
     let p: json_patch::Patch = serde_json::from_value(patch.clone()).expect("patch parses");
     let mut out = doc.clone();
-    json_patch::patch(&mut out, &p).unwrap_or_else(|e| panic!("json-patch crate: {e}\npatch: {patch}"));
+    json_patch::patch(&mut out, &p)
+        .unwrap_or_else(|e| panic!("json-patch crate: {e}\npatch: {patch}"));
     out
 }
 
@@ -267,7 +289,11 @@ pub fn apply_python(cases: &BTreeMap<String, (Value, Value)>) -> BTreeMap<String
         .arg(&outp)
         .output()
         .expect("python3");
-    assert!(o.status.success(), "jsonpatch run failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "jsonpatch run failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let out: BTreeMap<String, Value> =
         serde_json::from_slice(&std::fs::read(&outp).expect("read")).expect("json");
     let mut results = BTreeMap::new();
@@ -276,7 +302,10 @@ pub fn apply_python(cases: &BTreeMap<String, (Value, Value)>) -> BTreeMap<String
             Some(v) => {
                 results.insert(name, v.clone());
             }
-            None => panic!("Python jsonpatch could not apply the patch of {name}: {}", r["error"]),
+            None => panic!(
+                "Python jsonpatch could not apply the patch of {name}: {}",
+                r["error"]
+            ),
         }
     }
     results
@@ -307,8 +336,12 @@ pub fn kubernetes_validate(objects: &BTreeMap<String, Value>) {
     for (name, f) in &files {
         let f = f.display().to_string();
         let lines: Vec<&str> = text.lines().filter(|l| l.contains(&f)).collect();
-        let passed = lines.iter().any(|l| l.starts_with("INFO") && l.contains("passed"));
-        let bad = lines.iter().any(|l| l.starts_with("ERROR") || l.starts_with("WARN"));
+        let passed = lines
+            .iter()
+            .any(|l| l.starts_with("INFO") && l.contains("passed"));
+        let bad = lines
+            .iter()
+            .any(|l| l.starts_with("ERROR") || l.starts_with("WARN"));
         if !passed || bad {
             failures.push(format!("{name}: {}", lines.join(" | ")));
         }
