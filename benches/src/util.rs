@@ -113,6 +113,28 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<(u64, u64)> {
     }
 }
 
+/// Busy and total CPU time of the whole machine so far, in seconds (from `/proc/stat`).
+pub fn machine_cpu_seconds() -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat: no cpu line")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        bail!("/proc/stat: short cpu line {line:?}");
+    }
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let idle = v[3] + v[4];
+    let total: u64 = v[..8].iter().sum();
+    let hz = clock_ticks();
+    Ok(((total - idle) as f64 / hz, total as f64 / hz))
+}
+
 /// Number of CPUs this process may run on.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -144,5 +166,7 @@ mod tests {
         let (rss, peak) = rss_bytes(pid).unwrap();
         assert!(rss > 0 && peak >= rss);
         assert!(stat_fields("12 (a b) c) S 1 2").unwrap()[0] == "S");
+        let (busy, total) = machine_cpu_seconds().unwrap();
+        assert!(busy > 0.0 && total >= busy);
     }
 }

@@ -248,6 +248,9 @@ mod tests {
         let n = bytes.len();
         bytes[n - 5] ^= 0x01;
         let tampered = moat_core::pem::encode_block("CERTIFICATE REQUEST", &bytes);
-        assert_eq!(admit(&tampered, &id(), &[]).unwrap_err(), CsrError::BadSignature);
+        assert_eq!(
+            admit(&tampered, &id(), &[]).unwrap_err(),
+            CsrError::BadSignature
+        );
     }
 }

@@ -327,7 +327,12 @@ impl CaService {
             )
             .by(&workload)
         })?;
-        let allowed_dns = self.limits.dns_sans.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+        let allowed_dns = self
+            .limits
+            .dns_sans
+            .get(&id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let admitted = csr::admit(&request.csr, &id, allowed_dns).map_err(|e| {
             Refusal::new(
                 StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
@@ -338,7 +343,12 @@ impl CaService {
         })?;
         let issued = self
             .authority
-            .issue(&admitted.key, &id, &admitted.dns_names, self.limits.cert_ttl)
+            .issue(
+                &admitted.key,
+                &id,
+                &admitted.dns_names,
+                self.limits.cert_ttl,
+            )
             .map_err(|e| {
                 Refusal::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

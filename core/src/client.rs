@@ -183,8 +183,11 @@ impl CaClient {
                 path: self.cfg.token_file.clone(),
                 source,
             })?;
-        let (key_der, csr_pem) =
-            make_csr(&self.cfg.identity, &self.cfg.dns_names, self.cfg.key_algorithm)?;
+        let (key_der, csr_pem) = make_csr(
+            &self.cfg.identity,
+            &self.cfg.dns_names,
+            self.cfg.key_algorithm,
+        )?;
         let body = serde_json::to_vec(&CertificateRequest { csr: csr_pem })
             .map_err(|e| ClientError::Csr(e.to_string()))?;
 
@@ -340,9 +343,9 @@ pub fn make_csr(
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into().map_err(err)?)];
     for name in dns_names {
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::DnsName(name.as_str().try_into().map_err(err)?));
+        params.subject_alt_names.push(rcgen::SanType::DnsName(
+            name.as_str().try_into().map_err(err)?,
+        ));
     }
     let csr = params.serialize_request(&key).map_err(err)?;
     Ok((key.serialize_der(), csr.pem().map_err(err)?))

@@ -306,8 +306,14 @@ mod tests {
         let i = info(Duration::from_secs(3660));
         // Issued back-dated by 60 s: the schedule counts from receipt, not notBefore.
         let received = i.not_before + Duration::from_secs(60);
-        assert_eq!(renew_at(&i, received, 0.5), received + Duration::from_secs(1800));
-        assert_eq!(renew_at(&i, received, 0.7), received + Duration::from_secs(2520));
+        assert_eq!(
+            renew_at(&i, received, 0.5),
+            received + Duration::from_secs(1800)
+        );
+        assert_eq!(
+            renew_at(&i, received, 0.7),
+            received + Duration::from_secs(2520)
+        );
     }
 
     #[test]

@@ -268,7 +268,7 @@ fn decide(
     match outcome {
         Ok(o) => match o.decision {
             Decision::Skip(reason) => {
-                tracing::info!(uid = %req.uid, namespace = ns_label, pod = %name, reason = reason.label(), dry_run = req.dry_run, "pod not injected");
+                tracing::info!(uid = %req.uid, namespace = ns_label, pod = %name, reason = reason.label(), warnings = ?o.warnings, dry_run = req.dry_run, "pod not injected");
                 skip(reason.label(), o.warnings)
             }
             Decision::Inject(injection) => {
@@ -290,7 +290,7 @@ fn decide(
                 match resp {
                     Ok(resp) => {
                         ::metrics::counter!(metrics::INJECTIONS).increment(1);
-                        tracing::info!(uid = %req.uid, namespace = ns_label, pod = %name, mode = %injection.status.mode, probes = injection.status.probes.len(), warnings = o.warnings.len(), dry_run = req.dry_run, "pod injected");
+                        tracing::info!(uid = %req.uid, namespace = ns_label, pod = %name, mode = %injection.status.mode, probes = injection.status.probes.len(), warnings = ?o.warnings, dry_run = req.dry_run, "pod injected");
                         (encode(resp), "injected")
                     }
                     Err(e) => internal(

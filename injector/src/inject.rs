@@ -236,10 +236,10 @@ pub fn inject(
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(DEFAULT_CONTAINER_ANNOTATION));
-    if !has_default {
+    if let Some(first) = spec.containers.first().filter(|_| !has_default) {
         entries.push((
             DEFAULT_CONTAINER_ANNOTATION.to_string(),
-            Value::String(spec.containers[0].name.clone()),
+            Value::String(first.name.clone()),
         ));
     }
     b.set_entries(&["metadata", "annotations"], entries)?;

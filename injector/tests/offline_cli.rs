@@ -38,7 +38,8 @@ fn inject(file: &str, bundle: &Path, extra: &[&str], stdin: Option<&str>) -> Out
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("run moat-injector");
     if let (Some(input), Some(mut s)) = (stdin, child.stdin.take()) {
-        s.write_all(input.as_bytes()).expect("stdin");
+        // The process may exit before reading (e.g. on a bad flag): a broken pipe is fine.
+        let _ = s.write_all(input.as_bytes());
     }
     child.wait_with_output().expect("wait")
 }

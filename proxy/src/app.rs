@@ -54,11 +54,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     moat_core::telemetry::init_logging(args.log_format, &args.log_level)
         .map_err(anyhow::Error::msg)?;
     let cfg = Config::from_args(&args).map_err(anyhow::Error::msg)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("moat-proxy")
-        .build()
-        .context("cannot start the runtime")?;
+    let rt = match args.worker_threads {
+        0 => anyhow::bail!("--worker-threads must be at least 1"),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .thread_name("moat-proxy")
+            .build(),
+    }
+    .context("cannot start the runtime")?;
     rt.block_on(serve(args, cfg))
 }
 
@@ -125,7 +132,8 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let policy0 = crate::policy::watch::load_initial(&args.policy, &cfg.trust_domain)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let probes = probes::AppProbes::parse(args.app_probes.as_deref()).map_err(anyhow::Error::msg)?;
+    let probes =
+        probes::AppProbes::parse(args.app_probes.as_deref()).map_err(anyhow::Error::msg)?;
 
     // Bind everything first: a port conflict is a start-up error, not a silent half-proxy.
     let inbound_l = bind(cfg.inbound_listen, "inbound").await?;
@@ -221,15 +229,26 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         _ = shutdown_now.notified() => true,
     };
     health.set_ready(false);
-    let delay = if immediate { Duration::ZERO } else { ctx.cfg.drain_delay };
-    tracing::info!(drain_delay_s = delay.as_secs_f64(), grace_s = ctx.cfg.shutdown_grace.as_secs_f64(), "shutting down: not ready; still proxying while the app finishes");
+    let delay = if immediate {
+        Duration::ZERO
+    } else {
+        ctx.cfg.drain_delay
+    };
+    tracing::info!(
+        drain_delay_s = delay.as_secs_f64(),
+        grace_s = ctx.cfg.shutdown_grace.as_secs_f64(),
+        "shutting down: not ready; still proxying while the app finishes"
+    );
     tokio::time::sleep(delay).await;
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     conns.start_drain();
     let left = conns.wait_idle(ctx.cfg.shutdown_grace).await;
     if left > 0 {
-        tracing::warn!(connections = left, "grace period over; closing remaining connections");
+        tracing::warn!(
+            connections = left,
+            "grace period over; closing remaining connections"
+        );
     }
     let _ = admin_stop_tx.send(true);
     tracing::info!("moat-proxy stopped");

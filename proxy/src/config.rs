@@ -60,7 +60,9 @@ impl FromStr for Route {
                 }
             }
         }
-        let need = |what| format!("route {s:?}: missing {what}= (format: listen=ADDR,connect=ADDR,port=N[,identity=SPIFFE_ID])");
+        let need = |what| {
+            format!("route {s:?}: missing {what}= (format: listen=ADDR,connect=ADDR,port=N[,identity=SPIFFE_ID])")
+        };
         Ok(Self {
             listen: listen.ok_or_else(|| need("listen"))?,
             connect: connect.ok_or_else(|| need("connect"))?,
@@ -120,10 +122,18 @@ pub struct RunArgs {
     #[arg(long, env = "MOAT_POD_NAME", default_value = "")]
     pub pod_name: String,
     /// The CA's URL.
-    #[arg(long, env = "MOAT_CA_URL", default_value = "https://moat-ca.moat-system.svc:8443")]
+    #[arg(
+        long,
+        env = "MOAT_CA_URL",
+        default_value = "https://moat-ca.moat-system.svc:8443"
+    )]
     pub ca_url: http::Uri,
     /// Projected service-account token (audience moat-ca), re-read for every request.
-    #[arg(long, env = "MOAT_TOKEN_FILE", default_value = "/var/run/secrets/moat/token")]
+    #[arg(
+        long,
+        env = "MOAT_TOKEN_FILE",
+        default_value = "/var/run/secrets/moat/token"
+    )]
     pub token_file: PathBuf,
     /// Trust bundle file (PEM roots), watched for changes.
     #[arg(long, env = "MOAT_TRUST_BUNDLE")]
@@ -133,7 +143,11 @@ pub struct RunArgs {
     pub trust_bundle_pem: Option<String>,
     /// Authorization policy file; when it does not exist the built-in policy applies (any
     /// identity of this trust domain, no unauthenticated callers).
-    #[arg(long, env = "MOAT_POLICY", default_value = "/etc/moat/policy/policy.yaml")]
+    #[arg(
+        long,
+        env = "MOAT_POLICY",
+        default_value = "/etc/moat/policy/policy.yaml"
+    )]
     pub policy: PathBuf,
     /// Inbound listener (captured traffic into the pod, and peer sidecars).
     #[arg(long, env = "MOAT_INBOUND_LISTEN", default_value = "0.0.0.0:15006")]
@@ -152,7 +166,11 @@ pub struct RunArgs {
     #[arg(long, env = "MOAT_EGRESS_ALLOW", value_delimiter = ',')]
     pub allow_egress: Vec<Cidr>,
     /// Expected identities of destinations: `IP[:PORT]=SPIFFE_ID` (repeatable, or comma-separated).
-    #[arg(long = "peer-identity", env = "MOAT_PEER_IDENTITIES", value_delimiter = ',')]
+    #[arg(
+        long = "peer-identity",
+        env = "MOAT_PEER_IDENTITIES",
+        value_delimiter = ','
+    )]
     pub peer_identities: Vec<PeerIdentity>,
     /// Explicit routes: `listen=ADDR,connect=ADDR,port=N[,identity=ID]` (repeatable;
     /// `;`-separated in the env var).
@@ -195,6 +213,10 @@ pub struct RunArgs {
     /// After accepting stops, how long in-flight connections may take.
     #[arg(long, env = "MOAT_SHUTDOWN_GRACE", default_value = "20s", value_parser = duration)]
     pub shutdown_grace: Duration,
+    /// Threads proxying traffic. 1 (the default) runs everything on one thread, which is the
+    /// cheapest for a sidecar; raise it for pods that move more than one core can.
+    #[arg(long, env = "MOAT_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
     /// Certificate key algorithm: ecdsa-p256 or ed25519.
     #[arg(long, env = "MOAT_KEY_ALGORITHM", default_value = "ecdsa-p256")]
     pub key_algorithm: String,
@@ -255,13 +277,23 @@ impl Config {
     /// Validates the flags.
     pub fn from_args(a: &RunArgs) -> Result<Self, String> {
         let identity = SpiffeId::workload(&a.trust_domain, &a.namespace, &a.service_account)
-            .map_err(|e| format!("namespace {:?} / service account {:?} do not form a valid identity: {e}", a.namespace, a.service_account))?;
+            .map_err(|e| {
+                format!(
+                    "namespace {:?} / service account {:?} do not form a valid identity: {e}",
+                    a.namespace, a.service_account
+                )
+            })?;
         let outbound_listen = match a.outbound_listen.as_str() {
             "off" | "" => None,
-            s => Some(s.parse().map_err(|_| format!("--outbound-listen {s:?} is not ADDR:PORT or 'off'"))?),
+            s => Some(
+                s.parse()
+                    .map_err(|_| format!("--outbound-listen {s:?} is not ADDR:PORT or 'off'"))?,
+            ),
         };
         if a.trust_bundle.is_none() && a.trust_bundle_pem.is_none() {
-            return Err("no trust bundle: set MOAT_TRUST_BUNDLE (file) or MOAT_TRUST_BUNDLE_PEM".into());
+            return Err(
+                "no trust bundle: set MOAT_TRUST_BUNDLE (file) or MOAT_TRUST_BUNDLE_PEM".into(),
+            );
         }
         let mut peer_by_addr = HashMap::new();
         let mut peer_by_ip = HashMap::new();
@@ -319,7 +351,8 @@ impl Config {
     /// Whether `dst` is one of our own listeners (a connection there would loop).
     pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
         let ours = |l: SocketAddr| {
-            l.port() == dst.port() && (l.ip().is_unspecified() || l.ip() == dst.ip() || dst.ip().is_loopback())
+            l.port() == dst.port()
+                && (l.ip().is_unspecified() || l.ip() == dst.ip() || dst.ip().is_loopback())
         };
         ours(self.inbound_listen)
             || self.outbound_listen.is_some_and(ours)
@@ -333,9 +366,10 @@ mod tests {
 
     #[test]
     fn parses_routes_and_peer_identities() {
-        let r: Route = "listen=127.0.0.1:8080,connect=10.0.0.2:15006,port=80,identity=spiffe://td/ns/a/sa/b"
-            .parse()
-            .unwrap();
+        let r: Route =
+            "listen=127.0.0.1:8080,connect=10.0.0.2:15006,port=80,identity=spiffe://td/ns/a/sa/b"
+                .parse()
+                .unwrap();
         assert_eq!(r.port, 80);
         assert_eq!(r.identity.unwrap().as_str(), "spiffe://td/ns/a/sa/b");
         for bad in [

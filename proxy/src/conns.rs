@@ -67,7 +67,11 @@ impl Authorized {
 
 impl Drop for Authorized {
     fn drop(&mut self) {
-        let mut map = self.registry.authorized.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .registry
+            .authorized
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         map.remove(&self.id);
     }
 }
@@ -112,7 +116,11 @@ impl Registry {
                 e.kill.notify_one();
                 n += 1;
                 tracing::warn!(
-                    peer = e.peer.as_ref().map(SpiffeId::as_str).unwrap_or("unauthenticated"),
+                    peer = e
+                        .peer
+                        .as_ref()
+                        .map(SpiffeId::as_str)
+                        .unwrap_or("unauthenticated"),
                     port = e.port,
                     rule = d.rule,
                     "closing open connection: the new policy denies it"

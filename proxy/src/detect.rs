@@ -45,7 +45,14 @@ impl Protocol {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: &[&[u8]] = &[
-    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
     b"TRACE ",
 ];
 
@@ -208,12 +215,18 @@ mod tests {
     #[test]
     fn recognises_moat_client_hello_even_with_post_quantum_key_share() {
         let hello = client_hello(&[MOAT_ALPN]);
-        assert!(hello.len() > 1000, "X25519MLKEM768 key share makes it large");
+        assert!(
+            hello.len() > 1000,
+            "X25519MLKEM768 key share makes it large"
+        );
         assert_eq!(inbound(&hello), Protocol::MoatTls);
         for cut in [1, 5, 100, hello.len() - 1] {
             assert_eq!(inbound(&hello[..cut]), Protocol::NeedMore, "cut at {cut}");
         }
-        assert_eq!(inbound(&client_hello(&[b"h2", b"http/1.1"])), Protocol::OtherTls);
+        assert_eq!(
+            inbound(&client_hello(&[b"h2", b"http/1.1"])),
+            Protocol::OtherTls
+        );
         assert_eq!(inbound(&client_hello(&[])), Protocol::OtherTls);
     }
 
@@ -246,5 +259,4 @@ mod tests {
             let _ = inbound(&tls);
         }
     }
-
 }

@@ -41,9 +41,7 @@ struct ReqMetrics {
 impl ReqMetrics {
     fn new(dir: Direction, peer: &str, local: &str) -> Self {
         let d = dir.as_str();
-        let counter = |class: &'static str| {
-            metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "status_class" => class, "peer" => peer.to_string(), "local" => local.to_string())
-        };
+        let counter = |class: &'static str| metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "status_class" => class, "peer" => peer.to_string(), "local" => local.to_string());
         Self {
             duration: metrics::histogram!(m::HTTP_DURATION, "direction" => d, "peer" => peer.to_string(), "local" => local.to_string()),
             by_class: [
@@ -82,11 +80,19 @@ pub struct Labels {
     pub local: Arc<str>,
 }
 
-fn synthetic(status: StatusCode, header_name: &'static str, value: &str, body: String) -> Response<Body> {
+fn synthetic(
+    status: StatusCode,
+    header_name: &'static str,
+    value: &str,
+    body: String,
+) -> Response<Body> {
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if let Ok(v) = HeaderValue::from_str(value) {
         h.insert(header_name, v);
     }
@@ -98,7 +104,10 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.headers()
         .get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
 }
 
 fn http1_server() -> hyper::server::conn::http1::Builder {
@@ -138,7 +147,6 @@ where
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .handshake(TokioIo::new(upstream))
             .await?;
-        let upstream_task = tokio::spawn(conn);
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let mut sender = sender.clone();
             let metrics = metrics.clone();
@@ -152,17 +160,27 @@ where
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = http2_server().serve_connection(TokioIo::new(client), svc);
-        let mut conn = std::pin::pin!(conn);
-        let res = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = moat_core::shutdown::signalled(&mut drain) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        let server = http2_server().serve_connection(TokioIo::new(client), svc);
+        // Both connections run in this task: no cross-task wake-up per request.
+        let mut upstream = std::pin::pin!(conn);
+        let mut server = std::pin::pin!(server);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = server.as_mut() => return r,
+                r = upstream.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                    }
+                    // The server side will see its requests fail and close.
+                    return server.await;
+                }
+                _ = moat_core::shutdown::signalled(&mut drain), if !draining => {
+                    draining = true;
+                    server.as_mut().graceful_shutdown();
+                }
             }
-        };
-        upstream_task.abort();
-        return res;
+        }
     }
 
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
@@ -170,7 +188,6 @@ where
         .max_buf_size(MAX_HEADER_BYTES)
         .handshake(TokioIo::new(upstream))
         .await?;
-    let upstream_task = tokio::spawn(conn.with_upgrades());
     let sender = Arc::new(tokio::sync::Mutex::new(sender));
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let sender = sender.clone();
@@ -204,20 +221,37 @@ where
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = http1_server()
+    let server = http1_server()
         .serve_connection(TokioIo::new(client), svc)
         .with_upgrades();
-    let mut conn = std::pin::pin!(conn);
-    let res = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = moat_core::shutdown::signalled(&mut drain) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // Both connections run in this task: no cross-task wake-up per request.
+    let mut upstream = std::pin::pin!(conn.with_upgrades());
+    let mut server = Box::pin(server);
+    let mut draining = false;
+    let mut upstream_done = false;
+    loop {
+        tokio::select! {
+            r = server.as_mut() => {
+                // Dropping the server drops the request sender, so the upstream connection
+                // can finish cleanly (a tunnel stream then returns to its pool).
+                drop(server);
+                if !upstream_done {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), upstream.as_mut()).await;
+                }
+                return r;
+            }
+            r = upstream.as_mut(), if !upstream_done => {
+                upstream_done = true;
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+                }
+            }
+            _ = moat_core::shutdown::signalled(&mut drain), if !draining => {
+                draining = true;
+                server.as_mut().graceful_shutdown();
+            }
         }
-    };
-    // Let the upstream connection wind down on its own (it may still go back to a pool).
-    drop(upstream_task);
-    res
+    }
 }
 
 fn is_synthetic(resp: &Response<Body>) -> bool {
@@ -245,7 +279,12 @@ async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgr
 }
 
 /// Answers every request on `client` with 403, naming the rule, keeping the connection usable.
-pub async fn deny<C>(client: C, proto: Protocol, rule: Arc<str>, labels: Labels) -> Result<(), hyper::Error>
+pub async fn deny<C>(
+    client: C,
+    proto: Protocol,
+    rule: Arc<str>,
+    labels: Labels,
+) -> Result<(), hyper::Error>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -262,8 +301,12 @@ where
         async move { Ok::<_, Infallible>(resp) }
     });
     if proto == Protocol::Http2 {
-        http2_server().serve_connection(TokioIo::new(client), svc).await
+        http2_server()
+            .serve_connection(TokioIo::new(client), svc)
+            .await
     } else {
-        http1_server().serve_connection(TokioIo::new(client), svc).await
+        http1_server()
+            .serve_connection(TokioIo::new(client), svc)
+            .await
     }
 }

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
 use crate::app::Ctx;
+use crate::bufio::BufIo;
 use crate::detect::{self, Protocol};
 use crate::forward::{copy_bidirectional, Rewind};
 use crate::http::{self, Labels};
@@ -22,7 +23,7 @@ use crate::net;
 use crate::tunnel::{self, ResetCode, Stream};
 
 /// Server-side mTLS connection from a peer sidecar.
-type TlsConn = tokio_rustls::server::TlsStream<TcpStream>;
+type TlsConn = tokio_rustls::server::TlsStream<BufIo<TcpStream>>;
 
 /// Label used for callers without a verified identity.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
@@ -215,20 +216,23 @@ async fn plaintext(
 /// A peer sidecar: terminate mTLS, then serve its streams one after another.
 async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx: Arc<Ctx>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(ctx.server_tls.clone());
-    let tls = match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            let reason = moat_core::tls::failure_reason(&e);
-            m::handshake_failed(Direction::Inbound, reason);
-            tracing::warn!(%remote, reason, error = %e, "refused peer: mTLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            m::handshake_failed(Direction::Inbound, "timeout");
-            tracing::warn!(%remote, "refused peer: mTLS handshake timed out");
-            return;
-        }
-    };
+    let tls =
+        match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(BufIo::new(tcp)))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                let reason = moat_core::tls::failure_reason(&e);
+                m::handshake_failed(Direction::Inbound, reason);
+                tracing::warn!(%remote, reason, error = %e, "refused peer: mTLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                m::handshake_failed(Direction::Inbound, "timeout");
+                tracing::warn!(%remote, "refused peer: mTLS handshake timed out");
+                return;
+            }
+        };
     let Some(peer) = moat_core::tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
         m::handshake_failed(Direction::Inbound, "not_svid");
         tracing::warn!(%remote, "refused peer: no SPIFFE identity after handshake");
@@ -248,7 +252,8 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
                 Some(o) => o.port(),
                 None => {
                     tracing::warn!(%remote, peer = %peer, "stream without a port on a connection that was not redirected");
-                    let _ = tunnel::write_reset(&mut tls, ResetCode::Error, "no destination port").await;
+                    let _ = tunnel::write_reset(&mut tls, ResetCode::Error, "no destination port")
+                        .await;
                     return;
                 }
             },
@@ -297,10 +302,19 @@ async fn serve_stream(
         let mut buf = Vec::new();
         let proto = read_detect(&mut stream, &mut buf, ctx.cfg.detect_timeout).await;
         if proto.is_http() {
-            let _ = http::deny(Rewind::new(buf, stream), proto, Arc::from(decision.rule), labels).await;
+            let _ = http::deny(
+                Rewind::new(buf, stream),
+                proto,
+                Arc::from(decision.rule),
+                labels,
+            )
+            .await;
         } else {
             let _ = stream
-                .reset(ResetCode::Denied, &format!("denied by policy rule {}", decision.rule))
+                .reset(
+                    ResetCode::Denied,
+                    &format!("denied by policy rule {}", decision.rule),
+                )
                 .await;
         }
         return;
@@ -314,7 +328,9 @@ async fn serve_stream(
         Err(e) => {
             m::refused(Direction::Inbound, "app_unreachable");
             tracing::warn!(%remote, caller = %peer, %target, error = %e, "cannot reach the app");
-            let _ = stream.reset(ResetCode::ConnectFailed, &format!("app port {port}: {e}")).await;
+            let _ = stream
+                .reset(ResetCode::ConnectFailed, &format!("app port {port}: {e}"))
+                .await;
             return;
         }
     };

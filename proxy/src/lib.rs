@@ -10,6 +10,7 @@
 
 pub mod admin_routes;
 pub mod app;
+pub mod bufio;
 pub mod config;
 pub mod conns;
 pub mod detect;

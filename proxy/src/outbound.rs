@@ -188,7 +188,10 @@ async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
     let mut up = Rewind::new(upstream_first, stream);
     let mut app = app;
     if let Err(e) = copy_bidirectional(&mut app, &mut up, &cm.rx, &cm.tx).await {
-        if let Some(reset) = e.get_ref().and_then(|x| x.downcast_ref::<tunnel::PeerReset>()) {
+        if let Some(reset) = e
+            .get_ref()
+            .and_then(|x| x.downcast_ref::<tunnel::PeerReset>())
+        {
             tracing::warn!(peer = %peer, code = reset.code.label(), reason = %reset.reason, "peer sidecar refused the stream");
         } else {
             tracing::debug!(peer = %peer, error = %e, "outbound stream ended with error");
@@ -198,7 +201,10 @@ async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
     }
 }
 
-async fn read_some(stream: &mut Stream<crate::pool::TlsConn>, buf: &mut Vec<u8>) -> std::io::Result<()> {
+async fn read_some(
+    stream: &mut Stream<crate::pool::TlsConn>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
     let mut chunk = [0u8; 1024];
     let n = stream.read(&mut chunk).await?;
     buf.extend_from_slice(&chunk[..n]);

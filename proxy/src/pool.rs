@@ -14,11 +14,12 @@ use moat_core::tls::{self, CurrentCert, SpiffeVerifier};
 use rustls::crypto::CryptoProvider;
 use tokio::net::TcpStream;
 
+use crate::bufio::BufIo;
 use crate::metrics::{self as m, Direction};
 use crate::tunnel;
 
 /// An established client-side mTLS connection to a peer sidecar.
-pub type TlsConn = tokio_rustls::client::TlsStream<TcpStream>;
+pub type TlsConn = tokio_rustls::client::TlsStream<BufIo<TcpStream>>;
 
 /// Why a peer sidecar could not be reached securely.
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +186,7 @@ impl Pool {
             // SNI is off; the name only satisfies the API. Identity is checked by the verifier.
             let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
             tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
+                .connect(name, BufIo::new(tcp))
                 .await
                 .map_err(|source| DialError::Handshake {
                     addr,
@@ -253,5 +254,6 @@ impl Pool {
 /// alert. A healthy idle tunnel is silent.
 fn is_stale(conn: &TlsConn) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
-    !matches!(conn.get_ref().0.poll_read_ready(&mut cx), Poll::Pending)
+    let io = conn.get_ref().0;
+    io.has_buffered() || !matches!(io.get_ref().poll_read_ready(&mut cx), Poll::Pending)
 }

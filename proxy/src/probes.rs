@@ -98,10 +98,9 @@ async fn connect(port: u16) -> Result<tokio::net::TcpStream, String> {
 
 async fn http_get(port: u16, path: &str, headers: &[Header]) -> Result<(), String> {
     let tcp = connect(port).await?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
     let task = tokio::spawn(conn);
     let mut req = http::Request::get(path).header(http::header::HOST, format!("127.0.0.1:{port}"));
     for h in headers {
@@ -132,7 +131,10 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(p.get("db/liveness"), Some(&Probe::Tcp { port: 5432 }));
-        assert!(matches!(p.get("web/readiness"), Some(Probe::Http { port: 8080, .. })));
+        assert!(matches!(
+            p.get("web/readiness"),
+            Some(Probe::Http { port: 8080, .. })
+        ));
         assert!(AppProbes::parse(Some(r#"{"a/b":{"kind":"exec"}}"#)).is_err());
         assert!(AppProbes::parse(None).unwrap().get("x").is_none());
     }
@@ -155,8 +157,18 @@ mod tests {
             }
         });
         let t = Duration::from_secs(2);
-        let ok = Probe::Http { port, path: "/ok".into(), scheme: None, headers: vec![] };
-        let bad = Probe::Http { port, path: "/bad".into(), scheme: None, headers: vec![] };
+        let ok = Probe::Http {
+            port,
+            path: "/ok".into(),
+            scheme: None,
+            headers: vec![],
+        };
+        let bad = Probe::Http {
+            port,
+            path: "/bad".into(),
+            scheme: None,
+            headers: vec![],
+        };
         assert!(check(&ok, t).await.is_ok());
         assert!(check(&bad, t).await.unwrap_err().contains("500"));
         assert!(check(&Probe::Tcp { port }, t).await.is_ok());

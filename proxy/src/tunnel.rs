@@ -3,14 +3,14 @@
 //!
 //! Why: a new app connection should not pay a full mTLS handshake when the two sidecars already
 //! trust each other. Pooled connections carry one stream at a time (no multiplexing), so bulk
-//! transfers keep the whole TLS connection and pay only a 4-byte frame header per 16 KiB.
+//! transfers keep the whole TLS connection and pay only a 4-byte frame header per 32 KiB.
 //!
 //! Every frame is `type: u8 | length: u24 (big endian) | payload`:
 //!
 //! | type | payload | meaning |
 //! |------|---------|---------|
 //! | `OPEN` (1)  | `port: u16` | client starts a stream to `port` on the server's pod (0 = the port the TLS connection was addressed to) |
-//! | `DATA` (2)  | bytes, 1..=16 KiB | stream data |
+//! | `DATA` (2)  | bytes, 1..=64 KiB (senders use up to 32 KiB) | stream data |
 //! | `FIN` (3)   | — | this direction is finished (TCP half-close) |
 //! | `RESET` (4) | `code: u8`, UTF-8 reason | the stream is aborted; the connection is not reused |
 //!
@@ -31,8 +31,8 @@ pub const DATA: u8 = 2;
 pub const FIN: u8 = 3;
 /// Frame type: abort.
 pub const RESET: u8 = 4;
-/// Largest DATA payload we send (one TLS record's worth).
-pub const MAX_DATA: usize = 16 * 1024;
+/// Largest DATA payload we send: two TLS records, written with one system call.
+pub const MAX_DATA: usize = 32 * 1024;
 /// Largest frame we accept (DATA, or a RESET reason).
 const MAX_FRAME: usize = 64 * 1024;
 /// Longest RESET reason kept.
@@ -84,7 +84,10 @@ pub struct PeerReset {
 }
 
 fn protocol_error(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("moat tunnel: {}", msg.into()))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("moat tunnel: {}", msg.into()),
+    )
 }
 
 fn header(kind: u8, len: usize) -> [u8; 4] {
@@ -183,7 +186,10 @@ pub struct Stream<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
 }
 
 fn closed() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "moat tunnel: connection already released")
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "moat tunnel: connection already released",
+    )
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream<IO> {
@@ -262,6 +268,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream<IO> {
         }
         self.wbuf.clear();
         self.wpos = 0;
+        if self.wbuf.capacity() > 16 * 1024 {
+            // Bulk bursts do not pin 32 KiB per connection once they are over.
+            self.wbuf = Vec::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -291,7 +301,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Stream<I
                     }
                     let want = left.min(buf.remaining());
                     let mut sub = ReadBuf::new(buf.initialize_unfilled_to(want));
-                    ready!(Pin::new(&mut *io).poll_read(cx, &mut sub))?;
+                    if let Err(e) = ready!(Pin::new(&mut *io).poll_read(cx, &mut sub)) {
+                        this.rstate = ReadState::Failed;
+                        return Poll::Ready(Err(e));
+                    }
                     let n = sub.filled().len();
                     if n == 0 {
                         this.rstate = ReadState::Failed;
@@ -309,7 +322,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Stream<I
                 }
                 ReadState::Header(got) => {
                     let mut hb = ReadBuf::new(&mut this.rhdr[got..]);
-                    ready!(Pin::new(&mut *io).poll_read(cx, &mut hb))?;
+                    if let Err(e) = ready!(Pin::new(&mut *io).poll_read(cx, &mut hb)) {
+                        this.rstate = ReadState::Failed;
+                        return Poll::Ready(Err(e));
+                    }
                     let n = hb.filled().len();
                     if n == 0 {
                         this.rstate = ReadState::Failed;
@@ -325,7 +341,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Stream<I
                     let h = this.rhdr;
                     let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
                     match h[0] {
-                        DATA if (1..=MAX_FRAME).contains(&len) => this.rstate = ReadState::Data(len),
+                        DATA if (1..=MAX_FRAME).contains(&len) => {
+                            this.rstate = ReadState::Data(len)
+                        }
                         FIN if len == 0 => this.rstate = ReadState::Fin,
                         RESET if (1..=MAX_FRAME).contains(&len) => {
                             this.reset_buf = vec![0; len];
@@ -341,7 +359,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Stream<I
                 }
                 ReadState::Reset { len, n } => {
                     let mut rb = ReadBuf::new(&mut this.reset_buf[n..len]);
-                    ready!(Pin::new(&mut *io).poll_read(cx, &mut rb))?;
+                    if let Err(e) = ready!(Pin::new(&mut *io).poll_read(cx, &mut rb)) {
+                        this.rstate = ReadState::Failed;
+                        return Poll::Ready(Err(e));
+                    }
                     let got = rb.filled().len();
                     if got == 0 {
                         this.rstate = ReadState::Failed;
@@ -446,7 +467,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Stream<IO> {
                 };
                 rt.spawn(async move {
                     let mut rest = rest;
-                    if tokio::time::timeout(FIN_WAIT, rest.drain_to_fin()).await.is_err() {
+                    let finished = matches!(
+                        tokio::time::timeout(FIN_WAIT, rest.drain_to_fin()).await,
+                        Ok(Ok(()))
+                    );
+                    if !finished {
+                        // Dropping `rest` must close the connection, not try again.
                         rest.home = None;
                     }
                 });
@@ -497,7 +523,9 @@ mod tests {
     #[tokio::test]
     async fn reset_surfaces_as_connection_reset_with_reason() {
         let (a, mut b) = tokio::io::duplex(4096);
-        write_reset(&mut b, ResetCode::Denied, "rule deny-batch").await.unwrap();
+        write_reset(&mut b, ResetCode::Denied, "rule deny-batch")
+            .await
+            .unwrap();
         let mut s = Stream::new(a);
         let err = s.read(&mut [0u8; 16]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
@@ -512,14 +540,21 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_is_a_protocol_error_not_a_panic() {
-        for bytes in [&[9u8, 0, 0, 1, 0][..], &[DATA, 0xff, 0xff, 0xff], &[FIN, 0, 0, 5]] {
+        for bytes in [
+            &[9u8, 0, 0, 1, 0][..],
+            &[DATA, 0xff, 0xff, 0xff],
+            &[FIN, 0, 0, 5],
+        ] {
             let (a, mut b) = tokio::io::duplex(4096);
             b.write_all(bytes).await.unwrap();
             drop(b);
             let mut s = Stream::new(a);
             let err = s.read(&mut [0u8; 16]).await.unwrap_err();
             assert!(
-                matches!(err.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof),
+                matches!(
+                    err.kind(),
+                    io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+                ),
                 "{err}"
             );
         }
@@ -527,5 +562,69 @@ mod tests {
         b.write_all(&[DATA, 0, 0, 2]).await.unwrap();
         let mut conn = a;
         assert!(read_open(&mut conn).await.is_err());
+    }
+
+    /// Like TLS over a dead socket: EOF surfaces as an error, not as a zero-length read.
+    struct ErrOnEof(tokio::io::DuplexStream);
+
+    impl AsyncRead for ErrOnEof {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut self.0).poll_read(cx, buf))?;
+            if buf.filled().len() == before {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for ErrOnEof {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_vanishes_after_our_fin_closes_the_connection_once() {
+        let (a, b) = tokio::io::duplex(4096);
+        let a = ErrOnEof(a);
+        let homed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = homed.clone();
+        let mut s = Stream::with_home(
+            a,
+            Some(Box::new(move |_io| {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst)
+            })),
+        );
+        s.write_all(b"request").await.unwrap();
+        s.shutdown().await.unwrap();
+        drop(s); // our side finished; the peer's FIN is awaited in the background
+        drop(b); // ...but the peer goes away without one
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !homed.load(std::sync::atomic::Ordering::SeqCst),
+            "a broken connection went back to the pool"
+        );
+        let alive = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(
+            alive, 0,
+            "the background FIN wait must end, not respawn itself"
+        );
     }
 }

@@ -333,6 +333,13 @@ fn init_redirects_traffic_in_a_real_network_namespace() {
     assert!(err.contains("NET_ADMIN"), "unhelpful error: {err}");
     assert_eq!(saved_rules(&nss, &pod, false).1, "");
 
+    // Without iptables in PATH it fails with an actionable message and changes nothing.
+    let no_tools = nss.exec(&pod, &["env", "PATH=/nonexistent", &bin, "init"]);
+    assert!(!no_tools.status.success());
+    let err = String::from_utf8_lossy(&no_tools.stderr);
+    assert!(err.contains("not found in PATH"), "unhelpful error: {err}");
+    assert_eq!(saved_rules(&nss, &pod, false).1, "");
+
     // Apply.
     let first = init(&nss, &pod, INIT_ARGS);
     assert!(
@@ -399,7 +406,16 @@ fn init_redirects_traffic_in_a_real_network_namespace() {
     assert_eq!(saved_rules(&nss, &peer, false).1, "");
 
     // Redirection really happens.
-    let cases: Vec<(&str, Option<(&str, &str)>, &str, u16, &str, &str)> = vec![
+    // (what, as uid:gid, host, port, expected listener, from which namespace)
+    type Connection<'a> = (
+        &'a str,
+        Option<(&'a str, &'a str)>,
+        &'a str,
+        u16,
+        &'a str,
+        &'a str,
+    );
+    let cases: Vec<Connection> = vec![
         ("app egress", None, PEER_IP, 80, "outbound-listener", ""),
         (
             "proxy uid egress",

@@ -114,7 +114,10 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
+    let args: Vec<_> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
     let out = run_ca(&args)?;
     if !out.status.success() {
         bail!(
@@ -472,7 +475,10 @@ impl CaFixture {
     }
 
     /// Any request on a new connection.
-    pub async fn send(&self, req: http::Request<http_body_util::Full<Bytes>>) -> anyhow::Result<Reply> {
+    pub async fn send(
+        &self,
+        req: http::Request<http_body_util::Full<Bytes>>,
+    ) -> anyhow::Result<Reply> {
         let mut c = self.connect().await?;
         c.send(req).await
     }

@@ -78,7 +78,13 @@ impl Drop for App {
     }
 }
 
-const ITEMS: &[&str] = &["coffee beans", "teapot", "espresso cups", "milk frother", "grinder"];
+const ITEMS: &[&str] = &[
+    "coffee beans",
+    "teapot",
+    "espresso cups",
+    "milk frother",
+    "grinder",
+];
 
 /// The "orders" HTTP API (HTTP/1.1 and h2c): `GET /orders/<id>` answers a small JSON order,
 /// `GET /` says how to use it, anything else is 404.
@@ -90,9 +96,11 @@ pub async fn orders_app() -> anyhow::Result<App> {
     let task = tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    Ok::<_, Infallible>(orders_answer(req.method(), req.uri().path()))
-                });
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        Ok::<_, Infallible>(orders_answer(req.method(), req.uri().path()))
+                    },
+                );
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
@@ -113,19 +121,29 @@ fn orders_answer(method: &http::Method, path: &str) -> http::Response<Full<Bytes
                     format!("{{\"id\":{id},\"item\":\"{item}\",\"status\":\"shipped\"}}\n"),
                 )
             }
-            Err(_) => (http::StatusCode::NOT_FOUND, "text/plain", "no such order\n".into()),
+            Err(_) => (
+                http::StatusCode::NOT_FOUND,
+                "text/plain",
+                "no such order\n".into(),
+            ),
         },
         (&http::Method::GET, None) if path == "/" => (
             http::StatusCode::OK,
             "text/plain",
             "orders API: GET /orders/<id>\n".into(),
         ),
-        _ => (http::StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => (
+            http::StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".into(),
+        ),
     };
     let mut r = http::Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
     r
 }
 
@@ -299,7 +317,10 @@ async fn http_connect(addr: SocketAddr) -> anyhow::Result<Sender> {
     Ok(send)
 }
 
-async fn get(send: &mut Sender, path: &str) -> anyhow::Result<(http::StatusCode, http::HeaderMap, Bytes)> {
+async fn get(
+    send: &mut Sender,
+    path: &str,
+) -> anyhow::Result<(http::StatusCode, http::HeaderMap, Bytes)> {
     send.ready().await.context("connection closed")?;
     let req = http::Request::get(path)
         .header(http::header::HOST, "orders.shop")
@@ -473,7 +494,12 @@ pub struct Forged {
 }
 
 /// A certificate chain `[leaf, self-made CA]` claiming `claimed`, with the leaf's key.
-fn forge(claimed: &str) -> anyhow::Result<(Vec<rustls_pki_types::CertificateDer<'static>>, rcgen::KeyPair)> {
+fn forge(
+    claimed: &str,
+) -> anyhow::Result<(
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rcgen::KeyPair,
+)> {
     let now = std::time::SystemTime::now();
     let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .context("cannot generate the forged CA key")?;
@@ -488,7 +514,8 @@ fn forge(claimed: &str) -> anyhow::Result<(Vec<rustls_pki_types::CertificateDer<
     ];
     ca.not_before = (now - Duration::from_secs(60)).into();
     ca.not_after = (now + Duration::from_secs(3600)).into();
-    let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).context("cannot self-sign the forged CA")?;
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key)
+        .context("cannot self-sign the forged CA")?;
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .context("cannot generate the forged leaf key")?;
@@ -505,14 +532,20 @@ fn forge(claimed: &str) -> anyhow::Result<(Vec<rustls_pki_types::CertificateDer<
     ];
     leaf.not_before = (now - Duration::from_secs(60)).into();
     leaf.not_after = (now + Duration::from_secs(3600)).into();
-    let leaf = leaf.signed_by(&key, &ca).context("cannot sign the forged leaf")?;
+    let leaf = leaf
+        .signed_by(&key, &ca)
+        .context("cannot sign the forged leaf")?;
     Ok((vec![leaf.der().clone(), ca.der().clone()], key))
 }
 
 fn inbound_failures(m: &Metrics) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    for s in m.series(M_HS_FAIL).filter(|s| s.has_labels(&[("direction", "inbound")])) {
-        *out.entry(s.label("reason").unwrap_or("?").to_string()).or_default() += s.value;
+    for s in m
+        .series(M_HS_FAIL)
+        .filter(|s| s.has_labels(&[("direction", "inbound")]))
+    {
+        *out.entry(s.label("reason").unwrap_or("?").to_string())
+            .or_default() += s.value;
     }
     out
 }
@@ -539,7 +572,8 @@ pub async fn forged_attempt(
         .context("cannot load the forged key")?;
     let cert = Arc::new(CurrentCert::default());
     cert.set(Arc::new(rustls::sign::CertifiedKey::new(chain, signing)));
-    let verifier = SpiffeVerifier::new(bundle, trust_domain, provider.clone()).expecting(Some(api_id));
+    let verifier =
+        SpiffeVerifier::new(bundle, trust_domain, provider.clone()).expecting(Some(api_id));
     let cfg = moat_core::tls::mesh_client_config(cert, verifier, provider)
         .context("impostor TLS configuration")?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
@@ -646,7 +680,8 @@ pub async fn drive(plan: Plan, t: Targets) -> anyhow::Result<Traffic> {
     let web_http = async {
         let mut all = HttpLoad::default();
         let n = request_count(WEB_RATE_PER_CONN, d);
-        let runs = (0..WEB_CONNS).map(|i| http_load(t.web.http, WEB_RATE_PER_CONN, n, u64::from(i) * 1_000_000));
+        let runs = (0..WEB_CONNS)
+            .map(|i| http_load(t.web.http, WEB_RATE_PER_CONN, n, u64::from(i) * 1_000_000));
         for r in futures_join_all(runs).await {
             all.merge(r);
         }
@@ -654,7 +689,11 @@ pub async fn drive(plan: Plan, t: Targets) -> anyhow::Result<Traffic> {
     };
     let batch_http = http_load(t.batch.http, 4, request_count(4, d), 9_000_000);
     let web_tcp = tcp_series(t.web.tcp, plan.tcp_count(), Duration::from_millis(500));
-    let batch_tcp = tcp_series(t.batch.tcp, plan.tcp_count().div_ceil(2), Duration::from_secs(1));
+    let batch_tcp = tcp_series(
+        t.batch.tcp,
+        plan.tcp_count().div_ceil(2),
+        Duration::from_secs(1),
+    );
     let forged = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         forged_attempt(
@@ -799,7 +838,8 @@ pub fn short_id(id: &str) -> String {
 
 /// Time left until an RFC 3339 instant, when it parses.
 fn until(rfc3339: &str) -> Option<Duration> {
-    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).ok()?;
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()?;
     let left = t - time::OffsetDateTime::now_utc();
     left.try_into().ok()
 }
@@ -828,7 +868,11 @@ impl Part {
 fn inbound_http(o: &Observed, peer: &str, class: &str) -> f64 {
     o.api.metrics.value(
         M_HTTP,
-        &[("direction", "inbound"), ("peer", peer), ("status_class", class)],
+        &[
+            ("direction", "inbound"),
+            ("peer", peer),
+            ("status_class", class),
+        ],
     )
 }
 
@@ -852,7 +896,11 @@ fn others(outcomes: &[TcpOutcome], want: &TcpOutcome) -> String {
 fn check_mesh(o: &Observed) -> Vec<String> {
     let mut problems = Vec::new();
     let [api_id, web_id, batch_id] = &o.expected_ids;
-    for (name, view, want) in [("api", &o.api, api_id), ("web", &o.web, web_id), ("batch", &o.batch, batch_id)] {
+    for (name, view, want) in [
+        ("api", &o.api, api_id),
+        ("web", &o.web, web_id),
+        ("batch", &o.batch, batch_id),
+    ] {
         if view.identity.spiffe_id != *want {
             problems.push(format!(
                 "the {name} sidecar holds identity {:?}, expected {want:?}",
@@ -945,7 +993,9 @@ fn check_batch(o: &Observed, s: Style) -> Part {
         ));
     }
     if bh.denied_by.is_empty() {
-        problems.push(format!("batch's answers carry no {HEADER_DENIED_BY} header"));
+        problems.push(format!(
+            "batch's answers carry no {HEADER_DENIED_BY} header"
+        ));
     }
     if deny_rules.is_empty() {
         problems.push("api's /metrics count no deny decision".into());
@@ -1041,7 +1091,12 @@ fn facts(o: &Observed) -> Vec<String> {
         _ => id.serial.clone(),
     };
     let left = until(&id.not_after)
-        .map(|d| format!("in {}", moat_core::duration::format(Duration::from_secs(d.as_secs()))))
+        .map(|d| {
+            format!(
+                "in {}",
+                moat_core::duration::format(Duration::from_secs(d.as_secs()))
+            )
+        })
         .unwrap_or_else(|| "?".into());
     lines.push(format!(
         "Certificates: api serial {serial}  expires {} ({left}; the sidecar renews it automatically)",
@@ -1053,12 +1108,16 @@ fn facts(o: &Observed) -> Vec<String> {
 /// Checks the observations against the story and writes the report.
 pub fn evaluate(o: &Observed, style: Style) -> Verdict {
     let mut v = Verdict {
-        lines: vec![style.bold(
-            "Moat demo — everything below went over mutual TLS 1.3 between sidecars",
-        )],
+        lines: vec![
+            style.bold("Moat demo — everything below went over mutual TLS 1.3 between sidecars")
+        ],
         failures: check_mesh(o),
     };
-    for part in [check_web(o, style), check_batch(o, style), check_forged(o, style)] {
+    for part in [
+        check_web(o, style),
+        check_batch(o, style),
+        check_forged(o, style),
+    ] {
         v.lines.push(part.line);
         v.failures.extend(part.problems);
     }
@@ -1073,7 +1132,11 @@ pub fn render(v: &Verdict, style: Style) -> String {
         let _ = writeln!(out, "{l}");
     }
     if !v.failures.is_empty() {
-        let _ = writeln!(out, "\n{}", style.bad("DEMO FAILED — the mesh did not behave as described:"));
+        let _ = writeln!(
+            out,
+            "\n{}",
+            style.bad("DEMO FAILED — the mesh did not behave as described:")
+        );
         for f in &v.failures {
             let _ = writeln!(out, "  {} {f}", style.bad("✗"));
         }
@@ -1100,8 +1163,14 @@ mod tests {
         let r = orders_answer(&http::Method::GET, "/orders/7");
         assert_eq!(r.status(), http::StatusCode::OK);
         assert_eq!(orders_answer(&http::Method::GET, "/orders/x").status(), 404);
-        assert_eq!(orders_answer(&http::Method::POST, "/orders/7").status(), 404);
-        assert_eq!(short_id("spiffe://cluster.local/ns/shop/sa/web"), ".../sa/web");
+        assert_eq!(
+            orders_answer(&http::Method::POST, "/orders/7").status(),
+            404
+        );
+        assert_eq!(
+            short_id("spiffe://cluster.local/ns/shop/sa/web"),
+            ".../sa/web"
+        );
     }
 
     const TD: &str = "spiffe://cluster.local/ns/shop/sa";
@@ -1116,7 +1185,11 @@ mod tests {
 
     /// Observations of a mesh that behaved.
     fn good() -> Observed {
-        let (api, web, batch) = (format!("{TD}/api"), format!("{TD}/web"), format!("{TD}/batch"));
+        let (api, web, batch) = (
+            format!("{TD}/api"),
+            format!("{TD}/web"),
+            format!("{TD}/batch"),
+        );
         let api_metrics = format!(
             "moat_proxy_tls_handshakes_total{{direction=\"inbound\"}} 3\n\
              moat_proxy_http_requests_total{{direction=\"inbound\",status_class=\"2xx\",peer=\"{web}\",local=\"{api}\"}} 300\n\
@@ -1164,9 +1237,18 @@ mod tests {
         let v = evaluate(&good(), Style::default());
         assert!(v.failures.is_empty(), "{:?}", v.failures);
         let text = render(&v, Style::default());
-        assert!(text.contains("300 HTTP requests ok, 6 TCP echoes ok"), "{text}");
-        assert!(text.contains("DENIED by rule \"default\": HTTP 403, TCP reset"), "{text}");
-        assert!(text.contains("REFUSED in handshake: untrusted_issuer"), "{text}");
+        assert!(
+            text.contains("300 HTTP requests ok, 6 TCP echoes ok"),
+            "{text}"
+        );
+        assert!(
+            text.contains("DENIED by rule \"default\": HTTP 403, TCP reset"),
+            "{text}"
+        );
+        assert!(
+            text.contains("REFUSED in handshake: untrusted_issuer"),
+            "{text}"
+        );
         assert!(text.contains("p50 0.50 ms"), "{text}");
     }
 
@@ -1196,7 +1278,10 @@ mod tests {
                 "expected a reset",
                 Box::new(|o| o.traffic.batch_tcp[1] = TcpOutcome::Echoed),
             ),
-            ("TCP echo: 5 of 6", Box::new(|o| o.traffic.web_tcp[0] = TcpOutcome::Reset)),
+            (
+                "TCP echo: 5 of 6",
+                Box::new(|o| o.traffic.web_tcp[0] = TcpOutcome::Reset),
+            ),
             (
                 "holds identity",
                 Box::new(|o| o.web.identity.spiffe_id = format!("{TD}/other")),
@@ -1207,7 +1292,12 @@ mod tests {
             ),
             (
                 "counted only",
-                Box::new(|o| o.api.metrics.samples.retain(|s| s.label("status_class") != Some("2xx"))),
+                Box::new(|o| {
+                    o.api
+                        .metrics
+                        .samples
+                        .retain(|s| s.label("status_class") != Some("2xx"))
+                }),
             ),
         ];
         for (want, break_it) in cases {

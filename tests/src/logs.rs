@@ -23,7 +23,7 @@ pub fn matching<'a>(lines: &'a [Value], fields: &[(&str, &str)]) -> Vec<&'a Valu
         .filter(|l| {
             fields.iter().all(|(k, want)| match l.get(*k) {
                 Some(Value::String(s)) => s == want,
-                Some(other) => other.to_string() == *want,
+                Some(other) => other.to_string().as_str() == *want,
                 None => false,
             })
         })

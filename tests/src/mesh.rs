@@ -42,7 +42,13 @@ impl ProxyOptions {
     }
 
     /// Adds a route.
-    pub fn route(mut self, listen: SocketAddr, connect: SocketAddr, port: u16, identity: Option<&str>) -> Self {
+    pub fn route(
+        mut self,
+        listen: SocketAddr,
+        connect: SocketAddr,
+        port: u16,
+        identity: Option<&str>,
+    ) -> Self {
         let mut r = format!("listen={listen},connect={connect},port={port}");
         if let Some(id) = identity {
             r.push_str(&format!(",identity={id}"));
@@ -130,12 +136,18 @@ impl ProxyFixture {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = proc.try_status()? {
-                bail!("moat-proxy exited ({status}) before becoming ready: {}", proc.stderr());
+                bail!(
+                    "moat-proxy exited ({status}) before becoming ready: {}",
+                    proc.stderr()
+                );
             }
             match net::http_get(&admin.to_string(), "/ready", Duration::from_millis(500)) {
                 Ok(r) if r.status == 200 => break,
                 _ if Instant::now() >= deadline => {
-                    bail!("moat-proxy not ready after {READY_TIMEOUT:?}: {}", proc.stderr_tail(20))
+                    bail!(
+                        "moat-proxy not ready after {READY_TIMEOUT:?}: {}",
+                        proc.stderr_tail(20)
+                    )
                 }
                 _ => std::thread::sleep(Duration::from_millis(25)),
             }
@@ -194,7 +206,11 @@ impl ProxyFixture {
     }
 
     /// Waits until `cond(metrics)` holds or `timeout` passes.
-    pub fn wait_metrics(&self, timeout: Duration, cond: impl Fn(&Metrics) -> bool) -> anyhow::Result<Metrics> {
+    pub fn wait_metrics(
+        &self,
+        timeout: Duration,
+        cond: impl Fn(&Metrics) -> bool,
+    ) -> anyhow::Result<Metrics> {
         let deadline = Instant::now() + timeout;
         loop {
             let m = self.metrics()?;
@@ -242,27 +258,30 @@ pub mod backend {
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                        let path = req.uri().path().to_string();
-                        let query = req.uri().query().unwrap_or("").to_string();
-                        let (status, body) = if path == "/" {
-                            (200, HELLO.to_string())
-                        } else if path == "/slow" {
-                            let ms = query
-                                .strip_prefix("ms=")
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(1000);
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                            (200, format!("slept {ms} ms\n"))
-                        } else if let Some(code) = path.strip_prefix("/status/") {
-                            (code.parse().unwrap_or(500), format!("status {code}\n"))
-                        } else {
-                            (200, format!("path {path}\n"))
-                        };
-                        let mut r = http::Response::new(Full::new(Bytes::from(body)));
-                        *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-                        Ok::<_, Infallible>(r)
-                    });
+                    let svc = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            let path = req.uri().path().to_string();
+                            let query = req.uri().query().unwrap_or("").to_string();
+                            let (status, body) = if path == "/" {
+                                (200, HELLO.to_string())
+                            } else if path == "/slow" {
+                                let ms = query
+                                    .strip_prefix("ms=")
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(1000);
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                                (200, format!("slept {ms} ms\n"))
+                            } else if let Some(code) = path.strip_prefix("/status/") {
+                                (code.parse().unwrap_or(500), format!("status {code}\n"))
+                            } else {
+                                (200, format!("path {path}\n"))
+                            };
+                            let mut r = http::Response::new(Full::new(Bytes::from(body)));
+                            *r.status_mut() = http::StatusCode::from_u16(status)
+                                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+                            Ok::<_, Infallible>(r)
+                        },
+                    );
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(s), svc)
                         .await;

@@ -36,9 +36,7 @@ pub fn free_addr() -> SocketAddr {
 
 /// Resolves `http://host:port[/...]` or `host:port` to a socket address.
 pub fn resolve(url_or_addr: &str) -> anyhow::Result<SocketAddr> {
-    let s = url_or_addr
-        .strip_prefix("http://")
-        .unwrap_or(url_or_addr);
+    let s = url_or_addr.strip_prefix("http://").unwrap_or(url_or_addr);
     let hostport = s.split('/').next().unwrap_or(s);
     hostport
         .to_socket_addrs()
@@ -264,10 +262,7 @@ fn parse_sample(line: &str) -> Option<Sample> {
         Some(open) => {
             let close = line.rfind('}')?;
             let value = line[close + 1..].split_whitespace().next()?;
-            (
-                (&line[..open], parse_labels(&line[open + 1..close])),
-                value,
-            )
+            ((&line[..open], parse_labels(&line[open + 1..close])), value)
         }
         None => {
             let mut parts = line.split_whitespace();
@@ -388,8 +383,10 @@ moat_ca_issuance_duration_seconds_count 5
 
     #[test]
     fn parses_http_replies() {
-        let r = parse_reply(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\r\nnot ready\n")
-            .unwrap();
+        let r = parse_reply(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\r\nnot ready\n",
+        )
+        .unwrap();
         assert_eq!(r.status, 503);
         assert_eq!(r.body, "not ready\n");
         assert_eq!(r.headers[0], ("content-type".into(), "text/plain".into()));

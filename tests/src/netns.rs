@@ -17,7 +17,9 @@ pub fn check_privileges() -> Result<(), String> {
     }
     for tool in ["ip", "iptables", "iptables-save", "iptables-restore"] {
         if crate::tools::find_tool(tool).is_none() {
-            return Err(format!("needs `{tool}` (apt-get install iproute2 iptables)"));
+            return Err(format!(
+                "needs `{tool}` (apt-get install iproute2 iptables)"
+            ));
         }
     }
     Ok(())
@@ -161,7 +163,15 @@ impl Lab {
         let n = &lab.node.name;
         ip(["-n", n, "link", "set", "lo", "up"])?;
         ip(["-n", n, "link", "add", "br0", "type", "bridge"])?;
-        ip(["-n", n, "addr", "add", &format!("{}/24", lab.gateway()), "dev", "br0"])?;
+        ip([
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/24", lab.gateway()),
+            "dev",
+            "br0",
+        ])?;
         ip(["-n", n, "link", "set", "br0", "up"])?;
         Ok(lab)
     }
@@ -173,7 +183,10 @@ impl Lab {
 
     /// The lab's pod network, e.g. `10.77.0.0/24`.
     pub fn cidr(&self) -> String {
-        format!("{}.{}.{}.0/24", self.subnet[0], self.subnet[1], self.subnet[2])
+        format!(
+            "{}.{}.{}.0/24",
+            self.subnet[0], self.subnet[1], self.subnet[2]
+        )
     }
 
     /// Adds a pod namespace with the next free address. Its only route is the lab subnet.
@@ -187,17 +200,57 @@ impl Lab {
         };
         ip(["netns", "add", &pod.name])?;
         self.pods.push(pod.clone());
-        let (inside, outside) = (format!("eth{host}"), format!("v{}{host}", &self.prefix[4..]));
+        let (inside, outside) = (
+            format!("eth{host}"),
+            format!("v{}{host}", &self.prefix[4..]),
+        );
         let outside: String = outside.chars().take(15).collect();
         ip(["-n", &pod.name, "link", "set", "lo", "up"])?;
-        ip(["-n", &pod.name, "link", "add", &inside, "type", "veth", "peer", "name", &outside, "netns", &self.node.name])?;
-        ip(["-n", &pod.name, "addr", "add", &format!("{addr}/24"), "dev", &inside])?;
+        ip([
+            "-n",
+            &pod.name,
+            "link",
+            "add",
+            &inside,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &outside,
+            "netns",
+            &self.node.name,
+        ])?;
+        ip([
+            "-n",
+            &pod.name,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &inside,
+        ])?;
         ip(["-n", &pod.name, "link", "set", &inside, "up"])?;
-        ip(["-n", &self.node.name, "link", "set", &outside, "master", "br0"])?;
+        ip([
+            "-n",
+            &self.node.name,
+            "link",
+            "set",
+            &outside,
+            "master",
+            "br0",
+        ])?;
         ip(["-n", &self.node.name, "link", "set", &outside, "up"])?;
         // The default route points at the node, which has no way out: traffic to anywhere
         // else dies there instead of failing before the pod's own rules see it.
-        ip(["-n", &pod.name, "route", "add", "default", "via", &self.gateway().to_string()])?;
+        ip([
+            "-n",
+            &pod.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway().to_string(),
+        ])?;
         Ok(pod)
     }
 }
@@ -206,13 +259,16 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // Deleting a namespace removes its veth ends and iptables rules with it.
         for ns in self.pods.iter().chain(std::iter::once(&self.node)) {
-            let _ = Command::new("ip").args(["netns", "pids", &ns.name]).output().map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    if let Ok(pid) = pid.parse::<u32>() {
-                        let _ = crate::proc::kill_pid(pid, crate::proc::SIGKILL);
+            let _ = Command::new("ip")
+                .args(["netns", "pids", &ns.name])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        if let Ok(pid) = pid.parse::<u32>() {
+                            let _ = crate::proc::kill_pid(pid, crate::proc::SIGKILL);
+                        }
                     }
-                }
-            });
+                });
             let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         }
     }

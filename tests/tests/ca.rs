@@ -23,8 +23,7 @@ use moat_e2e::proc::{Proc, SIGTERM};
 use moat_e2e::token::{hs256_token, unsigned_token, SigningKey, TokenSpec};
 use moat_e2e::tools::{require_tool, run_ok};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, UnixTime};
@@ -105,7 +104,10 @@ fn assert_refused(reply: &Reply, status: u16, code: &str, what: &str) -> TestRes
         obj.len() == 2,
         "{what}: error body has exactly error and message: {body}"
     );
-    ensure!(body["error"] == code, "{what}: expected code {code}, got {body}");
+    ensure!(
+        body["error"] == code,
+        "{what}: expected code {code}, got {body}"
+    );
     ensure!(
         body["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{what}: empty message: {body}"
@@ -168,7 +170,11 @@ impl Tally {
             }
         }
         // Each audit line is well-formed JSON with unique keys (one "message").
-        for raw in ca.logs().lines().filter(|l| l.contains("\"event\":\"refused\"")) {
+        for raw in ca
+            .logs()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"refused\""))
+        {
             ensure!(
                 raw.matches("\"message\":").count() == 1,
                 "duplicate keys in audit line: {raw}"
@@ -238,10 +244,12 @@ fn openssl_verify(dir: &Path, chain: &[CertificateDer<'static>], bundle: &Path) 
 
 /// The subject key identifier of a certificate.
 fn ski(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
-    cert.extensions().iter().find_map(|e| match e.parsed_extension() {
-        ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
-        _ => None,
-    })
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
 }
 
 /// What the profile check read from a leaf.
@@ -300,16 +308,17 @@ fn check_profile(
             _ => None,
         })
         .collect();
-    ensure!(names == dns_names, "DNS SANs {names:?}, expected {dns_names:?}");
+    ensure!(
+        names == dns_names,
+        "DNS SANs {names:?}, expected {dns_names:?}"
+    );
     ensure!(
         san.value.general_names.len() == 1 + dns_names.len(),
         "unexpected SAN kinds: {:?}",
         san.value.general_names
     );
 
-    let bc = cert
-        .basic_constraints()?
-        .context("no basicConstraints")?;
+    let bc = cert.basic_constraints()?.context("no basicConstraints")?;
     ensure!(bc.critical, "basicConstraints must be critical");
     ensure!(!bc.value.ca, "leaf must be CA:false");
     ensure!(bc.value.path_len_constraint.is_none(), "pathlen on a leaf");
@@ -322,9 +331,7 @@ fn check_profile(
         ku.value
     );
 
-    let eku = cert
-        .extended_key_usage()?
-        .context("no extendedKeyUsage")?;
+    let eku = cert.extended_key_usage()?.context("no extendedKeyUsage")?;
     let e = eku.value;
     ensure!(
         e.server_auth
@@ -491,7 +498,8 @@ async fn issues_the_exact_svid_profile() -> TestResult {
         let chain = parse_chain(&r.certificate_chain)?;
         serials.push(check_profile(&chain[0], &root_der(&ca)?, &id, &[])?.serial);
         ensure!(
-            moat_core::x509::inspect(&chain[0])?.serial_hex == moat_core::x509::hex(serials.last().context("serial")?)
+            moat_core::x509::inspect(&chain[0])?.serial_hex
+                == moat_core::x509::hex(serials.last().context("serial")?)
         );
     }
     let distinct: std::collections::HashSet<_> = serials.iter().collect();
@@ -545,7 +553,10 @@ async fn identity_comes_from_the_token_and_ed25519_is_accepted() -> TestResult {
 async fn the_core_client_obtains_verified_svids() -> TestResult {
     let ca = CaFixture::start(CaOptions::default())?;
     let cfg = ca.client_config("shop", "cart")?;
-    ensure!(cfg.key_algorithm == KeyAlgorithm::EcdsaP256, "P-256 is the default");
+    ensure!(
+        cfg.key_algorithm == KeyAlgorithm::EcdsaP256,
+        "P-256 is the default"
+    );
     let client = ca.client(cfg.clone())?;
     let svid = client.fetch().await?;
     ensure!(svid.id == ca.spiffe_id("shop", "cart")?);
@@ -604,7 +615,10 @@ async fn curl_obtains_a_certificate() -> TestResult {
 
     // Default protocol: curl negotiates HTTP/2.
     let (status, body) = curl_post(
-        Some(format!("Authorization: Bearer {}", ca.token("shop", "web")?)),
+        Some(format!(
+            "Authorization: Bearer {}",
+            ca.token("shop", "web")?
+        )),
         &[],
     )?;
     ensure!(status == 200, "curl got {status}: {body}");
@@ -633,7 +647,10 @@ async fn http2_clients_get_certificates_and_early_refusals() -> TestResult {
     let id = ca.spiffe_id("shop", "web")?;
     let tls = moat_e2e::https::client_config_alpn(ca.bundle_pem()?.as_bytes(), &[b"h2"])?;
     let stream = moat_e2e::https::connect_tls(ca.addr(), tls).await?;
-    ensure!(stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]), "h2 not negotiated");
+    ensure!(
+        stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]),
+        "h2 not negotiated"
+    );
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(stream),
@@ -645,7 +662,10 @@ async fn http2_clients_get_certificates_and_early_refusals() -> TestResult {
     // Issuance.
     let (tx, body) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
     let req = http::Request::post(&uri)
-        .header("authorization", format!("Bearer {}", ca.token("shop", "web")?))
+        .header(
+            "authorization",
+            format!("Bearer {}", ca.token("shop", "web")?),
+        )
         .body(body)?;
     let mut tx = tx;
     tx.send_data(csr_body(&client_csr(&id)?)).await?;
@@ -654,11 +674,20 @@ async fn http2_clients_get_certificates_and_early_refusals() -> TestResult {
     ensure!(resp.status() == 200, "h2 issuance: {}", resp.status());
     let body = resp.into_body().collect().await?.to_bytes();
     let issued: CertificateResponse = serde_json::from_slice(&body)?;
-    check_profile(&parse_chain(&issued.certificate_chain)?[0], &root_der(&ca)?, &id, &[])?;
+    check_profile(
+        &parse_chain(&issued.certificate_chain)?[0],
+        &root_der(&ca)?,
+        &id,
+        &[],
+    )?;
 
     // Refused from the headers while the body is still open.
-    for (token, code, status) in [(None, "missing_token", 401), (Some("x.y.z"), "invalid_token", 401)] {
-        let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+    for (token, code, status) in [
+        (None, "missing_token", 401),
+        (Some("x.y.z"), "invalid_token", 401),
+    ] {
+        let (mut tx, body) =
+            http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
         let mut b = http::Request::post(&uri);
         if let Some(t) = token {
             b = b.header("authorization", format!("Bearer {t}"));
@@ -672,7 +701,10 @@ async fn http2_clients_get_certificates_and_early_refusals() -> TestResult {
         let body = resp.into_body().collect().await?.to_bytes();
         let err: moat_core::api::ApiError = serde_json::from_slice(&body)
             .with_context(|| format!("h2 refusal body: {}", String::from_utf8_lossy(&body)))?;
-        ensure!(st == status && err.error == code, "h2 early refusal: {st} {err:?}");
+        ensure!(
+            st == status && err.error == code,
+            "h2 early refusal: {st} {err:?}"
+        );
         drop(tx);
     }
     // Close the connection now, so the CA's shutdown does not wait for it.
@@ -709,7 +741,12 @@ async fn malformed_requests_are_400_and_issue_nothing() -> TestResult {
     }
     let good = client_csr(&id)?;
     let unknown = serde_json::json!({"csr": good, "ttl": "876000h"}).to_string();
-    tally.refused(&ca.post(t, unknown).await?, 400, "invalid_json", "unknown field")?;
+    tally.refused(
+        &ca.post(t, unknown).await?,
+        400,
+        "invalid_json",
+        "unknown field",
+    )?;
 
     for (pem, what) in [
         ("garbage".to_string(), "not PEM"),
@@ -721,7 +758,10 @@ async fn malformed_requests_are_400_and_issue_nothing() -> TestResult {
             moat_core::pem::encode_block("CERTIFICATE REQUEST", b"\x30\x03\x02\x01\x00"),
             "not PKCS#10 inside",
         ),
-        (good.replace("CERTIFICATE REQUEST", "CERTIFICATE"), "wrong PEM label"),
+        (
+            good.replace("CERTIFICATE REQUEST", "CERTIFICATE"),
+            "wrong PEM label",
+        ),
     ] {
         let r = ca.request_certificate(&token, &pem).await?;
         tally.refused(&r, 400, "invalid_csr", what)?;
@@ -768,7 +808,12 @@ async fn bad_tokens_are_401_and_issue_nothing() -> TestResult {
     let mut tally = Tally::default();
     let spec = || TokenSpec::new("shop", "web");
 
-    tally.refused(&ca.post(None, body.clone()).await?, 401, "missing_token", "no header")?;
+    tally.refused(
+        &ca.post(None, body.clone()).await?,
+        401,
+        "missing_token",
+        "no header",
+    )?;
     let basic = http::Request::post(CERTIFICATES_PATH)
         .header("authorization", "Basic c2hvcDp3ZWI=")
         .body(http_body_util::Full::new(body.clone()))?;
@@ -776,8 +821,16 @@ async fn bad_tokens_are_401_and_issue_nothing() -> TestResult {
 
     let cases: Vec<(String, &str, &str)> = vec![
         (ca.mint(&spec().expired())?, "expired_token", "expired"),
-        (ca.mint(&spec().not_yet_valid())?, "expired_token", "not yet valid"),
-        (ca.mint(&spec().audiences(&["kubernetes"]))?, "wrong_audience", "wrong audience"),
+        (
+            ca.mint(&spec().not_yet_valid())?,
+            "expired_token",
+            "not yet valid",
+        ),
+        (
+            ca.mint(&spec().audiences(&["kubernetes"]))?,
+            "wrong_audience",
+            "wrong audience",
+        ),
         (
             ca.mint(&spec().issuer("https://evil.example"))?,
             "wrong_issuer",
@@ -820,9 +873,15 @@ async fn bad_tokens_are_401_and_issue_nothing() -> TestResult {
         tally.refused(&r, 401, code, what)?;
     }
     // A forgery fails on its signature, not on anything else.
-    let forged = ca.post(Some(&cases[4].0), body.clone()).await?.api_error()?;
+    let forged = ca
+        .post(Some(&cases[4].0), body.clone())
+        .await?
+        .api_error()?;
     ensure!(forged.message.contains("signature"), "{forged:?}");
-    tally.by_reason.entry("invalid_token".into()).and_modify(|n| *n += 1);
+    tally
+        .by_reason
+        .entry("invalid_token".into())
+        .and_modify(|n| *n += 1);
 
     tally.check(&ca, issued_before, 0.0)?;
     // The same request with a valid token works: the refusals were about the tokens.
@@ -868,17 +927,32 @@ async fn foreign_requests_are_403_and_issue_nothing() -> TestResult {
 
     let cases = [
         (
-            csr_with(&key, vec![uri("spiffe://cluster.local/ns/shop/sa/admin")?], |_| {})?,
+            csr_with(
+                &key,
+                vec![uri("spiffe://cluster.local/ns/shop/sa/admin")?],
+                |_| {},
+            )?,
             "identity_mismatch",
             "another SPIFFE ID",
         ),
         (
-            csr_with(&key, vec![uri("spiffe://evil.example/ns/shop/sa/web")?], |_| {})?,
+            csr_with(
+                &key,
+                vec![uri("spiffe://evil.example/ns/shop/sa/web")?],
+                |_| {},
+            )?,
             "identity_mismatch",
             "another trust domain",
         ),
         (
-            csr_with(&key, vec![uri(id.as_str())?, uri("spiffe://cluster.local/ns/shop/sa/admin")?], |_| {})?,
+            csr_with(
+                &key,
+                vec![
+                    uri(id.as_str())?,
+                    uri("spiffe://cluster.local/ns/shop/sa/admin")?,
+                ],
+                |_| {},
+            )?,
             "identity_mismatch",
             "own and another identity",
         ),
@@ -905,7 +979,10 @@ async fn foreign_requests_are_403_and_issue_nothing() -> TestResult {
         ),
         (
             csr_with(&key, vec![uri(id.as_str())?], |p| {
-                p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign]
+                p.key_usages = vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyCertSign,
+                ]
             })?,
             "ca_not_allowed",
             "keyCertSign",
@@ -915,10 +992,18 @@ async fn foreign_requests_are_403_and_issue_nothing() -> TestResult {
         let r = ca.request_certificate(&token, pem).await?;
         tally.refused(&r, 403, code, what)?;
     }
-    let msg = ca.request_certificate(&token, &cases[0].0).await?.api_error()?;
-    tally.by_reason.entry("identity_mismatch".into()).and_modify(|n| *n += 1);
+    let msg = ca
+        .request_certificate(&token, &cases[0].0)
+        .await?
+        .api_error()?;
+    tally
+        .by_reason
+        .entry("identity_mismatch".into())
+        .and_modify(|n| *n += 1);
     ensure!(
-        msg.message.contains("spiffe://cluster.local/ns/shop/sa/admin") && msg.message.contains(id.as_str()),
+        msg.message
+            .contains("spiffe://cluster.local/ns/shop/sa/admin")
+            && msg.message.contains(id.as_str()),
         "the refusal says what was asked and what is proven: {msg:?}"
     );
     tally.check(&ca, issued_before, 0.0)?;
@@ -989,7 +1074,11 @@ async fn rate_limit_is_429_with_retry_after() -> TestResult {
 
     for i in 0..2 {
         let r = ca.request_certificate(&token, &csr).await?;
-        ensure!(r.status == 200, "request {i} within the burst: {}", r.text());
+        ensure!(
+            r.status == 200,
+            "request {i} within the burst: {}",
+            r.text()
+        );
     }
     let r = ca.request_certificate(&token, &csr).await?;
     tally.refused(&r, 429, "rate_limited", "third request")?;
@@ -1008,7 +1097,12 @@ async fn rate_limit_is_429_with_retry_after() -> TestResult {
 
     tokio::time::sleep(Duration::from_secs(retry)).await;
     let r = ca.request_certificate(&token, &csr).await?;
-    ensure!(r.status == 200, "after Retry-After: {} {}", r.status, r.text());
+    ensure!(
+        r.status == 200,
+        "after Retry-After: {} {}",
+        r.status,
+        r.text()
+    );
 
     tally.check(&ca, issued_before, 4.0)?;
     let line = &logs::matching(&ca.json_logs(), &[("reason", "rate_limited")])[0].clone();
@@ -1031,7 +1125,10 @@ async fn retry_after_is_never_too_early() -> TestResult {
     let r = ca.request_certificate(&token, &csr).await?;
     assert_refused(&r, 429, "rate_limited", "second request")?;
     let retry: u64 = r.header("retry-after").context("no Retry-After")?.parse()?;
-    ensure!(retry == 2, "Retry-After {retry}, expected 2 at 0.5 request/s");
+    ensure!(
+        retry == 2,
+        "Retry-After {retry}, expected 2 at 0.5 request/s"
+    );
     tokio::time::sleep(Duration::from_secs(retry)).await;
     let r = ca.request_certificate(&token, &csr).await?;
     ensure!(
@@ -1048,21 +1145,44 @@ async fn retry_after_is_never_too_early() -> TestResult {
 #[tokio::test]
 async fn trust_bundle_not_found_and_wrong_method() -> TestResult {
     let ca = CaFixture::start(CaOptions::default())?;
-    let get = |path: &str| {
-        http::Request::get(path).body(http_body_util::Full::new(Bytes::new()))
-    };
+    let get = |path: &str| http::Request::get(path).body(http_body_util::Full::new(Bytes::new()));
     let r = ca.send(get(TRUST_BUNDLE_PATH)?).await?;
     ensure!(r.status == 200);
     ensure!(r.header("content-type") == Some("application/x-pem-file"));
-    ensure!(r.text() == ca.bundle_pem()?, "the served bundle is bundle.pem");
+    ensure!(
+        r.text() == ca.bundle_pem()?,
+        "the served bundle is bundle.pem"
+    );
 
-    assert_refused(&ca.send(get("/v2/certificates")?).await?, 404, "not_found", "unknown path")?;
+    assert_refused(
+        &ca.send(get("/v2/certificates")?).await?,
+        404,
+        "not_found",
+        "unknown path",
+    )?;
     assert_refused(&ca.send(get("/")?).await?, 404, "not_found", "root")?;
-    assert_refused(&ca.send(get(CERTIFICATES_PATH)?).await?, 405, "method_not_allowed", "GET certificates")?;
-    let put = http::Request::put(CERTIFICATES_PATH).body(http_body_util::Full::new(Bytes::new()))?;
-    assert_refused(&ca.send(put).await?, 405, "method_not_allowed", "PUT certificates")?;
-    let post = http::Request::post(TRUST_BUNDLE_PATH).body(http_body_util::Full::new(Bytes::new()))?;
-    assert_refused(&ca.send(post).await?, 405, "method_not_allowed", "POST trust-bundle")?;
+    assert_refused(
+        &ca.send(get(CERTIFICATES_PATH)?).await?,
+        405,
+        "method_not_allowed",
+        "GET certificates",
+    )?;
+    let put =
+        http::Request::put(CERTIFICATES_PATH).body(http_body_util::Full::new(Bytes::new()))?;
+    assert_refused(
+        &ca.send(put).await?,
+        405,
+        "method_not_allowed",
+        "PUT certificates",
+    )?;
+    let post =
+        http::Request::post(TRUST_BUNDLE_PATH).body(http_body_util::Full::new(Bytes::new()))?;
+    assert_refused(
+        &ca.send(post).await?,
+        405,
+        "method_not_allowed",
+        "POST trust-bundle",
+    )?;
     ensure!(ca.metric(ISSUED, &[])? == 0.0);
     Ok(())
 }
@@ -1086,14 +1206,21 @@ async fn intermediate_chain_verifies_against_the_root() -> TestResult {
     ensure!(reply.status == 200, "{}", reply.text());
     let resp: CertificateResponse = reply.json()?;
     let chain = parse_chain(&resp.certificate_chain)?;
-    ensure!(chain.len() == 2, "chain is leaf + intermediate, got {}", chain.len());
+    ensure!(
+        chain.len() == 2,
+        "chain is leaf + intermediate, got {}",
+        chain.len()
+    );
     let inter = std::fs::read_to_string(ca.signing_dir().join("tls.crt"))?;
     ensure!(
         chain[1] == parse_chain(&inter)?[0],
         "the second certificate is the intermediate"
     );
     ensure!(!ca.bundle()?.contains(&chain[1]), "the root is never sent");
-    ensure!(resp.trust_bundle == ca.bundle_pem()?, "trust_bundle is the root bundle");
+    ensure!(
+        resp.trust_bundle == ca.bundle_pem()?,
+        "trust_bundle is the root bundle"
+    );
     check_profile(&chain[0], &chain[1], &id, &[])?;
     webpki_verify(&chain, &ca.bundle()?)?;
     openssl_verify(ca.dir(), &chain, &ca.bundle_path())?;
@@ -1178,19 +1305,30 @@ fn serve_refuses_broken_signing_material() -> TestResult {
             "--log-format".into(),
             "json".into(),
         ];
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut p = Proc::start(&name, &bin, &args, &tmp.path().join("logs"))?;
         let status = p
             .wait_timeout(Duration::from_secs(10))?
             .with_context(|| format!("serve --dir {} kept running", dir.display()))?;
         let stderr = p.stderr();
-        ensure!(status.code() == Some(2), "{}: exit {status}: {stderr}", dir.display());
+        ensure!(
+            status.code() == Some(2),
+            "{}: exit {status}: {stderr}",
+            dir.display()
+        );
         ensure!(
             stderr.contains("moat-ca: error:") && stderr.contains(expect),
             "{}: message should mention {expect:?}: {stderr}",
             dir.display()
         );
-        ensure!(!stderr.contains("panicked"), "{}: panic: {stderr}", dir.display());
+        ensure!(
+            !stderr.contains("panicked"),
+            "{}: panic: {stderr}",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -1210,7 +1348,11 @@ fn init_refuses_to_overwrite_a_key() -> TestResult {
         ])
     };
     let first = init(&root)?;
-    ensure!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    ensure!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let key = std::fs::read(root.join("ca.key"))?;
     let cert = std::fs::read(root.join("ca.crt"))?;
     {
@@ -1225,7 +1367,10 @@ fn init_refuses_to_overwrite_a_key() -> TestResult {
     ensure!(stderr.contains("refusing to overwrite"), "{stderr}");
     ensure!(!stderr.contains("panicked"));
     ensure!(std::fs::read(root.join("ca.key"))? == key, "key changed");
-    ensure!(std::fs::read(root.join("ca.crt"))? == cert, "certificate changed");
+    ensure!(
+        std::fs::read(root.join("ca.crt"))? == cert,
+        "certificate changed"
+    );
 
     let out = tmp.path().join("inter");
     let inter = |out: &Path| {
@@ -1242,7 +1387,10 @@ fn init_refuses_to_overwrite_a_key() -> TestResult {
     let again = inter(&out)?;
     ensure!(!again.status.success(), "second intermediate succeeded");
     ensure!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
-    ensure!(std::fs::read(out.join("tls.key"))? == ikey, "intermediate key changed");
+    ensure!(
+        std::fs::read(out.join("tls.key"))? == ikey,
+        "intermediate key changed"
+    );
     Ok(())
 }
 
@@ -1250,12 +1398,10 @@ fn init_refuses_to_overwrite_a_key() -> TestResult {
 #[tokio::test]
 async fn dns_sans_only_for_the_allowed_identity() -> TestResult {
     let name = "moat-injector.moat-system.svc";
-    let ca = CaFixture::start(
-        CaOptions::default().args([
-            "--dns-san".to_string(),
-            format!("spiffe://cluster.local/ns/moat-system/sa/moat-injector={name}"),
-        ]),
-    )?;
+    let ca = CaFixture::start(CaOptions::default().args([
+        "--dns-san".to_string(),
+        format!("spiffe://cluster.local/ns/moat-system/sa/moat-injector={name}"),
+    ]))?;
     let injector = ca.spiffe_id("moat-system", "moat-injector")?;
 
     // The core client, as the injector uses it.
@@ -1269,12 +1415,19 @@ async fn dns_sans_only_for_the_allowed_identity() -> TestResult {
     openssl_verify(ca.dir(), &svid.chain, &ca.bundle_path())?;
 
     // Without the DNS name, the same identity gets a plain SVID.
-    let plain = ca.client(ca.client_config("moat-system", "moat-injector")?)?.fetch().await?;
+    let plain = ca
+        .client(ca.client_config("moat-system", "moat-injector")?)?
+        .fetch()
+        .await?;
     check_profile(&plain.chain[0], &root_der(&ca)?, &injector, &[])?;
 
     let token = ca.token("moat-system", "moat-injector")?;
     let key = p256()?;
-    let other_name = csr_with(&key, vec![uri(injector.as_str())?, dns("evil.moat-system.svc")?], |_| {})?;
+    let other_name = csr_with(
+        &key,
+        vec![uri(injector.as_str())?, dns("evil.moat-system.svc")?],
+        |_| {},
+    )?;
     assert_refused(
         &ca.request_certificate(&token, &other_name).await?,
         403,
@@ -1284,7 +1437,8 @@ async fn dns_sans_only_for_the_allowed_identity() -> TestResult {
     let other = ca.spiffe_id("moat-system", "other")?;
     let stolen = csr_with(&key, vec![uri(other.as_str())?, dns(name)?], |_| {})?;
     assert_refused(
-        &ca.request_certificate(&ca.token("moat-system", "other")?, &stolen).await?,
+        &ca.request_certificate(&ca.token("moat-system", "other")?, &stolen)
+            .await?,
         403,
         "identity_mismatch",
         "other identity, allowed name",
@@ -1355,7 +1509,11 @@ async fn manager_renews_before_expiry_twice() -> TestResult {
         ensure!(handle.cert.get().is_some());
         // The workload's view of the serial is the CA's audit record of it.
         ensure!(
-            !logs::matching(&ca.json_logs(), &[("event", "issued"), ("serial", &next.serial)]).is_empty(),
+            !logs::matching(
+                &ca.json_logs(),
+                &[("event", "issued"), ("serial", &next.serial)]
+            )
+            .is_empty(),
             "round {round}: serial {} not in the CA's audit log",
             next.serial
         );
@@ -1403,7 +1561,11 @@ async fn manager_keeps_its_certificate_through_a_ca_outage() -> TestResult {
     };
     let deadline = Instant::now() + Duration::from_secs(8);
     while failures().len() < 2 {
-        ensure!(Instant::now() < deadline, "no failed renewal seen: {}", capture.text());
+        ensure!(
+            Instant::now() < deadline,
+            "no failed renewal seen: {}",
+            capture.text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seen = failures();
@@ -1412,12 +1574,24 @@ async fn manager_keeps_its_certificate_through_a_ca_outage() -> TestResult {
         ensure!(f["serving_valid_cert"] == true, "failure while valid: {f}");
         ensure!(f["level"] == "WARN");
     }
-    ensure!(seen[1]["attempt"].as_u64() > seen[0]["attempt"].as_u64(), "attempts counted");
+    ensure!(
+        seen[1]["attempt"].as_u64() > seen[0]["attempt"].as_u64(),
+        "attempts counted"
+    );
     // Still serving the old, valid certificate.
-    ensure!(handle.has_valid_cert(), "the old certificate must still be valid");
+    ensure!(
+        handle.has_valid_cert(),
+        "the old certificate must still be valid"
+    );
     let during = handle.summary().context("summary lost")?;
-    ensure!(during.serial == first.serial, "certificate changed during the outage");
-    ensure!(Arc::ptr_eq(&handle.cert.get().context("cert lost")?, &first_cert));
+    ensure!(
+        during.serial == first.serial,
+        "certificate changed during the outage"
+    );
+    ensure!(Arc::ptr_eq(
+        &handle.cert.get().context("cert lost")?,
+        &first_cert
+    ));
 
     // CA back on the same port: the next attempt succeeds.
     let port = ca.addr();
@@ -1448,7 +1622,11 @@ async fn manager_keeps_its_certificate_through_a_ca_outage() -> TestResult {
 #[tokio::test]
 async fn sigterm_drains_then_exits_zero() -> TestResult {
     let grace = Duration::from_secs(2);
-    let mut ca = CaFixture::start(CaOptions::default().unlimited().args(["--shutdown-grace", "2s"]))?;
+    let mut ca = CaFixture::start(
+        CaOptions::default()
+            .unlimited()
+            .args(["--shutdown-grace", "2s"]),
+    )?;
     let id = ca.spiffe_id("shop", "web")?;
     let token = ca.token("shop", "web")?;
     let body = csr_body(&client_csr(&id)?);
@@ -1485,7 +1663,12 @@ async fn sigterm_drains_then_exits_zero() -> TestResult {
 
     a.write(&body[body.len() / 2..]).await?;
     let r = a.read_reply(Duration::from_secs(5)).await?;
-    ensure!(r.status == 200, "in-flight request after SIGTERM: {} {}", r.status, r.text());
+    ensure!(
+        r.status == 200,
+        "in-flight request after SIGTERM: {} {}",
+        r.status,
+        r.text()
+    );
     parse_chain(&r.json::<CertificateResponse>()?.certificate_chain)?;
 
     let status = ca

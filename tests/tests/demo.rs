@@ -28,14 +28,20 @@ fn the_readme_demo_passes_and_reports_what_it_measured() {
             .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{stdout}"))
     };
     let web = line("->  api (spiffe://cluster.local/ns/shop/sa/api)");
-    assert!(web.contains("spiffe://cluster.local/ns/shop/sa/web"), "{web}");
-    assert!(web.contains("HTTP requests ok") && web.contains("TCP echoes ok"), "{web}");
+    assert!(
+        web.contains("spiffe://cluster.local/ns/shop/sa/web"),
+        "{web}"
+    );
+    assert!(
+        web.contains("HTTP requests ok") && web.contains("TCP echoes ok"),
+        "{web}"
+    );
     let batch = line("spiffe://cluster.local/ns/shop/sa/batch) ->");
     assert!(
         batch.contains("DENIED by rule \"default\": HTTP 403, TCP reset"),
         "{batch}"
     );
-    let forged = line("forged certificate");
+    let forged = line("forged certificate (self-made CA");
     assert!(
         forged.contains("REFUSED in handshake: untrusted_issuer"),
         "{forged}"
@@ -53,7 +59,10 @@ fn the_readme_demo_passes_and_reports_what_it_measured() {
         "{logs} is left behind after --once"
     );
     assert!(line("Stopped 4 processes").contains("removed the temporary files"));
-    assert!(!stdout.contains("FAILED") && !stderr.contains("FAILED"), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains("FAILED") && !stderr.contains("FAILED"),
+        "{stdout}{stderr}"
+    );
     assert!(
         elapsed < Duration::from_secs(20),
         "moat-demo --once --duration 3 took {elapsed:?}"

@@ -65,15 +65,23 @@ async fn mesh(ca_opts: CaOptions, api_policy_yaml: String) -> Mesh {
     let echo = backend::echo().await;
     let greeter = backend::greeter().await;
     let ca = CaFixture::start(ca_opts).expect("CA starts");
-    let api = ProxyFixture::start(&ca, ProxyOptions::new("shop", "api").policy(&api_policy_yaml))
-        .expect("api proxy starts");
+    let api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api").policy(&api_policy_yaml),
+    )
+    .expect("api proxy starts");
     let (http_route, echo_route, greeter_route) = (free_addr(), free_addr(), free_addr());
     let web = ProxyFixture::start(
         &ca,
         ProxyOptions::new("shop", "web")
             .route(http_route, api.inbound(), http.port(), Some(&id("api")))
             .route(echo_route, api.inbound(), echo.port(), Some(&id("api")))
-            .route(greeter_route, api.inbound(), greeter.port(), Some(&id("api"))),
+            .route(
+                greeter_route,
+                api.inbound(),
+                greeter.port(),
+                Some(&id("api")),
+            ),
     )
     .expect("web proxy starts");
     Mesh {
@@ -101,7 +109,9 @@ async fn http1_http2_and_tcp_pass_over_mtls_and_are_counted() {
     let (body, err) = curl(&["-sS", "--max-time", "10", &url, &url, &url]);
     assert_eq!(body, backend::HELLO.repeat(3), "{err}");
     // Opaque TCP.
-    let echoed = tcp_roundtrip(m.echo_route, b"opaque bytes \x00\x01\x02").await.unwrap();
+    let echoed = tcp_roundtrip(m.echo_route, b"opaque bytes \x00\x01\x02")
+        .await
+        .unwrap();
     assert_eq!(echoed, b"opaque bytes \x00\x01\x02");
     // Server speaks first: the greeting arrives at once, not after the detection timeout.
     let start = Instant::now();
@@ -124,46 +134,85 @@ async fn http1_http2_and_tcp_pass_over_mtls_and_are_counted() {
     let out_reqs = counter(
         &web_m,
         "moat_proxy_http_requests_total",
-        &[("direction", "outbound"), ("peer", &id("api")), ("local", &id("web")), ("status_class", "2xx")],
+        &[
+            ("direction", "outbound"),
+            ("peer", &id("api")),
+            ("local", &id("web")),
+            ("status_class", "2xx"),
+        ],
     );
     assert!(out_reqs >= 5.0, "outbound requests counted: {out_reqs}");
     let api_m = m
         .api
         .wait_metrics(Duration::from_secs(2), |mm| {
-            counter(mm, "moat_proxy_http_requests_total", &[("direction", "inbound"), ("peer", &id("web"))]) >= 5.0
+            counter(
+                mm,
+                "moat_proxy_http_requests_total",
+                &[("direction", "inbound"), ("peer", &id("web"))],
+            ) >= 5.0
         })
         .unwrap();
     let in_reqs = counter(
         &api_m,
         "moat_proxy_http_requests_total",
-        &[("direction", "inbound"), ("peer", &id("web")), ("local", &id("api")), ("status_class", "2xx")],
+        &[
+            ("direction", "inbound"),
+            ("peer", &id("web")),
+            ("local", &id("api")),
+            ("status_class", "2xx"),
+        ],
     );
     assert!(in_reqs >= 5.0, "inbound requests counted: {in_reqs}");
     let hist = api_m
-        .histogram("moat_proxy_http_request_duration_seconds", &[("direction", "inbound"), ("peer", &id("web"))])
+        .histogram(
+            "moat_proxy_http_request_duration_seconds",
+            &[("direction", "inbound"), ("peer", &id("web"))],
+        )
         .expect("latency histogram");
     assert!(hist.count >= 5.0);
-    assert!(counter(&api_m, "moat_proxy_bytes_total", &[("direction", "inbound")]) > 0.0);
-    assert!(counter(&api_m, "moat_proxy_authz_decisions_total", &[("decision", "allow"), ("rule", "web-to-api")]) >= 1.0);
+    assert!(
+        counter(
+            &api_m,
+            "moat_proxy_bytes_total",
+            &[("direction", "inbound")]
+        ) > 0.0
+    );
+    assert!(
+        counter(
+            &api_m,
+            "moat_proxy_authz_decisions_total",
+            &[("decision", "allow"), ("rule", "web-to-api")]
+        ) >= 1.0
+    );
     // Pooling: fewer handshakes than app connections.
-    let handshakes = counter(&web_m, "moat_proxy_tls_handshakes_total", &[("direction", "outbound")]);
+    let handshakes = counter(
+        &web_m,
+        "moat_proxy_tls_handshakes_total",
+        &[("direction", "outbound")],
+    );
     let reuses = counter(&web_m, "moat_proxy_tunnel_reuses_total", &[]);
-    assert!(reuses >= 1.0, "pooled connections were reused (handshakes {handshakes}, reuses {reuses})");
+    assert!(
+        reuses >= 1.0,
+        "pooled connections were reused (handshakes {handshakes}, reuses {reuses})"
+    );
     drop(m.ca);
 }
 
 /// Blocking HTTP/1.0 GET on a fresh connection (runs off the async workers).
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<moat_e2e::net::HttpReply> {
     let path = path.to_string();
-    tokio::task::spawn_blocking(move || moat_e2e::net::http_get(&addr.to_string(), &path, Duration::from_secs(10)))
-        .await?
+    tokio::task::spawn_blocking(move || {
+        moat_e2e::net::http_get(&addr.to_string(), &path, Duration::from_secs(10))
+    })
+    .await?
 }
 
 /// Signs a leaf with the fixture CA's root key, for peers that must look almost legitimate.
 fn forge_leaf(ca: &CaFixture, uri: &str, expired: bool) -> (String, String) {
     let root = ca.root_dir();
     let ca_pem = std::fs::read_to_string(root.join("ca.crt")).unwrap();
-    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(root.join("ca.key")).unwrap()).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(root.join("ca.key")).unwrap()).unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
@@ -171,7 +220,10 @@ fn forge_leaf(ca: &CaFixture, uri: &str, expired: bool) -> (String, String) {
     p.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
     p.is_ca = rcgen::IsCa::ExplicitNoCa;
     p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let now = std::time::SystemTime::now();
     if expired {
         p.not_before = (now - Duration::from_secs(7200)).into();
@@ -185,7 +237,12 @@ fn forge_leaf(ca: &CaFixture, uri: &str, expired: bool) -> (String, String) {
 }
 
 /// A TLS 1.3 server speaking ALPN moat/1 with the given certificate: `openssl s_server`.
-fn openssl_peer(dir: &std::path::Path, name: &str, cert: &str, key: &str) -> (moat_e2e::Proc, SocketAddr) {
+fn openssl_peer(
+    dir: &std::path::Path,
+    name: &str,
+    cert: &str,
+    key: &str,
+) -> (moat_e2e::Proc, SocketAddr) {
     let openssl = require_tool("openssl");
     let c = dir.join(format!("{name}.crt"));
     let k = dir.join(format!("{name}.key"));
@@ -193,8 +250,21 @@ fn openssl_peer(dir: &std::path::Path, name: &str, cert: &str, key: &str) -> (mo
     std::fs::write(&k, key).unwrap();
     let addr = free_addr();
     let mut cmd = std::process::Command::new(openssl);
-    cmd.args(["s_server", "-accept", &addr.to_string(), "-tls1_3", "-alpn", "moat/1", "-quiet", "-naccept", "100"])
-        .arg("-cert").arg(&c).arg("-key").arg(&k);
+    cmd.args([
+        "s_server",
+        "-accept",
+        &addr.to_string(),
+        "-tls1_3",
+        "-alpn",
+        "moat/1",
+        "-quiet",
+        "-naccept",
+        "100",
+    ])
+    .arg("-cert")
+    .arg(&c)
+    .arg("-key")
+    .arg(&k);
     let p = moat_e2e::Proc::spawn(name, cmd, dir).unwrap();
     // Wait until it listens.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -208,9 +278,15 @@ async fn app_connection_is_refused(route: SocketAddr) {
     // The sidecar resets the app's connection: the app reads an error or EOF, never data.
     let r = tcp_roundtrip(route, b"secret request").await;
     match r {
-        Ok(data) => assert!(data.is_empty(), "app got data from a refused peer: {data:?}"),
+        Ok(data) => assert!(
+            data.is_empty(),
+            "app got data from a refused peer: {data:?}"
+        ),
         Err(e) => assert!(
-            matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ),
             "unexpected error {e}"
         ),
     }
@@ -221,7 +297,11 @@ async fn bad_peers_are_refused_and_counted_by_reason() {
     let ca = CaFixture::start(CaOptions::default()).unwrap();
     let rogue_ca = CaFixture::start(CaOptions::default()).unwrap();
     let echo = backend::echo().await;
-    let api = ProxyFixture::start(&ca, ProxyOptions::new("shop", "api").policy(&api_policy("deny"))).unwrap();
+    let api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api").policy(&api_policy("deny")),
+    )
+    .unwrap();
     let rogue_api = ProxyFixture::start(&rogue_ca, ProxyOptions::new("shop", "api")).unwrap();
     let dir = moat_e2e::temp_dir("peers").unwrap();
     let (exp_cert, exp_key) = forge_leaf(&ca, &id("api"), true);
@@ -229,11 +309,22 @@ async fn bad_peers_are_refused_and_counted_by_reason() {
     let (td_cert, td_key) = forge_leaf(&ca, "spiffe://other.example/ns/shop/sa/api", false);
     let (_td_peer, td_addr) = openssl_peer(dir.path(), "other-td", &td_cert, &td_key);
 
-    let routes = [free_addr(), free_addr(), free_addr(), free_addr(), free_addr()];
+    let routes = [
+        free_addr(),
+        free_addr(),
+        free_addr(),
+        free_addr(),
+        free_addr(),
+    ];
     let web = ProxyFixture::start(
         &ca,
         ProxyOptions::new("shop", "web")
-            .route(routes[0], rogue_api.inbound(), echo.port(), Some(&id("api")))
+            .route(
+                routes[0],
+                rogue_api.inbound(),
+                echo.port(),
+                Some(&id("api")),
+            )
             .route(routes[1], expired_addr, echo.port(), Some(&id("api")))
             .route(routes[2], td_addr, echo.port(), None)
             .route(routes[3], api.inbound(), echo.port(), Some(&id("admin")))
@@ -246,7 +337,13 @@ async fn bad_peers_are_refused_and_counted_by_reason() {
         app_connection_is_refused(*r).await;
     }
     let m = web.metrics().unwrap();
-    let failures = |reason| counter(&m, "moat_proxy_tls_handshake_failures_total", &[("direction", "outbound"), ("reason", reason)]);
+    let failures = |reason| {
+        counter(
+            &m,
+            "moat_proxy_tls_handshake_failures_total",
+            &[("direction", "outbound"), ("reason", reason)],
+        )
+    };
     assert!(failures("untrusted_issuer") >= 1.0, "another CA");
     assert!(failures("expired") >= 1.0, "expired certificate");
     assert!(failures("wrong_trust_domain") >= 1.0, "wrong trust domain");
@@ -263,7 +360,9 @@ async fn bad_peers_are_refused_and_counted_by_reason() {
     // openssl's own exit status says little here (TLS 1.3 client auth fails after its
     // handshake completes); the server's metrics below are the verdict.
     let _ = std::process::Command::new(&openssl)
-        .args(["s_client", "-connect", &connect, "-tls1_3", "-alpn", "moat/1"])
+        .args([
+            "s_client", "-connect", &connect, "-tls1_3", "-alpn", "moat/1",
+        ])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
@@ -271,9 +370,13 @@ async fn bad_peers_are_refused_and_counted_by_reason() {
     std::fs::write(dir.path().join("rogue.crt"), &rc).unwrap();
     std::fs::write(dir.path().join("rogue.key"), &rk).unwrap();
     let _ = std::process::Command::new(&openssl)
-        .args(["s_client", "-connect", &connect, "-tls1_3", "-alpn", "moat/1"])
-        .arg("-cert").arg(dir.path().join("rogue.crt"))
-        .arg("-key").arg(dir.path().join("rogue.key"))
+        .args([
+            "s_client", "-connect", &connect, "-tls1_3", "-alpn", "moat/1",
+        ])
+        .arg("-cert")
+        .arg(dir.path().join("rogue.crt"))
+        .arg("-key")
+        .arg(dir.path().join("rogue.key"))
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
@@ -281,14 +384,37 @@ async fn bad_peers_are_refused_and_counted_by_reason() {
     assert!(!err.is_empty(), "plaintext to the inbound port must fail");
     let m = api
         .wait_metrics(Duration::from_secs(3), |mm| {
-            counter(mm, "moat_proxy_tls_handshake_failures_total", &[("reason", "untrusted_issuer")]) >= 1.0
+            counter(
+                mm,
+                "moat_proxy_tls_handshake_failures_total",
+                &[("reason", "untrusted_issuer")],
+            ) >= 1.0
         })
         .unwrap();
-    let inbound = |reason| counter(&m, "moat_proxy_tls_handshake_failures_total", &[("direction", "inbound"), ("reason", reason)]);
-    assert!(inbound("no_client_certificate") >= 1.0, "no client certificate");
-    assert!(inbound("untrusted_issuer") >= 1.0, "client certificate from another CA");
+    let inbound = |reason| {
+        counter(
+            &m,
+            "moat_proxy_tls_handshake_failures_total",
+            &[("direction", "inbound"), ("reason", reason)],
+        )
+    };
     assert!(
-        counter(&m, "moat_proxy_connections_refused_total", &[("direction", "inbound"), ("reason", "no_original_destination")]) >= 1.0,
+        inbound("no_client_certificate") >= 1.0,
+        "no client certificate"
+    );
+    assert!(
+        inbound("untrusted_issuer") >= 1.0,
+        "client certificate from another CA"
+    );
+    assert!(
+        counter(
+            &m,
+            "moat_proxy_connections_refused_total",
+            &[
+                ("direction", "inbound"),
+                ("reason", "no_original_destination")
+            ]
+        ) >= 1.0,
         "plaintext refused"
     );
 }
@@ -298,8 +424,13 @@ async fn policy_allows_denies_and_audits() {
     let http = backend::http().await;
     let echo = backend::echo().await;
     let ca = CaFixture::start(CaOptions::default()).unwrap();
-    let api = ProxyFixture::start(&ca, ProxyOptions::new("shop", "api").policy(&api_policy("deny"))).unwrap();
-    let (web_http, web_tcp, batch_http, batch_tcp) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api").policy(&api_policy("deny")),
+    )
+    .unwrap();
+    let (web_http, web_tcp, batch_http, batch_tcp) =
+        (free_addr(), free_addr(), free_addr(), free_addr());
     let web = ProxyFixture::start(
         &ca,
         ProxyOptions::new("shop", "web")
@@ -320,16 +451,51 @@ async fn policy_allows_denies_and_audits() {
     assert_eq!(tcp_roundtrip(web_tcp, b"hi").await.unwrap(), b"hi");
     // Denied: HTTP 403 naming the rule, on a connection that stays usable (curl reuses it).
     let url = format!("http://{batch_http}/");
-    let (out, err) = curl(&["-sS", "--max-time", "10", "-o", "/dev/null", "-D", "-", "-w", "%{num_connects}\n", &url, &url]);
+    let (out, err) = curl(&[
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-D",
+        "-",
+        "-w",
+        "%{num_connects}\n",
+        &url,
+        &url,
+    ]);
     assert!(out.contains(" 403"), "{out} {err}");
-    assert!(out.to_ascii_lowercase().contains("x-moat-denied-by: default"), "{out}");
-    let connects: Vec<&str> = out.lines().filter(|l| l.trim().chars().all(|c| c.is_ascii_digit()) && !l.trim().is_empty()).collect();
-    assert_eq!(connects, vec!["1", "0"], "second request reused the connection: {out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("x-moat-denied-by: default"),
+        "{out}"
+    );
+    let connects: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim().chars().all(|c| c.is_ascii_digit()) && !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        connects,
+        vec!["1", "0"],
+        "second request reused the connection: {out}"
+    );
     // Denied: opaque TCP is reset.
     app_connection_is_refused(batch_tcp).await;
     let m = api.metrics().unwrap();
-    assert!(counter(&m, "moat_proxy_authz_decisions_total", &[("decision", "deny"), ("rule", "default")]) >= 2.0);
-    assert!(counter(&m, "moat_proxy_authz_decisions_total", &[("decision", "allow"), ("rule", "web-to-api")]) >= 2.0);
+    assert!(
+        counter(
+            &m,
+            "moat_proxy_authz_decisions_total",
+            &[("decision", "deny"), ("rule", "default")]
+        ) >= 2.0
+    );
+    assert!(
+        counter(
+            &m,
+            "moat_proxy_authz_decisions_total",
+            &[("decision", "allow"), ("rule", "web-to-api")]
+        ) >= 2.0
+    );
     assert!(
         moat_e2e::logs::matching(&api.json_logs(), &[("caller", &id("batch"))]).len() >= 1,
         "denial logged with the caller's identity"
@@ -348,7 +514,13 @@ async fn policy_allows_denies_and_audits() {
     }
     assert_eq!(tcp_roundtrip(batch_tcp, b"audit").await.unwrap(), b"audit");
     let m = api.metrics().unwrap();
-    assert!(counter(&m, "moat_proxy_authz_decisions_total", &[("decision", "audit_deny"), ("rule", "default")]) >= 2.0);
+    assert!(
+        counter(
+            &m,
+            "moat_proxy_authz_decisions_total",
+            &[("decision", "audit_deny"), ("rule", "default")]
+        ) >= 2.0
+    );
     drop(web);
     drop(batch);
 }
@@ -357,10 +529,32 @@ async fn policy_allows_denies_and_audits() {
 async fn live_policy_edit_closes_revoked_connections_and_keeps_allowed_ones() {
     let echo = backend::echo().await;
     let ca = CaFixture::start(CaOptions::default()).unwrap();
-    let api = ProxyFixture::start(&ca, ProxyOptions::new("shop", "api").policy(&api_policy("audit"))).unwrap();
+    let api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api").policy(&api_policy("audit")),
+    )
+    .unwrap();
     let (web_tcp, batch_tcp) = (free_addr(), free_addr());
-    let _web = ProxyFixture::start(&ca, ProxyOptions::new("shop", "web").route(web_tcp, api.inbound(), echo.port(), Some(&id("api")))).unwrap();
-    let _batch = ProxyFixture::start(&ca, ProxyOptions::new("shop", "batch").route(batch_tcp, api.inbound(), echo.port(), Some(&id("api")))).unwrap();
+    let _web = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "web").route(
+            web_tcp,
+            api.inbound(),
+            echo.port(),
+            Some(&id("api")),
+        ),
+    )
+    .unwrap();
+    let _batch = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "batch").route(
+            batch_tcp,
+            api.inbound(),
+            echo.port(),
+            Some(&id("api")),
+        ),
+    )
+    .unwrap();
 
     let mut w = TcpStream::connect(web_tcp).await.unwrap();
     let mut b = TcpStream::connect(batch_tcp).await.unwrap();
@@ -371,10 +565,17 @@ async fn live_policy_edit_closes_revoked_connections_and_keeps_allowed_ones() {
         assert_eq!(&buf, b"one");
     }
     // An invalid edit is rejected and changes nothing.
-    api.set_policy("apiVersion: moat.dev/v1\nkind: Policy\ndefault: maybe\n").unwrap();
+    api.set_policy("apiVersion: moat.dev/v1\nkind: Policy\ndefault: maybe\n")
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let m = api.metrics().unwrap();
-    assert!(counter(&m, "moat_proxy_policy_reloads_total", &[("result", "error")]) >= 1.0);
+    assert!(
+        counter(
+            &m,
+            "moat_proxy_policy_reloads_total",
+            &[("result", "error")]
+        ) >= 1.0
+    );
     assert_eq!(counter(&m, "moat_proxy_policy_valid", &[]), 0.0);
     b.write_all(b"two").await.unwrap();
     let mut buf = [0u8; 3];
@@ -383,8 +584,13 @@ async fn live_policy_edit_closes_revoked_connections_and_keeps_allowed_ones() {
     // Now deny batch: its open tunnel is closed; web's keeps working.
     api.set_policy(&api_policy("deny")).unwrap();
     let mut buf = [0u8; 16];
-    let closed = tokio::time::timeout(Duration::from_secs(10), b.read(&mut buf)).await.expect("revoked connection closed");
-    assert!(matches!(closed, Ok(0) | Err(_)), "revoked connection must not deliver data: {closed:?}");
+    let closed = tokio::time::timeout(Duration::from_secs(10), b.read(&mut buf))
+        .await
+        .expect("revoked connection closed");
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "revoked connection must not deliver data: {closed:?}"
+    );
     w.write_all(b"still here").await.unwrap();
     let mut buf = [0u8; 10];
     w.read_exact(&mut buf).await.unwrap();
@@ -398,21 +604,43 @@ async fn live_policy_edit_closes_revoked_connections_and_keeps_allowed_ones() {
 async fn certificate_rotation_under_traffic_fails_no_request() {
     let http = backend::http().await;
     let ca = CaFixture::start(CaOptions::default().short_ttl("6s")).unwrap();
-    let api = ProxyFixture::start(&ca, ProxyOptions::new("shop", "api").policy(&api_policy("deny"))).unwrap();
+    let api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api").policy(&api_policy("deny")),
+    )
+    .unwrap();
     let route = free_addr();
-    let web = ProxyFixture::start(&ca, ProxyOptions::new("shop", "web").route(route, api.inbound(), http.port(), Some(&id("api")))).unwrap();
-    let first_api = api.identity().unwrap()["serial"].as_str().unwrap().to_string();
-    let first_web = web.identity().unwrap()["serial"].as_str().unwrap().to_string();
+    let web = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "web").route(route, api.inbound(), http.port(), Some(&id("api"))),
+    )
+    .unwrap();
+    let first_api = api.identity().unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first_web = web.identity().unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let start = Instant::now();
     let mut ok = 0;
     while start.elapsed() < Duration::from_secs(14) {
-        let r = get(route, "/").await.unwrap_or_else(|e| panic!("request {ok} failed during rotation: {e:#}"));
+        let r = get(route, "/")
+            .await
+            .unwrap_or_else(|e| panic!("request {ok} failed during rotation: {e:#}"));
         assert_eq!(r.status, 200, "request {ok}: {}", r.body);
         ok += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let api_now = api.identity().unwrap()["serial"].as_str().unwrap().to_string();
-    let web_now = web.identity().unwrap()["serial"].as_str().unwrap().to_string();
+    let api_now = api.identity().unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let web_now = web.identity().unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(api_now, first_api, "api rotated its certificate");
     assert_ne!(web_now, first_web, "web rotated its certificate");
     assert!(ok > 100, "{ok} requests");
@@ -424,16 +652,22 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let ca = CaFixture::start(CaOptions::default()).unwrap();
     let mut api = ProxyFixture::start(
         &ca,
-        ProxyOptions::new("shop", "api").policy(&api_policy("deny")).args(["--drain-delay", "500ms", "--shutdown-grace", "10s"]),
+        ProxyOptions::new("shop", "api")
+            .policy(&api_policy("deny"))
+            .args(["--drain-delay", "500ms", "--shutdown-grace", "10s"]),
     )
     .unwrap();
     let route = free_addr();
     let mut web = ProxyFixture::start(
         &ca,
-        ProxyOptions::new("shop", "web").route(route, api.inbound(), http.port(), Some(&id("api"))).args(["--drain-delay", "500ms"]),
+        ProxyOptions::new("shop", "web")
+            .route(route, api.inbound(), http.port(), Some(&id("api")))
+            .args(["--drain-delay", "500ms"]),
     )
     .unwrap();
-    let slow: Vec<_> = (0..4).map(|_| tokio::spawn(get(route, "/slow?ms=2000"))).collect();
+    let slow: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(get(route, "/slow?ms=2000")))
+        .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     api.proc().signal(moat_e2e::proc::SIGTERM).unwrap();
     web.proc().signal(moat_e2e::proc::SIGTERM).unwrap();
@@ -444,8 +678,16 @@ async fn sigterm_lets_in_flight_requests_finish() {
         let r = s.await.unwrap().expect("in-flight request completed");
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    let status = api.proc().wait_timeout(Duration::from_secs(15)).unwrap().expect("api exited");
+    let status = api
+        .proc()
+        .wait_timeout(Duration::from_secs(15))
+        .unwrap()
+        .expect("api exited");
     assert!(status.success(), "{status}");
-    let status = web.proc().wait_timeout(Duration::from_secs(15)).unwrap().expect("web exited");
+    let status = web
+        .proc()
+        .wait_timeout(Duration::from_secs(15))
+        .unwrap()
+        .expect("web exited");
     assert!(status.success(), "{status}");
 }

@@ -28,7 +28,8 @@ forged certificate. Prints what the sidecars measured, then keeps running until 
 Options:
   --once            print the report, stop everything and exit (0 when the mesh behaved)
   --duration SECS   how long to send traffic (default 3)
-  --lab             run the same story in the network-namespace lab (needs root)
+  --lab             the same story in network-namespace pods (root; not built yet:
+                    says what exists and exits 2)
   -h, --help        this text
 
 Exit codes: 0 ok, 1 the mesh did not behave as described (or could not start),
@@ -105,22 +106,24 @@ fn main() -> ExitCode {
     rt.block_on(run(args))
 }
 
-/// `--lab`: the network-namespace lab is built separately; say where it is, never pretend.
+/// `--lab`: this story in network-namespace pods is not built yet; say what exists instead of
+/// pretending.
 fn lab() -> ExitCode {
-    use std::os::unix::fs::MetadataExt as _;
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     eprintln!(
-        "moat-demo --lab: the network-namespace lab is not available in this build.\n\
+        "moat-demo --lab: this demo's story is not available in the network-namespace lab yet.\n\
          \n\
-         The lab runs the same story with each workload in its own network namespace and the\n\
-         sidecars capturing traffic with iptables, as in a pod (no explicit routes). It is being\n\
-         built separately (moat-e2e's tests/src/lab.rs); once it lands it runs with:\n\
-         \n    sudo -E cargo test --release -p moat-e2e --test lab\n"
+         What exists today is the transparent-capture test: pods built from network namespaces\n\
+         on a bridge, the real `moat-proxy init` iptables rules and `moat-proxy run` as uid 7777,\n\
+         apps that know nothing about the mesh (no explicit routes). Run it as root with:\n\
+         \n    sudo -E cargo test --release -p moat-e2e --test capture -- --nocapture\n"
     );
-    if !root {
-        eprintln!("It needs root (network namespaces, iptables); you are not root.\n");
+    match moat_e2e::netns::check_privileges() {
+        Ok(()) => eprintln!("This machine can run it (root, ip and iptables present).\n"),
+        Err(why) => eprintln!("Here it would be skipped: it {why}.\n"),
     }
-    eprintln!("Meanwhile the loopback demo tells the same story without root:\n\n    target/release/moat-demo");
+    eprintln!(
+        "The loopback demo tells the whole story without root:\n\n    target/release/moat-demo"
+    );
     ExitCode::from(2)
 }
 
@@ -141,6 +144,8 @@ impl std::error::Error for Interrupted {}
 struct Demo {
     /// `ca.log`, `api.log`... symlinks to each process' JSON log.
     logs: Option<tempfile::TempDir>,
+    /// The log directory, once kept for a failure.
+    kept: Option<PathBuf>,
     links: Vec<(PathBuf, PathBuf)>,
     ca: Option<CaFixture>,
     proxies: Vec<(&'static str, ProxyFixture)>,
@@ -193,8 +198,13 @@ async fn run(args: Args) -> ExitCode {
         }
     };
     let n = d.stop();
-    if n > 0 {
-        println!("Stopped {n} processes{}.", if d.kept_logs() { "" } else { " and removed the temporary files" });
+    match &d.kept {
+        Some(dir) => println!(
+            "Stopped {n} processes; their logs are kept in {}",
+            dir.display()
+        ),
+        None if n > 0 => println!("Stopped {n} processes and removed the temporary files."),
+        None => {}
     }
     code
 }
@@ -250,7 +260,10 @@ fn add_proxy(
     proxies.push((name, p));
 }
 
-fn find<'a>(proxies: &'a [(&'static str, ProxyFixture)], name: &str) -> anyhow::Result<&'a ProxyFixture> {
+fn find<'a>(
+    proxies: &'a [(&'static str, ProxyFixture)],
+    name: &str,
+) -> anyhow::Result<&'a ProxyFixture> {
     proxies
         .iter()
         .find(|(n, _)| *n == name)
@@ -261,7 +274,12 @@ fn find<'a>(proxies: &'a [(&'static str, ProxyFixture)], name: &str) -> anyhow::
 impl Demo {
     /// Starts everything, drives the traffic and prints the report. `Ok(false)`: the mesh
     /// misbehaved (already reported).
-    async fn play(&mut self, args: &Args, style: Style, mut stop: watch::Receiver<bool>) -> anyhow::Result<bool> {
+    async fn play(
+        &mut self,
+        args: &Args,
+        style: Style,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<bool> {
         for b in ["moat-ca", "moat-proxy"] {
             moat_e2e::bin::try_binary(b)?;
         }
@@ -368,11 +386,17 @@ impl Demo {
             find(&self.proxies, "api")?.wait_metrics(Duration::from_secs(2), |m| {
                 m.value(
                     "moat_proxy_http_requests_total",
-                    &[("direction", "inbound"), ("peer", &web_id), ("status_class", "2xx")],
+                    &[
+                        ("direction", "inbound"),
+                        ("peer", &web_id),
+                        ("status_class", "2xx"),
+                    ],
                 ) >= want
             })
         })?;
-        let view = |name: &str, metrics: Option<moat_e2e::net::Metrics>| -> anyhow::Result<demo::SidecarView> {
+        let view = |name: &str,
+                    metrics: Option<moat_e2e::net::Metrics>|
+         -> anyhow::Result<demo::SidecarView> {
             let p = find(&self.proxies, name)?;
             Ok(demo::SidecarView {
                 identity: demo::identity(p)?,
@@ -436,7 +460,8 @@ impl Demo {
                 }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            let mut procs: Vec<&mut Proc> = self.proxies.iter_mut().map(|(_, p)| p.proc()).collect();
+            let mut procs: Vec<&mut Proc> =
+                self.proxies.iter_mut().map(|(_, p)| p.proc()).collect();
             if let Some(ca) = self.ca.as_mut() {
                 procs.extend(ca.proc().ok());
             }
@@ -477,22 +502,20 @@ impl Demo {
         running
     }
 
-    fn kept_logs(&self) -> bool {
-        self.logs.is_none() && !self.links.is_empty()
-    }
-
     /// Keeps the log directory after exit (on failure), so the JSON logs can be read.
     fn keep_logs(&mut self) {
+        if self.links.is_empty() {
+            return;
+        }
         if let Some(dir) = self.logs.take() {
-            let path = dir.keep();
-            eprintln!("The processes' logs are kept in {}", path.display());
+            self.kept = Some(dir.keep());
         }
     }
 
     /// When the log directory is kept, replaces its symlinks (whose targets are about to be
     /// removed with the fixtures' directories) with copies.
     fn copy_logs_if_kept(&mut self) {
-        if self.logs.is_some() {
+        if self.kept.is_none() {
             return;
         }
         for (link, target) in &self.links {
