@@ -680,10 +680,25 @@ pub async fn drive(plan: Plan, t: Targets) -> anyhow::Result<Traffic> {
     let web_http = async {
         let mut all = HttpLoad::default();
         let n = request_count(WEB_RATE_PER_CONN, d);
-        let runs = (0..WEB_CONNS)
-            .map(|i| http_load(t.web.http, WEB_RATE_PER_CONN, n, u64::from(i) * 1_000_000));
-        for r in futures_join_all(runs).await {
-            all.merge(r);
+        // Each connection on its own task, so the two share the runtime's workers.
+        let runs: Vec<_> = (0..WEB_CONNS)
+            .map(|i| {
+                tokio::spawn(http_load(
+                    t.web.http,
+                    WEB_RATE_PER_CONN,
+                    n,
+                    u64::from(i) * 1_000_000,
+                ))
+            })
+            .collect();
+        for r in runs {
+            match r.await {
+                Ok(load) => all.merge(load),
+                Err(e) => {
+                    all.sent += n;
+                    all.error(format!("an HTTP client task failed: {e}"));
+                }
+            }
         }
         all
     };
@@ -715,22 +730,6 @@ pub async fn drive(plan: Plan, t: Targets) -> anyhow::Result<Traffic> {
         batch_tcp,
         forged: forged?,
     })
-}
-
-/// Awaits every future concurrently, keeping their order.
-async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 /// Nearest-rank quantile `q` (0..=1) of `sorted`.
