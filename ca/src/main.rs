@@ -11,11 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use moat_ca::auth::{Jwks, TokenReview, TokenVerifier};
 use moat_ca::authority::{self, Authority};
 use moat_ca::server::{self, CaService, Limits};
-use moat_core::admin::{self, Health};
+use moat_core::daemon::{self, Lifecycle};
 use moat_core::spiffe::TrustDomain;
 use moat_core::telemetry::{self, LogFormat};
 use moat_core::tls::CurrentCert;
-use tokio::sync::watch;
 
 /// Moat's certificate authority: short-lived SPIFFE X.509 SVIDs for workloads that prove who
 /// they are with their projected service-account token.
@@ -210,13 +209,8 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    telemetry::init_logging(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("moat-ca")
-        .build()
-        .context("cannot start runtime")?;
-    rt.block_on(run(args))
+    let (format, level) = (args.log_format, args.log_level.clone());
+    moat_core::daemon::block_on("moat-ca", format, &level, run(args)).map_err(anyhow::Error::msg)?
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -256,20 +250,15 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let serving = Arc::new(CurrentCert::default());
-    let provider = moat_core::tls::provider();
-    install_serving_cert(&authority, &args.sans, &serving, &provider)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_cert_resolver(serving.clone());
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    install_serving_cert(&authority, &args.sans, &serving)?;
+    let tls = moat_core::https::server_config(serving.clone())?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = daemon::listen(args.listen, "API")
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .map_err(anyhow::Error::msg)?;
+    let admin_listener = daemon::listen(args.admin_listen, "admin")
         .await
-        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
+        .map_err(anyhow::Error::msg)?;
 
     let limits = Limits {
         cert_ttl: args.cert_ttl,
@@ -289,27 +278,17 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tick.tick().await;
         loop {
             tick.tick().await;
-            if let Err(e) = install_serving_cert(
-                svc_for_renewal.authority(),
-                &sans,
-                &serving_for_renewal,
-                &moat_core::tls::provider(),
-            ) {
+            if let Err(e) =
+                install_serving_cert(svc_for_renewal.authority(), &sans, &serving_for_renewal)
+            {
                 tracing::error!(error = %e, "cannot renew the CA's serving certificate");
             }
         }
     });
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let health = Arc::new(Health::default());
-    tokio::spawn(admin::serve(
-        admin_listener,
-        metrics,
-        health.clone(),
-        None,
-        shutdown_rx.clone(),
-    ));
-    health.set_ready(true);
+    let lifecycle = Lifecycle::new("moat-ca");
+    lifecycle.serve_admin(admin_listener, metrics);
+    lifecycle.health().set_ready(true);
     tracing::info!(
         listen = %args.listen,
         admin = %args.admin_listen,
@@ -322,15 +301,10 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         listener,
         Arc::new(tls),
         svc,
-        shutdown_rx,
+        lifecycle.stopping(),
         args.shutdown_grace,
     ));
-    moat_core::shutdown::os_signal().await;
-    tracing::info!("shutting down: not ready, draining connections");
-    health.set_ready(false);
-    let _ = shutdown_tx.send(true);
-    let _ = server.await;
-    tracing::info!("moat-ca stopped");
+    lifecycle.run_until_signal(server).await;
     Ok(())
 }
 
@@ -338,16 +312,13 @@ fn install_serving_cert(
     authority: &Authority,
     sans: &[String],
     serving: &CurrentCert,
-    provider: &rustls::crypto::CryptoProvider,
 ) -> anyhow::Result<()> {
     let (chain, key) = authority
         .serving_cert(sans, Duration::from_secs(24 * 3600))
         .context("cannot issue the CA's serving certificate")?;
-    let signing = provider
-        .key_provider
-        .load_private_key(key)
+    let key = moat_core::svid::certified_key(chain, key, &moat_core::tls::provider())
         .context("cannot load serving key")?;
-    serving.set(Arc::new(rustls::sign::CertifiedKey::new(chain, signing)));
+    serving.set(key);
     Ok(())
 }
 

@@ -39,14 +39,24 @@ impl Svid {
         &self,
         provider: &CryptoProvider,
     ) -> Result<Arc<CertifiedKey>, SvidKeyError> {
-        let signing = provider
-            .key_provider
-            .load_private_key(self.key.clone_key())
-            .map_err(SvidKeyError::Key)?;
-        let ck = CertifiedKey::new(self.chain.clone(), signing);
-        ck.keys_match().map_err(SvidKeyError::Mismatch)?;
-        Ok(Arc::new(ck))
+        certified_key(self.chain.clone(), self.key.clone_key(), provider)
     }
+}
+
+/// A chain (leaf first) and its private key as a rustls [`CertifiedKey`], after checking the
+/// key matches the leaf.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, SvidKeyError> {
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(SvidKeyError::Key)?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match().map_err(SvidKeyError::Mismatch)?;
+    Ok(Arc::new(ck))
 }
 
 /// Public summary of the identity in use, as shown by the admin `/identity` endpoint.

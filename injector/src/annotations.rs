@@ -142,7 +142,17 @@ pub struct Tuning {
     pub sidecar_mode: SidecarMode,
 }
 
-/// Reads the tuning annotations; invalid values are ignored with a warning.
+/// Appends the items of `more` not in `list` yet.
+fn extend_new<T: PartialEq>(list: &mut Vec<T>, more: Vec<T>) {
+    for item in more {
+        if !list.contains(&item) {
+            list.push(item);
+        }
+    }
+}
+
+/// Reads the tuning annotations; invalid values are ignored with a warning. The outbound skips
+/// add to the configuration's (`--api-server-ip`, DNS).
 pub fn tuning(
     annotations: Option<&BTreeMap<String, String>>,
     cfg: &InjectConfig,
@@ -152,8 +162,8 @@ pub fn tuning(
     let a = annotations.unwrap_or(&empty);
     let mut t = Tuning {
         skip_inbound_ports: Vec::new(),
-        skip_outbound_ports: Vec::new(),
-        skip_outbound_cidrs: Vec::new(),
+        skip_outbound_ports: cfg.skip_outbound_ports.clone(),
+        skip_outbound_cidrs: cfg.skip_outbound_cidrs.clone(),
         resources: ProxyResources::default(),
         log_level: DEFAULT_LOG_LEVEL.into(),
         sidecar_mode: cfg.sidecar_mode,
@@ -175,13 +185,13 @@ pub fn tuning(
     }
     if let Some(v) = a.get(SKIP_OUTBOUND_PORTS) {
         match syntax::parse_ports(v) {
-            Ok(p) => t.skip_outbound_ports = p,
+            Ok(p) => extend_new(&mut t.skip_outbound_ports, p),
             Err(e) => ignored(SKIP_OUTBOUND_PORTS, e),
         }
     }
     if let Some(v) = a.get(SKIP_OUTBOUND_CIDRS) {
         match syntax::parse_cidrs(v) {
-            Ok(c) => t.skip_outbound_cidrs = c,
+            Ok(c) => extend_new(&mut t.skip_outbound_cidrs, c),
             Err(e) => ignored(SKIP_OUTBOUND_CIDRS, e),
         }
     }
@@ -286,6 +296,8 @@ mod tests {
             trust_bundle_pem: String::new(),
             mesh_networks: vec![],
             sidecar_mode: SidecarMode::Native,
+            skip_outbound_cidrs: vec![],
+            skip_outbound_ports: vec![],
         }
     }
 
@@ -337,15 +349,40 @@ mod tests {
         let mut w = Vec::new();
         let t = tuning(Some(&a), &cfg(), &mut w);
         assert!(w.is_empty(), "{w:?}");
-        assert_eq!(syntax::format_ports(&t.skip_inbound_ports), "22,8000:8010");
+        assert_eq!(syntax::format_list(&t.skip_inbound_ports), "22,8000:8010");
         assert_eq!(
-            syntax::format_cidrs(&t.skip_outbound_cidrs),
+            syntax::format_list(&t.skip_outbound_cidrs),
             "10.96.0.1/32,fd00::/8"
         );
         assert_eq!(t.resources.cpu_limit, "2");
         assert_eq!(t.resources.memory_limit, "1Gi");
         assert_eq!(t.log_level, "info,moat_proxy=debug");
         assert_eq!(t.sidecar_mode, SidecarMode::Classic);
+    }
+
+    #[test]
+    fn outbound_skips_add_to_the_configured_ones() {
+        let mut c = cfg();
+        c.skip_outbound_cidrs = syntax::parse_cidrs("10.96.0.1").unwrap();
+        c.skip_outbound_ports = syntax::parse_ports("53").unwrap();
+        let mut w = Vec::new();
+        let t = tuning(None, &c, &mut w);
+        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "53");
+        assert_eq!(syntax::format_list(&t.skip_outbound_cidrs), "10.96.0.1/32");
+        let a = map(&[
+            (SKIP_OUTBOUND_PORTS, "5432,53"),
+            (SKIP_OUTBOUND_CIDRS, "fd00::/8,10.96.0.1/32"),
+        ]);
+        let t = tuning(Some(&a), &c, &mut w);
+        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "53,5432");
+        assert_eq!(
+            syntax::format_list(&t.skip_outbound_cidrs),
+            "10.96.0.1/32,fd00::/8"
+        );
+        let bad = map(&[(SKIP_OUTBOUND_PORTS, "dns")]);
+        let t = tuning(Some(&bad), &c, &mut w);
+        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "53");
+        assert_eq!(w.len(), 1, "{w:?}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use moat_core::client::{CaClientConfig, KeyAlgorithm};
+use moat_core::svid::SvidKeyError;
 use moat_core::tls::CurrentCert;
 use moat_core::watch::FileWatch;
 use moat_core::{SpiffeId, TrustBundle, TrustDomain};
@@ -57,14 +58,10 @@ pub fn certified_key(
         .map_err(|e| CertError::Pem(format!("certificate: {e}")))?;
     let key =
         moat_core::pem::parse_key(key_pem).map_err(|e| CertError::Pem(format!("key: {e}")))?;
-    let signing = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| CertError::Pem(format!("key: {e}")))?;
-    let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match()
-        .map_err(|e| CertError::Mismatch(e.to_string()))?;
-    Ok(Arc::new(ck))
+    moat_core::svid::certified_key(chain, key, provider).map_err(|e| match e {
+        SvidKeyError::Key(e) => CertError::Pem(format!("key: {e}")),
+        SvidKeyError::Mismatch(e) => CertError::Mismatch(e.to_string()),
+    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {

@@ -1,12 +1,13 @@
 //! Injection configuration: the flags shared by `serve` and `inject`, and the values pinned in
 //! `docs/interfaces.md` (ports, uid, paths, names) that the injected pod and the proxy agree on.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use moat_core::TrustBundle;
 use moat_core::TrustDomain;
 
-use crate::syntax::{self, Cidr, CidrList};
+use crate::syntax::{self, Cidr, CidrList, PortRange};
 
 /// This injector's version, recorded in the `moat.dev/injected` annotation.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -26,6 +27,9 @@ pub const ADMIN_PORT: i32 = 15020;
 pub const INBOUND_PORT: i32 = 15006;
 /// Proxy outbound listener.
 pub const OUTBOUND_PORT: i32 = 15001;
+/// DNS port: outbound TCP to it is not captured unless `--capture-dns-tcp` (cluster DNS is
+/// not in the mesh).
+pub const DNS_PORT: u16 = 53;
 /// Name of the admin port on the sidecar.
 pub const ADMIN_PORT_NAME: &str = "moat-admin";
 
@@ -135,6 +139,20 @@ pub struct ConfigArgs {
     /// Default sidecar layout: native (init container with restartPolicy Always) or classic.
     #[arg(long, value_enum, default_value_t = SidecarMode::Native)]
     pub sidecar_mode: SidecarMode,
+    /// Address of the Kubernetes API server's Service, never captured in injected pods (unless
+    /// --capture-api-server). Kubernetes sets KUBERNETES_SERVICE_HOST in every pod; a value
+    /// that is not an IP address is ignored.
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST", value_name = "IP")]
+    pub api_server_ip: Option<String>,
+    /// Capture the pods' traffic to the Kubernetes API server too. By default its address
+    /// (--api-server-ip) is excluded from redirection: the API server is not in the mesh, and
+    /// captured it would be refused (egress fails closed) or sent to mTLS (mesh networks).
+    #[arg(long)]
+    pub capture_api_server: bool,
+    /// Capture outbound TCP port 53 (DNS over TCP) too. By default it is excluded from
+    /// redirection: cluster DNS (kube-system) is not in the mesh.
+    #[arg(long)]
+    pub capture_dns_tcp: bool,
 }
 
 fn parse_image(s: &str) -> Result<String, String> {
@@ -160,7 +178,52 @@ fn parse_mesh_networks(s: &str) -> Result<CidrList, String> {
     Ok(list)
 }
 
+/// The API server address as found in `KUBERNETES_SERVICE_HOST` (`10.96.0.1`, `fd00::1`,
+/// `[fd00::1]`); `None` when it is not an IP address.
+fn api_server_address(host: &str) -> Option<IpAddr> {
+    let host = host.trim();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.parse().ok()
+}
+
 impl ConfigArgs {
+    /// Outbound networks no injected pod captures: the API server's address (a /32 or /128),
+    /// unless `--capture-api-server`.
+    pub fn skip_outbound_cidrs(&self) -> Vec<Cidr> {
+        if self.capture_api_server {
+            return Vec::new();
+        }
+        match self
+            .api_server_ip
+            .as_deref()
+            .filter(|h| !h.trim().is_empty())
+        {
+            None => Vec::new(),
+            Some(host) => match api_server_address(host) {
+                Some(ip) => vec![Cidr::host(ip)],
+                None => {
+                    tracing::warn!(
+                        api_server = %syntax::shorten(host, 60),
+                        "the API server address is not an IP; its traffic is not excluded from capture (set --api-server-ip)"
+                    );
+                    Vec::new()
+                }
+            },
+        }
+    }
+
+    /// Outbound ports no injected pod captures: 53 (DNS over TCP), unless `--capture-dns-tcp`.
+    pub fn skip_outbound_ports(&self) -> Vec<PortRange> {
+        if self.capture_dns_tcp {
+            Vec::new()
+        } else {
+            vec![PortRange::single(DNS_PORT)]
+        }
+    }
+
     /// Reads the trust bundle and builds the configuration.
     pub fn load(&self) -> Result<InjectConfig, ConfigError> {
         let pem = read_bundle(&self.trust_bundle)?;
@@ -171,6 +234,8 @@ impl ConfigArgs {
             trust_bundle_pem: pem,
             mesh_networks: self.mesh_networks.0.clone(),
             sidecar_mode: self.sidecar_mode,
+            skip_outbound_cidrs: self.skip_outbound_cidrs(),
+            skip_outbound_ports: self.skip_outbound_ports(),
         })
     }
 }
@@ -209,12 +274,16 @@ pub struct InjectConfig {
     pub mesh_networks: Vec<Cidr>,
     /// Default sidecar layout.
     pub sidecar_mode: SidecarMode,
+    /// Outbound networks every pod leaves uncaptured (before its own annotation's).
+    pub skip_outbound_cidrs: Vec<Cidr>,
+    /// Outbound ports every pod leaves uncaptured (before its own annotation's).
+    pub skip_outbound_ports: Vec<PortRange>,
 }
 
 impl InjectConfig {
     /// The mesh networks as written into `MOAT_MESH_NETWORKS`.
     pub fn mesh_networks_env(&self) -> String {
-        syntax::format_cidrs(&self.mesh_networks)
+        syntax::format_list(&self.mesh_networks)
     }
 }
 
@@ -238,6 +307,24 @@ mod tests {
         assert_eq!(cli.cfg.trust_bundle, PathBuf::from(DEFAULT_TRUST_BUNDLE));
         assert_eq!(cli.cfg.mesh_networks.to_string(), "10.0.0.0/8");
         assert_eq!(cli.cfg.sidecar_mode, SidecarMode::Native);
+        assert_eq!(cli.cfg.skip_outbound_ports(), [PortRange::single(53)]);
+    }
+
+    #[test]
+    fn api_server_and_dns_are_not_captured_by_default() {
+        let skipped = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            syntax::format_list(&cli.cfg.skip_outbound_cidrs())
+        };
+        let ip = "--api-server-ip";
+        assert_eq!(skipped(&["x", ip, "10.96.0.1"]), "10.96.0.1/32");
+        assert_eq!(skipped(&["x", ip, "fd00:10:96::1"]), "fd00:10:96::1/128");
+        assert_eq!(skipped(&["x", ip, "[fd00::1]"]), "fd00::1/128");
+        assert_eq!(skipped(&["x", ip, "10.96.0.1", "--capture-api-server"]), "");
+        assert_eq!(skipped(&["x", ip, "kubernetes.default.svc"]), "");
+        assert_eq!(skipped(&["x", ip, ""]), "");
+        let cli = Cli::try_parse_from(["x", "--capture-dns-tcp"]).unwrap();
+        assert!(cli.cfg.skip_outbound_ports().is_empty());
     }
 
     #[test]

@@ -417,15 +417,15 @@ pub fn init_args(tuning: &Tuning) -> Vec<String> {
     .collect();
     if !tuning.skip_inbound_ports.is_empty() {
         args.push("--exclude-inbound-ports".into());
-        args.push(syntax::format_ports(&tuning.skip_inbound_ports));
+        args.push(syntax::format_list(&tuning.skip_inbound_ports));
     }
     if !tuning.skip_outbound_ports.is_empty() {
         args.push("--exclude-outbound-ports".into());
-        args.push(syntax::format_ports(&tuning.skip_outbound_ports));
+        args.push(syntax::format_list(&tuning.skip_outbound_ports));
     }
     if !tuning.skip_outbound_cidrs.is_empty() {
         args.push("--exclude-outbound-cidrs".into());
-        args.push(syntax::format_cidrs(&tuning.skip_outbound_cidrs));
+        args.push(syntax::format_list(&tuning.skip_outbound_cidrs));
     }
     args
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
-use moat_core::admin::{self, Health};
 use moat_core::client::CaClient;
+use moat_core::daemon::{self, Lifecycle};
 use moat_core::manager::{IdentityManager, Schedule};
 use moat_core::telemetry::{self, LogFormat};
 use moat_core::tls::CurrentCert;
@@ -21,6 +21,7 @@ use moat_core::TrustBundle;
 use moat_injector::cert::{self, FileCert};
 use moat_injector::config::{self, ConfigArgs, FailureMode, TOKEN_FILE};
 use moat_injector::kube::{self, KubeClient};
+use moat_injector::syntax::format_list;
 use moat_injector::webhook::{self, Webhook};
 use moat_injector::{metrics, offline};
 use tokio::sync::watch;
@@ -148,13 +149,9 @@ fn inject(args: InjectArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    telemetry::init_logging(args.log_format, &args.log_level).map_err(anyhow::Error::msg)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("moat-injector")
-        .build()
-        .context("cannot start runtime")?;
-    rt.block_on(run(args))
+    let (format, level) = (args.log_format, args.log_level.clone());
+    moat_core::daemon::block_on("moat-injector", format, &level, run(args))
+        .map_err(anyhow::Error::msg)?
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -162,7 +159,8 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     metrics::describe();
     let cfg = args.config.load()?;
     let provider = moat_core::tls::provider();
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let lifecycle = Lifecycle::new("moat-injector");
+    let shutdown_rx = lifecycle.stopping();
 
     // Serving certificate, and whether it is currently valid.
     let (serving, cert_valid): (Arc<CurrentCert>, Box<dyn Fn() -> bool + Send + Sync>) = if args
@@ -233,26 +231,20 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     );
 
-    let tls = Arc::new(webhook::tls_config(serving.clone()).context("TLS configuration")?);
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let tls =
+        Arc::new(moat_core::https::server_config(serving.clone()).context("TLS configuration")?);
+    let listener = daemon::listen(args.listen, "webhook")
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .map_err(anyhow::Error::msg)?;
+    let admin_listener = daemon::listen(args.admin_listen, "admin")
         .await
-        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
+        .map_err(anyhow::Error::msg)?;
 
     let admin_local = admin_listener.local_addr().unwrap_or(args.admin_listen);
-    let health = Arc::new(Health::default());
-    tokio::spawn(admin::serve(
-        admin_listener,
-        metrics_handle,
-        health.clone(),
-        None,
-        shutdown_rx.clone(),
-    ));
+    lifecycle.serve_admin(admin_listener, metrics_handle);
     {
         // Ready while a valid serving certificate is installed.
-        let health = health.clone();
+        let health = lifecycle.health().clone();
         let serving = serving.clone();
         let mut stop = shutdown_rx.clone();
         tokio::spawn(async move {
@@ -266,12 +258,15 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         });
     }
     let local = listener.local_addr().unwrap_or(args.listen);
+    let injected = webhook_state.config();
     tracing::info!(
         listen = %local,
         admin = %admin_local,
         failure_mode = ?args.failure_mode,
         sidecar_mode = args.config.sidecar_mode.as_str(),
         proxy_image = %args.config.proxy_image,
+        skip_outbound_cidrs = %format_list(&injected.skip_outbound_cidrs),
+        skip_outbound_ports = %format_list(&injected.skip_outbound_ports),
         version = config::VERSION,
         "moat-injector serving POST /inject"
     );
@@ -282,12 +277,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_rx,
         args.shutdown_grace,
     ));
-    moat_core::shutdown::os_signal().await;
-    tracing::info!("shutting down: not ready, draining connections");
-    health.set_ready(false);
-    let _ = shutdown_tx.send(true);
-    let _ = server.await;
-    tracing::info!("moat-injector stopped");
+    lifecycle.run_until_signal(server).await;
     Ok(())
 }
 

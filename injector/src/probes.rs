@@ -168,8 +168,15 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    fn container(v: Value) -> Container {
-        serde_json::from_value(v).unwrap()
+    /// Rewrites the probes of the only container of a pod: the patch builder (to inspect the
+    /// result), the probes moved to the sidecar, and the warnings.
+    fn rewrite_only(c_json: Value) -> (PatchBuilder, BTreeMap<String, AppProbe>, Vec<String>) {
+        let pod = json!({"spec": {"containers": [c_json.clone()]}});
+        let mut b = PatchBuilder::new(pod);
+        let (mut out, mut w) = (BTreeMap::new(), Vec::new());
+        let c: Container = serde_json::from_value(c_json).unwrap();
+        rewrite(&mut b, &["spec", "containers", "0"], &c, &mut out, &mut w).unwrap();
+        (b, out, w)
     }
 
     #[test]
@@ -182,18 +189,7 @@ mod tests {
             "livenessProbe": {"tcpSocket": {"port": 5432}, "timeoutSeconds": 2},
             "startupProbe": {"exec": {"command": ["true"]}}
         });
-        let pod = json!({"spec": {"containers": [c_json.clone()]}});
-        let mut b = PatchBuilder::new(pod);
-        let mut out = BTreeMap::new();
-        let mut w = Vec::new();
-        rewrite(
-            &mut b,
-            &["spec", "containers", "0"],
-            &container(c_json),
-            &mut out,
-            &mut w,
-        )
-        .unwrap();
+        let (b, out, w) = rewrite_only(c_json);
         assert!(w.is_empty());
         assert_eq!(
             to_env(&out),
@@ -219,18 +215,7 @@ mod tests {
             "readinessProbe": {"httpGet": {"port": "missing"}},
             "livenessProbe": {"httpGet": {"port": 80, "host": "example.com"}},
         });
-        let pod = json!({"spec": {"containers": [c_json.clone()]}});
-        let mut b = PatchBuilder::new(pod);
-        let mut out = BTreeMap::new();
-        let mut w = Vec::new();
-        rewrite(
-            &mut b,
-            &["spec", "containers", "0"],
-            &container(c_json),
-            &mut out,
-            &mut w,
-        )
-        .unwrap();
+        let (b, out, w) = rewrite_only(c_json);
         assert!(out.is_empty());
         assert_eq!(w.len(), 1);
         assert!(b.finish().0 .0.is_empty());
@@ -240,17 +225,7 @@ mod tests {
     fn default_path_and_scheme() {
         let c_json =
             json!({"name": "a", "readinessProbe": {"httpGet": {"port": 3333, "scheme": "HTTPS"}}});
-        let pod = json!({"spec": {"containers": [c_json.clone()]}});
-        let mut b = PatchBuilder::new(pod);
-        let mut out = BTreeMap::new();
-        rewrite(
-            &mut b,
-            &["spec", "containers", "0"],
-            &container(c_json),
-            &mut out,
-            &mut Vec::new(),
-        )
-        .unwrap();
+        let (_, out, _) = rewrite_only(c_json);
         assert_eq!(
             out["a/readiness"],
             AppProbe::Http {

@@ -2,162 +2,9 @@
 //! and log levels. Everything the injector writes into `moat-proxy init` arguments goes through
 //! these parsers first, so the init container never fails on a value the injector accepted.
 
-use std::fmt;
-use std::net::IpAddr;
-use std::str::FromStr;
-
-/// A TCP port or an inclusive range of ports, written `80`, `8000:8010` or `8000-8010`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    /// First port.
-    pub first: u16,
-    /// Last port (equal to `first` for a single port).
-    pub last: u16,
-}
-
-impl PortRange {
-    /// Whether `port` is inside the range.
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let port = |p: &str| -> Result<u16, String> {
-            let p = p.trim();
-            match p.parse::<u32>() {
-                Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
-                Ok(_) => Err(format!("port {p} is outside 1-65535")),
-                Err(_) => Err(format!("{} is not a port", shorten(p, 20))),
-            }
-        };
-        match s.split_once([':', '-']) {
-            Some((a, b)) => {
-                let (first, last) = (port(a)?, port(b)?);
-                if first > last {
-                    return Err(format!("range {s} starts after it ends"));
-                }
-                Ok(Self { first, last })
-            }
-            None => port(s).map(|p| Self { first: p, last: p }),
-        }
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.first == self.last {
-            write!(f, "{}", self.first)
-        } else {
-            write!(f, "{}:{}", self.first, self.last)
-        }
-    }
-}
-
-/// Parses a comma-separated list of ports and ranges; empty items are ignored.
-pub fn parse_ports(s: &str) -> Result<Vec<PortRange>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(PortRange::from_str)
-        .collect()
-}
-
-/// Formats ports the way `moat-proxy init` reads them (`80,8000:8010`).
-pub fn format_ports(ports: &[PortRange]) -> String {
-    ports
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// An IPv4 or IPv6 network, host bits cleared; a bare address is a /32 or /128.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{} is not an IPv4 or IPv6 CIDR", shorten(s, 45)))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(n) if n <= max => n,
-                _ => return Err(format!("{}: prefix must be 0-{max}", shorten(s, 45))),
-            },
-        };
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                IpAddr::V4((u32::from(a) & mask).into())
-            }
-            IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-                IpAddr::V6((u128::from(a) & mask).into())
-            }
-        };
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// Parses a comma-separated list of CIDRs; empty items are ignored.
-pub fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(Cidr::from_str)
-        .collect()
-}
-
-/// Formats CIDRs as a comma-separated list.
-pub fn format_cidrs(cidrs: &[Cidr]) -> String {
-    cidrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// A comma-separated CIDR list usable as a clap value (`--mesh-networks`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CidrList(pub Vec<Cidr>);
-
-impl FromStr for CidrList {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_cidrs(s).map(CidrList)
-    }
-}
-
-impl fmt::Display for CidrList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_cidrs(&self.0))
-    }
-}
+pub use moat_core::netaddr::{
+    format_list, parse_cidrs, parse_ports, shorten, Cidr, CidrList, PortRange,
+};
 
 /// Parses a Kubernetes resource quantity (`500m`, `1`, `0.5`, `256Mi`, `1G`, `1e3`) and returns
 /// its value in base units. Negative quantities are refused (they are never valid resources).
@@ -241,44 +88,9 @@ pub fn validate_log_level(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Cuts `s` to at most `max` characters for messages, marking the cut.
-pub fn shorten(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let mut out: String = s.chars().take(max.saturating_sub(3)).collect();
-        out.push_str("...");
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ports() {
-        assert_eq!(
-            format_ports(&parse_ports("80, 8000-8010,9000:9001,").unwrap()),
-            "80,8000:8010,9000:9001"
-        );
-        assert!(parse_ports("").unwrap().is_empty());
-        for bad in ["0", "65536", "http", "10:5", "1-2-3", "-1", "80,abc"] {
-            assert!(parse_ports(bad).is_err(), "{bad} accepted");
-        }
-        assert!(PortRange::from_str("10:20").unwrap().contains(15));
-    }
-
-    #[test]
-    fn cidrs() {
-        assert_eq!(
-            format_cidrs(&parse_cidrs("10.1.2.3/8, fd00::1/8,192.168.0.1").unwrap()),
-            "10.0.0.0/8,fd00::/8,192.168.0.1/32"
-        );
-        for bad in ["10.0.0.0/33", "::/129", "bad", "10.0.0.0/", "1.2.3/8"] {
-            assert!(parse_cidrs(bad).is_err(), "{bad} accepted");
-        }
-    }
 
     #[test]
     fn quantities() {
@@ -313,11 +125,5 @@ mod tests {
         for bad in ["", "verbose", "info,", "x=loud", "a b=info", "$(X)=info"] {
             assert!(validate_log_level(bad).is_err(), "{bad} accepted");
         }
-    }
-
-    #[test]
-    fn shortens_on_char_boundaries() {
-        assert_eq!(shorten("short", 10), "short");
-        assert_eq!(shorten("ééééééééééé", 6), "ééé...");
     }
 }

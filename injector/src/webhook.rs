@@ -1,9 +1,8 @@
-//! The HTTPS webhook server: TLS 1.3 (Moat's rustls provider) with a hot-swappable serving
-//! certificate, HTTP/1.1 and HTTP/2, `POST /inject` only. Transport checks (path, method,
+//! The HTTPS webhook: `POST /inject` only, served by [`moat_core::https`] (TLS 1.3 with a
+//! hot-swappable serving certificate, HTTP/1.1 and HTTP/2). Transport checks (path, method,
 //! content type, body size) happen here; everything about the AdmissionReview is in
 //! [`crate::admission`].
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +11,9 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::server::ResolvesServerCert;
+use moat_core::https;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::admission::{self, BadRequest, Reply, MAX_BODY};
 use crate::config::{FailureMode, InjectConfig};
@@ -78,7 +76,7 @@ impl Webhook {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn respond(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
         let content_type = parts
             .headers
@@ -103,6 +101,15 @@ impl Webhook {
             bytes.as_deref().map_err(Clone::clone),
         );
         to_response(reply)
+    }
+}
+
+impl https::Handler for Webhook {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Response<Full<Bytes>>> + Send {
+        self.respond(req)
     }
 }
 
@@ -147,14 +154,8 @@ async fn read_body(mut body: Incoming, declared_len: Option<u64>) -> Result<Byte
 }
 
 fn to_response(reply: Reply) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(&reply.body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() =
-        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = moat_core::admin::json(status, &reply.body);
     if reply.status == 405 {
         r.headers_mut()
             .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
@@ -162,80 +163,17 @@ fn to_response(reply: Reply) -> Response<Full<Bytes>> {
     r
 }
 
-/// TLS 1.3 server configuration presenting whatever `cert` currently resolves to.
-pub fn tls_config(
-    cert: Arc<dyn ResolvesServerCert>,
-) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(moat_core::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_cert_resolver(cert);
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(cfg)
-}
-
 /// Serves the webhook until `shutdown`, then lets open connections finish for up to `grace`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     webhook: Arc<Webhook>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = moat_core::shutdown::signalled(&mut shutdown) => break,
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; dropping connection");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let webhook = webhook.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let service = hyper::service::service_fn(move |req| {
-                let webhook = webhook.clone();
-                async move { Ok::<_, Infallible>(webhook.handle(req).await) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            builder.http2().max_concurrent_streams(64);
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            let _ = watcher.watch(conn.into_owned()).await;
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all webhook connections closed"),
-        _ = tokio::time::sleep(grace) => tracing::warn!(grace_s = grace.as_secs(), "grace period over; closing remaining connections"),
-    }
+    let limits = https::Limits {
+        max_connections: MAX_CONNECTIONS,
+        ..https::Limits::default()
+    };
+    https::serve(listener, tls, webhook, limits, shutdown, grace).await;
 }

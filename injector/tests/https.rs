@@ -62,21 +62,27 @@ impl Drop for Server {
     }
 }
 
+/// `moat-injector serve` on ephemeral loopback ports with the certificate files of `pki`.
+fn serve_command(pki: &Pki, bundle: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--tls-cert")
+    .arg(&pki.cert)
+    .arg("--tls-key")
+    .arg(&pki.key)
+    .arg("--trust-bundle")
+    .arg(bundle);
+    cmd
+}
+
 fn start(pki: &Pki, bundle: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--tls-cert")
-        .arg(&pki.cert)
-        .arg("--tls-key")
-        .arg(&pki.key)
-        .arg("--trust-bundle")
-        .arg(bundle)
+    let mut child = serve_command(pki, bundle)
         .args(["--reload-interval", "200ms", "--log-format", "json"])
         .args(extra)
         .stdin(Stdio::null())
@@ -285,22 +291,7 @@ fn refuses_to_start_without_a_usable_certificate() {
     std::fs::write(&pki.key, other_key).expect("write");
     let bundle = dir.0.join("bundle.pem");
     std::fs::write(&bundle, &test_ca().0).expect("write");
-    let out = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--tls-cert")
-        .arg(&pki.cert)
-        .arg("--tls-key")
-        .arg(&pki.key)
-        .arg("--trust-bundle")
-        .arg(&bundle)
-        .output()
-        .expect("run");
+    let out = serve_command(&pki, &bundle).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -29,6 +29,8 @@ fn inject(file: &str, bundle: &Path, extra: &[&str], stdin: Option<&str>) -> Out
         .env_remove("MOAT_PROXY_IMAGE")
         .env_remove("MOAT_TRUST_DOMAIN")
         .env_remove("MOAT_MESH_NETWORKS")
+        // As in a pod: the API server's Service address (excluded from capture by default).
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -290,11 +292,54 @@ spec:
         t["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"],
         "/app-health/db/readiness"
     );
+    // By default neither the API server nor DNS over TCP is captured.
+    let init_args = &t["spec"]["initContainers"][0]["args"];
+    let tail: Vec<&str> = init_args.as_array().expect("args")[9..]
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "--exclude-outbound-ports",
+            "53",
+            "--exclude-outbound-cidrs",
+            "10.96.0.1/32"
+        ],
+        "{init_args}"
+    );
     let mut v = BTreeMap::new();
     for (i, d) in after.iter().enumerate() {
         v.insert(format!("stdin#{i}"), d.clone());
     }
     kubernetes_validate(&v);
+}
+
+#[test]
+fn api_server_and_dns_capture_can_be_turned_on() {
+    let dir = TempDir::new("capture");
+    let bundle = bundle_file(&dir);
+    let input = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: p}
+spec:
+  containers: [{name: app, image: nginx}]
+";
+    let init_args = |extra: &[&str]| {
+        let out = inject("-", &bundle, extra, Some(input));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        docs(&String::from_utf8_lossy(&out.stdout))[0]["spec"]["initContainers"][0]["args"].clone()
+    };
+    let both = init_args(&["--capture-api-server", "--capture-dns-tcp"]);
+    assert_eq!(both.as_array().expect("args").len(), 9, "{both}");
+    let ipv6 = init_args(&["--api-server-ip", "fd00:10:96::1", "--capture-dns-tcp"]);
+    assert_eq!(ipv6[9], "--exclude-outbound-cidrs", "{ipv6}");
+    assert_eq!(ipv6[10], "fd00:10:96::1/128", "{ipv6}");
 }
 
 #[test]

@@ -161,55 +161,62 @@ fn add(
     v.push(c);
 }
 
+/// Adds a case reviewing pod `pod_name` in namespace `default`, with no warning expected.
+fn add_pod(
+    v: &mut Vec<Case>,
+    name: &str,
+    pod_name: &str,
+    metadata: Value,
+    spec: Value,
+    expect: Expect,
+) {
+    add(
+        v,
+        name,
+        pod(pod_name, metadata, spec),
+        "default",
+        expect,
+        None,
+    );
+}
+
 /// Our own edge cases.
 fn own_cases() -> Vec<Case> {
     let mut v = Vec::new();
-    add(
+    add_pod(
         &mut v,
         "own/minimal",
-        pod(
-            "minimal",
-            json!({}),
-            json!({"containers": [{"name": "app", "image": "nginx"}]}),
-        ),
-        "default",
+        "minimal",
+        json!({}),
+        json!({"containers": [{"name": "app", "image": "nginx"}]}),
         Expect::Inject,
-        None,
     );
-    add(
+    add_pod(
         &mut v,
         "own/escaping",
-        pod(
-            "escaping",
-            json!({"annotations": {"example.com/a~b": "1", "x/y~z": "2"},
+        "escaping",
+        json!({"annotations": {"example.com/a~b": "1", "x/y~z": "2"},
                    "labels": {"app.kubernetes.io/name": "escaping"}}),
-            json!({"containers": app()}),
-        ),
-        "default",
+        json!({"containers": app()}),
         Expect::Inject,
-        None,
     );
-    add(
+    add_pod(
         &mut v,
         "own/probes",
-        pod(
-            "probes",
-            json!({}),
-            json!({"containers": [
-                {"name": "web", "image": "nginx",
-                 "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9000}],
-                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http",
-                     "httpHeaders": [{"name": "X-Probe", "value": "$(NOT_A_VAR)"}]}, "periodSeconds": 2},
-                 "livenessProbe": {"tcpSocket": {"port": "admin"}},
-                 "startupProbe": {"exec": {"command": ["true"]}}},
-                {"name": "grpc", "image": "grpc-app",
-                 "readinessProbe": {"grpc": {"port": 50051}},
-                 "livenessProbe": {"httpGet": {"port": 81, "scheme": "HTTPS", "path": "/live"}}}
-            ]}),
-        ),
-        "default",
+        "probes",
+        json!({}),
+        json!({"containers": [
+            {"name": "web", "image": "nginx",
+             "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9000}],
+             "readinessProbe": {"httpGet": {"path": "/ready", "port": "http",
+                 "httpHeaders": [{"name": "X-Probe", "value": "$(NOT_A_VAR)"}]}, "periodSeconds": 2},
+             "livenessProbe": {"tcpSocket": {"port": "admin"}},
+             "startupProbe": {"exec": {"command": ["true"]}}},
+            {"name": "grpc", "image": "grpc-app",
+             "readinessProbe": {"grpc": {"port": 50051}},
+             "livenessProbe": {"httpGet": {"port": 81, "scheme": "HTTPS", "path": "/live"}}}
+        ]}),
         Expect::Inject,
-        None,
     );
     add(
         &mut v,
@@ -239,44 +246,32 @@ fn own_cases() -> Vec<Case> {
         Expect::Inject,
         Some("moat.dev/log-leve ignored: unknown moat.dev annotation"),
     );
-    add(
+    add_pod(
         &mut v,
         "own/classic-by-annotation",
-        pod(
-            "classic",
-            json!({"annotations": {"moat.dev/sidecar-mode": "classic"}}),
-            json!({"initContainers": [{"name": "migrate", "image": "busybox"}], "containers": app()}),
-        ),
-        "default",
+        "classic",
+        json!({"annotations": {"moat.dev/sidecar-mode": "classic"}}),
+        json!({"initContainers": [{"name": "migrate", "image": "busybox"}], "containers": app()}),
         Expect::Inject,
-        None,
     );
-    add(
+    add_pod(
         &mut v,
         "own/user-native-sidecar",
-        pod(
-            "sidecar",
-            json!({"labels": {"moat.dev/inject": "enabled"}}),
-            json!({"initContainers": [{"name": "log-shipper", "image": "fluent-bit", "restartPolicy": "Always",
+        "sidecar",
+        json!({"labels": {"moat.dev/inject": "enabled"}}),
+        json!({"initContainers": [{"name": "log-shipper", "image": "fluent-bit", "restartPolicy": "Always",
                        "ports": [{"name": "metrics", "containerPort": 2020}],
                        "startupProbe": {"tcpSocket": {"port": "metrics"}}}],
                    "containers": app()}),
-        ),
-        "default",
         Expect::Inject,
-        None,
     );
-    add(
+    add_pod(
         &mut v,
         "own/dry-run-and-existing-default-container",
-        pod(
-            "dry",
-            json!({"annotations": {"kubectl.kubernetes.io/default-container": "app"}}),
-            json!({"containers": app(), "volumes": [{"name": "data", "emptyDir": {}}]}),
-        ),
-        "default",
+        "dry",
+        json!({"annotations": {"kubectl.kubernetes.io/default-container": "app"}}),
+        json!({"containers": app(), "volumes": [{"name": "data", "emptyDir": {}}]}),
         Expect::Inject,
-        None,
     );
     if let Some(Case { review, .. }) = v.last_mut() {
         review["request"]["dryRun"] = json!(true);
@@ -284,65 +279,45 @@ fn own_cases() -> Vec<Case> {
 
     // Skips.
     let skip = |r| Expect::Skip(r);
-    add(
+    add_pod(
         &mut v,
         "own/host-network",
-        pod(
-            "hn",
-            json!({}),
-            json!({"hostNetwork": true, "containers": app()}),
-        ),
-        "default",
+        "hn",
+        json!({}),
+        json!({"hostNetwork": true, "containers": app()}),
         skip(SkipReason::HostNetwork),
-        None,
     );
-    add(
+    add_pod(
         &mut v,
         "own/opt-out-label",
-        pod(
-            "ol",
-            json!({"labels": {"moat.dev/inject": "disabled"}}),
-            json!({"containers": app()}),
-        ),
-        "default",
+        "ol",
+        json!({"labels": {"moat.dev/inject": "disabled"}}),
+        json!({"containers": app()}),
         skip(SkipReason::OptedOut),
-        None,
     );
-    add(
+    add_pod(
         &mut v,
         "own/opt-out-annotation",
-        pod(
-            "oa",
-            json!({"labels": {"moat.dev/inject": "enabled"}, "annotations": {"moat.dev/inject": "disabled"}}),
-            json!({"containers": app()}),
-        ),
-        "default",
+        "oa",
+        json!({"labels": {"moat.dev/inject": "enabled"}, "annotations": {"moat.dev/inject": "disabled"}}),
+        json!({"containers": app()}),
         skip(SkipReason::OptedOut),
-        None,
     );
-    add(
+    add_pod(
         &mut v,
         "own/already-injected-annotation",
-        pod(
-            "ai",
-            json!({"annotations": {"moat.dev/injected": "{\"version\":\"0.0.9\"}"}}),
-            json!({"containers": app()}),
-        ),
-        "default",
+        "ai",
+        json!({"annotations": {"moat.dev/injected": "{\"version\":\"0.0.9\"}"}}),
+        json!({"containers": app()}),
         skip(SkipReason::AlreadyInjected),
-        None,
     );
-    add(
+    add_pod(
         &mut v,
         "own/already-injected-container",
-        pod(
-            "ac",
-            json!({}),
-            json!({"containers": [{"name": "app", "image": "a"}, {"name": "moat-proxy", "image": "p"}]}),
-        ),
-        "default",
+        "ac",
+        json!({}),
+        json!({"containers": [{"name": "app", "image": "a"}, {"name": "moat-proxy", "image": "p"}]}),
         skip(SkipReason::AlreadyInjected),
-        None,
     );
     add(
         &mut v,
@@ -416,13 +391,13 @@ fn own_cases() -> Vec<Case> {
         skip(SkipReason::NameConflict),
         Some("volume name moat-token is reserved"),
     );
-    add(
+    add_pod(
         &mut v,
         "own/no-containers",
-        pod("empty", json!({}), json!({"containers": []})),
-        "default",
+        "empty",
+        json!({}),
+        json!({"containers": []}),
         skip(SkipReason::NoContainers),
-        None,
     );
     add(
         &mut v,
@@ -1043,7 +1018,7 @@ fn annotations_tune_the_sidecar_and_init_args() {
             "--exclude-inbound-ports",
             "22,9000:9010",
             "--exclude-outbound-ports",
-            "5432",
+            "53,5432",
             "--exclude-outbound-cidrs",
             "10.96.0.1/32,fd00::/8"
         ])

@@ -10,7 +10,7 @@ use std::time::Duration;
 use moat_core::spiffe::{SpiffeId, TrustDomain};
 use moat_core::telemetry::LogFormat;
 
-use crate::net::Cidr;
+use moat_core::netaddr::Cidr;
 
 fn duration(s: &str) -> Result<Duration, String> {
     moat_core::duration::parse(s)
@@ -201,6 +201,10 @@ pub struct RunArgs {
     /// TCP keepalive idle time.
     #[arg(long, env = "MOAT_TCP_KEEPALIVE", default_value = "60s", value_parser = duration)]
     pub keepalive: Duration,
+    /// App ports never sniffed for HTTP: always proxied as opaque bytes (databases, brokers,
+    /// anything whose first bytes could look like HTTP). Comma-separated.
+    #[arg(long, env = "MOAT_OPAQUE_PORTS", value_delimiter = ',')]
+    pub opaque_ports: Vec<u16>,
     /// Maximum concurrent proxied connections (inbound and outbound together).
     #[arg(long, env = "MOAT_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
@@ -263,6 +267,8 @@ pub struct Config {
     pub tunnel_idle_timeout: Duration,
     /// See [`RunArgs::keepalive`].
     pub keepalive: Duration,
+    /// See [`RunArgs::opaque_ports`].
+    pub opaque_ports: Vec<u16>,
     /// See [`RunArgs::max_connections`].
     pub max_connections: usize,
     /// See [`RunArgs::pool_max_idle`].
@@ -333,11 +339,17 @@ impl Config {
             pool_idle_timeout: a.pool_idle_timeout,
             tunnel_idle_timeout: a.tunnel_idle_timeout,
             keepalive: a.keepalive,
+            opaque_ports: a.opaque_ports.clone(),
             max_connections: a.max_connections.max(1),
             pool_max_idle: a.pool_max_idle,
             drain_delay: a.drain_delay,
             shutdown_grace: a.shutdown_grace,
         })
+    }
+
+    /// Whether traffic to app port `port` skips HTTP detection.
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.opaque_ports.contains(&port)
     }
 
     /// The identity a destination must prove, when configured.

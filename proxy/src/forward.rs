@@ -9,6 +9,16 @@ use std::task::{ready, Context, Poll};
 use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::observe::{Http1Observer, Sink};
+
+/// Watches the bytes of a copy: `a → b` are requests, `b → a` responses.
+pub struct Observer<'a> {
+    /// The HTTP/1 state machine.
+    pub http: Http1Observer,
+    /// Where results go.
+    pub sink: &'a mut (dyn Sink + Send),
+}
+
 const MIN_BUF: usize = 1024;
 const MAX_BUF: usize = 64 * 1024;
 
@@ -40,6 +50,7 @@ impl Dir {
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
         counter: &Counter,
+        mut watch: impl FnMut(&[u8]),
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
@@ -81,6 +92,7 @@ impl Dir {
                 self.read_done = true;
                 continue;
             }
+            watch(&self.buf[..n]);
             if n == self.buf.len() && self.buf.len() < MAX_BUF {
                 // This direction is streaming: read bigger chunks next time.
                 let next = (self.buf.len() * 4).min(MAX_BUF);
@@ -104,20 +116,45 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    copy_observed(a, b, a_to_b, b_to_a, None).await
+}
+
+/// [`copy_bidirectional`] with an observer that sees every chunk as it passes.
+pub async fn copy_observed<A, B>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &Counter,
+    b_to_a: &Counter,
+    mut obs: Option<Observer<'_>>,
+) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let mut ab = Dir::new();
     let mut ba = Dir::new();
     let mut ab_done = false;
     let mut ba_done = false;
     std::future::poll_fn(|cx| {
         if !ab_done {
-            if let Poll::Ready(r) = ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), a_to_b) {
+            let watch = |bytes: &[u8]| {
+                if let Some(o) = obs.as_mut() {
+                    o.http.client_bytes(bytes, o.sink);
+                }
+            };
+            if let Poll::Ready(r) = ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), a_to_b, watch) {
                 r?;
                 ab_done = true;
                 ab.buf = Vec::new();
             }
         }
         if !ba_done {
-            if let Poll::Ready(r) = ba.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a), b_to_a) {
+            let watch = |bytes: &[u8]| {
+                if let Some(o) = obs.as_mut() {
+                    o.http.server_bytes(bytes, o.sink);
+                }
+            };
+            if let Poll::Ready(r) = ba.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a), b_to_a, watch) {
                 r?;
                 ba_done = true;
                 ba.buf = Vec::new();

@@ -33,13 +33,14 @@ pub const PROXY_ERROR: &str = "x-moat-error";
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Per-connection request metrics, created once and cheap per request.
-struct ReqMetrics {
+pub struct ReqMetrics {
     duration: Histogram,
     by_class: [Counter; 6],
 }
 
 impl ReqMetrics {
-    fn new(dir: Direction, peer: &str, local: &str) -> Self {
+    /// Handles for one connection's requests.
+    pub fn new(dir: Direction, peer: &str, local: &str) -> Self {
         let d = dir.as_str();
         let counter = |class: &'static str| metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "status_class" => class, "peer" => peer.to_string(), "local" => local.to_string());
         Self {
@@ -55,7 +56,8 @@ impl ReqMetrics {
         }
     }
 
-    fn record(&self, status: Option<StatusCode>, start: Instant) {
+    /// Records one request.
+    pub fn record(&self, status: Option<StatusCode>, start: Instant) {
         self.duration.record(start.elapsed().as_secs_f64());
         let idx = match status.map(|s| s.as_u16()) {
             Some(100..=199) => 0,
@@ -66,6 +68,15 @@ impl ReqMetrics {
             _ => 5,
         };
         self.by_class[idx].increment(1);
+    }
+}
+
+impl crate::observe::Sink for ReqMetrics {
+    fn response(&mut self, status: u16, started: Instant) {
+        self.record(StatusCode::from_u16(status).ok(), started);
+    }
+    fn gave_up(&mut self, why: &'static str) {
+        tracing::debug!(reason = why, "stopped following HTTP/1 on this connection");
     }
 }
 
@@ -110,12 +121,16 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
         })
 }
 
-fn http1_server() -> hyper::server::conn::http1::Builder {
+/// HTTP/1 server settings. The request-head timeout (slowloris protection) is for callers
+/// from the network; our own app on the outbound side is not held to it, which also saves a
+/// timer per request on the busiest path.
+fn http1_server(dir: Direction) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(MAX_HEADER_BYTES)
-        .preserve_header_case(true);
+    b.max_buf_size(MAX_HEADER_BYTES);
+    if dir == Direction::Inbound {
+        b.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+    }
     b
 }
 
@@ -184,7 +199,6 @@ where
     }
 
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .preserve_header_case(true)
         .max_buf_size(MAX_HEADER_BYTES)
         .handshake(TokioIo::new(upstream))
         .await?;
@@ -221,7 +235,7 @@ where
             Ok::<_, Infallible>(resp)
         }
     });
-    let server = http1_server()
+    let server = http1_server(labels.dir)
         .serve_connection(TokioIo::new(client), svc)
         .with_upgrades();
     // Both connections run in this task: no cross-task wake-up per request.
@@ -305,7 +319,7 @@ where
             .serve_connection(TokioIo::new(client), svc)
             .await
     } else {
-        http1_server()
+        http1_server(labels.dir)
             .serve_connection(TokioIo::new(client), svc)
             .await
     }

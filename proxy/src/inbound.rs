@@ -16,7 +16,8 @@ use tokio::sync::{oneshot, watch};
 use crate::app::Ctx;
 use crate::bufio::BufIo;
 use crate::detect::{self, Protocol};
-use crate::forward::{copy_bidirectional, Rewind};
+use crate::forward::{copy_observed, Observer, Rewind};
+use crate::observe::Http1Observer;
 use crate::http::{self, Labels};
 use crate::metrics::{self as m, ConnMetrics, Direction};
 use crate::net;
@@ -200,11 +201,11 @@ async fn plaintext(
     let guard = ctx.conns.authorize(None, port);
     let cm = ConnMetrics::open(Direction::Inbound);
     let forward = async {
-        if proto.is_http() {
+        if proto == Protocol::Http2 {
             let _ = http::proxy(tcp, app, proto, labels, ctx.conns.drain_signal()).await;
         } else {
             let (mut tcp, mut app) = (tcp, app);
-            let _ = copy_bidirectional(&mut tcp, &mut app, &cm.rx, &cm.tx).await;
+            let _ = forward_observed(&mut tcp, &mut app, proto, &labels, &cm).await;
         }
     };
     tokio::select! {
@@ -342,17 +343,21 @@ async fn serve_stream(
         // that greets first makes it an opaque stream at once.
         // `buf` lives outside the race so bytes already read are never lost.
         let mut buf = Vec::new();
-        let proto = tokio::select! {
-            p = read_detect(&mut stream, &mut buf, ctx.cfg.detect_timeout) => p,
-            _ = app.readable() => Protocol::Opaque,
+        let proto = if ctx.cfg.is_opaque(port) {
+            Protocol::Opaque
+        } else {
+            tokio::select! {
+                p = read_detect(&mut stream, &mut buf, ctx.cfg.detect_timeout) => p,
+                _ = app.readable() => Protocol::Opaque,
+            }
         };
         record_detect(proto, started);
         let mut client = Rewind::new(buf, stream);
-        if proto.is_http() {
+        if proto == Protocol::Http2 {
             let _ = http::proxy(client, app, proto, labels, ctx.conns.drain_signal()).await;
         } else {
             let mut app = app;
-            if let Err(e) = copy_bidirectional(&mut client, &mut app, &cm.rx, &cm.tx).await {
+            if let Err(e) = forward_observed(&mut client, &mut app, proto, &labels, &cm).await {
                 tracing::debug!(caller = %peer, error = %e, "inbound stream ended with error");
                 net::reset(app);
             }
@@ -362,6 +367,27 @@ async fn serve_stream(
         _ = forward => {}
         _ = guard.revoked() => metrics::counter!(m::REVOKED).increment(1),
     }
+}
+
+/// Copies both ways; HTTP/1 requests are observed in passing and measured.
+async fn forward_observed<C, A>(
+    client: &mut C,
+    app: &mut A,
+    proto: Protocol,
+    labels: &Labels,
+    cm: &ConnMetrics,
+) -> std::io::Result<(u64, u64)>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut sink = (proto == Protocol::Http1)
+        .then(|| http::ReqMetrics::new(labels.dir, &labels.peer, &labels.local));
+    let observer = sink.as_mut().map(|sink| Observer {
+        http: Http1Observer::new(),
+        sink,
+    });
+    copy_observed(client, app, &cm.rx, &cm.tx, observer).await
 }
 
 /// Reads the first bytes of a stream into `buf` (consuming them) until HTTP detection decides

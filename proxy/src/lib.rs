@@ -19,6 +19,7 @@ pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod net;
+pub mod observe;
 pub mod outbound;
 pub mod policy;
 pub mod pool;

@@ -15,7 +15,8 @@ use tokio::sync::watch;
 use crate::app::Ctx;
 use crate::config::Route;
 use crate::detect::{self, Protocol};
-use crate::forward::{copy_bidirectional, Rewind};
+use crate::forward::{copy_bidirectional, copy_observed, Observer, Rewind};
+use crate::observe::Http1Observer;
 use crate::http::{self, Labels};
 use crate::inbound::peek_protocol;
 use crate::metrics::{self as m, ConnMetrics, Direction};
@@ -138,6 +139,8 @@ async fn egress(mut app: TcpStream, dst: SocketAddr, ctx: Arc<Ctx>) {
 }
 
 async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
+    let app_port = if port != 0 { port } else { key.addr.port() };
+    let opaque = ctx.cfg.is_opaque(app_port);
     let started = Instant::now();
     let (mut stream, peer) = match open_stream(&key, port, &ctx).await {
         Ok(x) => x,
@@ -168,7 +171,8 @@ async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
     // The app's first bytes decide HTTP or not; a server that greets first makes it opaque.
     let mut upstream_first = Vec::new();
     let proto = tokio::select! {
-        p = peek_protocol(&app, ctx.cfg.detect_timeout, detect::http) => p,
+        p = peek_protocol(&app, ctx.cfg.detect_timeout, detect::http), if !opaque => p,
+        _ = std::future::ready(()), if opaque => Protocol::Opaque,
         r = read_some(&mut stream, &mut upstream_first) => {
             if r.is_err() {
                 tracing::debug!(peer = %peer, "peer sidecar closed the stream before any data");
@@ -179,15 +183,21 @@ async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
     metrics::histogram!(m::DETECT_DURATION, "direction" => "outbound", "protocol" => proto.label())
         .record(started.elapsed().as_secs_f64());
 
-    if proto.is_http() && upstream_first.is_empty() {
+    if proto == Protocol::Http2 && upstream_first.is_empty() {
         if let Err(e) = http::proxy(app, stream, proto, labels, ctx.conns.drain_signal()).await {
-            tracing::debug!(peer = %peer, error = %e, "outbound HTTP connection ended with error");
+            tracing::debug!(peer = %peer, error = %e, "outbound HTTP/2 connection ended with error");
         }
         return;
     }
     let mut up = Rewind::new(upstream_first, stream);
     let mut app = app;
-    if let Err(e) = copy_bidirectional(&mut app, &mut up, &cm.rx, &cm.tx).await {
+    let mut req_metrics = (proto == Protocol::Http1)
+        .then(|| http::ReqMetrics::new(labels.dir, &labels.peer, &labels.local));
+    let observer = req_metrics.as_mut().map(|sink| Observer {
+        http: Http1Observer::new(),
+        sink,
+    });
+    if let Err(e) = copy_observed(&mut app, &mut up, &cm.rx, &cm.tx, observer).await {
         if let Some(reset) = e
             .get_ref()
             .and_then(|x| x.downcast_ref::<tunnel::PeerReset>())

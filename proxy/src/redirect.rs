@@ -14,10 +14,10 @@
 
 use std::fmt;
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::str::FromStr;
+
+pub use moat_core::netaddr::{Cidr, CidrList, PortList, PortRange};
 
 /// Chain holding the inbound rules (jumped to from PREROUTING).
 pub const INBOUND_CHAIN: &str = "MOAT_INBOUND";
@@ -73,158 +73,6 @@ pub enum RedirectError {
     },
 }
 
-/// A TCP port or an inclusive range of ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    /// First port.
-    pub first: u16,
-    /// Last port (equal to `first` for a single port).
-    pub last: u16,
-}
-
-impl PortRange {
-    /// Multiport slots this entry takes.
-    fn slots(&self) -> usize {
-        if self.first == self.last {
-            1
-        } else {
-            2
-        }
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    /// Parses `80`, `8000:8010` or `8000-8010`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let port = |p: &str| -> Result<u16, String> {
-            let p = p.trim();
-            match p.parse::<u32>() {
-                Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
-                Ok(_) => Err(format!("port {p} is outside 1-65535")),
-                Err(_) => Err(format!("{p:?} is not a port number")),
-            }
-        };
-        match s.split_once([':', '-']) {
-            Some((a, b)) => {
-                let (first, last) = (port(a)?, port(b)?);
-                if first > last {
-                    return Err(format!("range {s:?} starts after it ends"));
-                }
-                Ok(Self { first, last })
-            }
-            None => {
-                let p = port(s)?;
-                Ok(Self { first: p, last: p })
-            }
-        }
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.first == self.last {
-            write!(f, "{}", self.first)
-        } else {
-            write!(f, "{}:{}", self.first, self.last)
-        }
-    }
-}
-
-/// A comma-separated list of ports and ranges (possibly empty).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PortList(pub Vec<PortRange>);
-
-impl FromStr for PortList {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(PortRange::from_str)
-            .collect::<Result<Vec<_>, _>>()
-            .map(PortList)
-    }
-}
-
-/// An IPv4 or IPv6 network in CIDR notation, host bits cleared. A bare address is a /32 or
-/// /128.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// The address family of the network.
-    pub fn family(&self) -> Family {
-        match self.addr {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IPv4 or IPv6 CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(n) if n <= max => n,
-                _ => return Err(format!("{s:?}: prefix length must be 0-{max}")),
-            },
-        };
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                IpAddr::V4((u32::from(a) & mask).into())
-            }
-            IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-                IpAddr::V6((u128::from(a) & mask).into())
-            }
-        };
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// A comma-separated list of CIDRs (possibly empty).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CidrList(pub Vec<Cidr>);
-
-impl FromStr for CidrList {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(Cidr::from_str)
-            .collect::<Result<Vec<_>, _>>()
-            .map(CidrList)
-    }
-}
-
 /// Address family of a rule set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -232,6 +80,17 @@ pub enum Family {
     V4,
     /// IPv6 (`ip6tables`).
     V6,
+}
+
+impl Family {
+    /// The family of a network.
+    pub fn of(cidr: &Cidr) -> Self {
+        if cidr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
 }
 
 impl fmt::Display for Family {
@@ -291,18 +150,27 @@ fn jumps() -> [(&'static str, String); 2] {
     ]
 }
 
+/// Multiport slots a port entry takes.
+fn slots(p: &PortRange) -> usize {
+    if p.first == p.last {
+        1
+    } else {
+        2
+    }
+}
+
 /// Groups ports into `-m multiport` sized batches.
 fn multiport_batches(ports: &[PortRange]) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur: Vec<String> = Vec::new();
     let mut used = 0;
     for p in ports {
-        if used + p.slots() > MULTIPORT_SLOTS {
+        if used + slots(p) > MULTIPORT_SLOTS {
             out.push(cur.join(","));
             cur.clear();
             used = 0;
         }
-        used += p.slots();
+        used += slots(p);
         cur.push(p.to_string());
     }
     if !cur.is_empty() {
@@ -326,11 +194,8 @@ fn dedup<T: PartialEq + Clone>(items: impl IntoIterator<Item = T>) -> Vec<T> {
 fn chain_rules(cfg: &RedirectConfig) -> Vec<String> {
     let mut r = Vec::new();
     let inbound_excluded = dedup(
-        std::iter::once(PortRange {
-            first: ADMIN_PORT,
-            last: ADMIN_PORT,
-        })
-        .chain(cfg.exclude_inbound_ports.iter().copied()),
+        std::iter::once(PortRange::single(ADMIN_PORT))
+            .chain(cfg.exclude_inbound_ports.iter().copied()),
     );
     for batch in multiport_batches(&inbound_excluded) {
         r.push(format!(
@@ -360,7 +225,7 @@ fn chain_rules(cfg: &RedirectConfig) -> Vec<String> {
         cfg.exclude_outbound_cidrs
             .iter()
             .copied()
-            .filter(|c| c.family() == cfg.family),
+            .filter(|c| Family::of(c) == cfg.family),
     ) {
         r.push(format!("-A {OUTBOUND_CHAIN} -d {cidr} -j RETURN"));
     }
@@ -783,7 +648,7 @@ fn describe(cfg: &RedirectConfig) -> String {
     let cidrs = list(
         cfg.exclude_outbound_cidrs
             .iter()
-            .filter(|c| c.family() == cfg.family)
+            .filter(|c| Family::of(c) == cfg.family)
             .map(|c| c.to_string())
             .collect(),
     );
@@ -878,6 +743,7 @@ pub fn run(args: InitArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::str::FromStr;
 
     fn cfg(family: Family) -> RedirectConfig {
         RedirectConfig::new(family)
@@ -1024,59 +890,6 @@ COMMIT
         let mut other = c.clone();
         other.outbound_port = 16001;
         assert!(verify(&other, &saved).is_err());
-    }
-
-    #[test]
-    fn port_parsing() {
-        assert_eq!(
-            PortRange::from_str("80").unwrap(),
-            PortRange {
-                first: 80,
-                last: 80
-            }
-        );
-        assert_eq!(
-            PortRange::from_str("1-65535").unwrap(),
-            PortRange {
-                first: 1,
-                last: 65535
-            }
-        );
-        assert_eq!(PortRange::from_str("10:20").unwrap().to_string(), "10:20");
-        assert!(PortRange::from_str("0").unwrap_err().contains("1-65535"));
-        assert!(PortRange::from_str("65536")
-            .unwrap_err()
-            .contains("1-65535"));
-        assert!(PortRange::from_str("http")
-            .unwrap_err()
-            .contains("not a port"));
-        assert!(PortRange::from_str("20:10")
-            .unwrap_err()
-            .contains("starts after"));
-        assert!(PortRange::from_str("-5").is_err());
-        assert_eq!(PortList::from_str("").unwrap(), PortList(vec![]));
-        assert!(PortList::from_str("80,x").is_err());
-    }
-
-    #[test]
-    fn cidr_parsing() {
-        assert_eq!(
-            Cidr::from_str("10.1.2.3/8").unwrap().to_string(),
-            "10.0.0.0/8"
-        );
-        assert_eq!(
-            Cidr::from_str("0.0.0.0/0").unwrap().to_string(),
-            "0.0.0.0/0"
-        );
-        assert_eq!(Cidr::from_str("::/0").unwrap().to_string(), "::/0");
-        assert_eq!(
-            Cidr::from_str("2001:db8::1").unwrap().to_string(),
-            "2001:db8::1/128"
-        );
-        assert!(Cidr::from_str("10.0.0.0/33").is_err());
-        assert!(Cidr::from_str("fd00::/129").is_err());
-        assert!(Cidr::from_str("bad").is_err());
-        assert!(Cidr::from_str("10.0.0.0/x").is_err());
     }
 
     #[test]

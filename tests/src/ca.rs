@@ -493,3 +493,14 @@ impl CaFixture {
         Ok(self.metrics()?.value(name, labels))
     }
 }
+
+impl Drop for CaFixture {
+    fn drop(&mut self) {
+        // Stop the CA before its directory goes away (its logs are in there).
+        drop(self.proc.take());
+        if crate::keep_requested() {
+            self.dir.disable_cleanup(true);
+            eprintln!("moat-e2e: CA fixture kept in {}", self.dir.path().display());
+        }
+    }
+}

@@ -110,7 +110,8 @@ pub async fn orders_app() -> anyhow::Result<App> {
     Ok(App { addr, task })
 }
 
-fn orders_answer(method: &http::Method, path: &str) -> http::Response<Full<Bytes>> {
+/// The orders API's answer to `method path` (also served by the mesh lab's app server).
+pub fn orders_answer(method: &http::Method, path: &str) -> http::Response<Full<Bytes>> {
     let (status, ctype, body) = match (method, path.strip_prefix("/orders/")) {
         (&http::Method::GET, Some(id)) => match id.parse::<u64>() {
             Ok(id) => {
@@ -494,7 +495,7 @@ pub struct Forged {
 }
 
 /// A certificate chain `[leaf, self-made CA]` claiming `claimed`, with the leaf's key.
-fn forge(
+pub fn forge(
     claimed: &str,
 ) -> anyhow::Result<(
     Vec<rustls_pki_types::CertificateDer<'static>>,

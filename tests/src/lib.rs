@@ -11,6 +11,8 @@
 //! * [`ca`]: [`CaFixture`], a running `moat-ca` with its own root, ports and token issuer.
 //! * [`logs`]: capturing the test process' own `tracing` output, reading a child's JSON logs.
 //! * [`tools`]: external tools (`openssl`, `curl`) that a test requires.
+//! * [`lab`]: the mesh lab — pods produced through the real injector and run like a kubelet
+//!   would, in network namespaces (root), plus sniffing and man-in-the-middle tools.
 //! * [`demo`]: the README demo's story (sample apps, three sidecars, traffic, checks), run by
 //!   the `moat-demo` binary.
 //!
@@ -22,6 +24,7 @@ pub mod bin;
 pub mod ca;
 pub mod demo;
 pub mod https;
+pub mod lab;
 pub mod logs;
 pub mod mesh;
 pub mod net;
@@ -35,6 +38,12 @@ pub use ca::{CaFixture, CaOptions};
 pub use net::{free_port, scrape_metric, wait_for_http};
 pub use proc::Proc;
 pub use token::{SigningKey, TokenIssuer, TokenSpec};
+
+/// Whether `MOAT_E2E_KEEP` is set: fixtures then keep their temporary directories (keys,
+/// tokens, logs) after the test and print where they are.
+pub fn keep_requested() -> bool {
+    std::env::var_os("MOAT_E2E_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
+}
 
 /// A fresh temporary directory, removed when dropped.
 pub fn temp_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {

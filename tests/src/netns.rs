@@ -130,6 +130,112 @@ impl Netns {
             .join()
             .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
     }
+
+    /// The namespace's network device: the pod end of its veth (the first link that is not
+    /// `lo`; for the node namespace, `br0`).
+    pub fn device(&self) -> anyhow::Result<String> {
+        let out = ip(["-n", &self.name, "-o", "link", "show"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let names: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+            .filter(|n| !n.is_empty() && n != "lo")
+            .collect();
+        if names.iter().any(|n| n == "br0") {
+            return Ok("br0".into());
+        }
+        names
+            .into_iter()
+            .next()
+            .with_context(|| format!("{} has no network device besides lo", self.name))
+    }
+
+    /// The IPv4 addresses on the namespace's device, primary first.
+    pub fn addresses(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
+        let dev = self.device()?;
+        let out = ip(["-n", &self.name, "-o", "-4", "addr", "show", "dev", &dev])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                words.find(|w| *w == "inet")?;
+                words.next()?.split('/').next()?.parse().ok()
+            })
+            .collect())
+    }
+
+    /// Adds `addr/prefix_len` to the namespace's device (a second address in the same subnet
+    /// becomes a secondary address; the namespace then answers ARP for it).
+    pub fn add_address(&self, addr: Ipv4Addr, prefix_len: u8) -> anyhow::Result<()> {
+        let dev = self.device()?;
+        ip([
+            "-n",
+            &self.name,
+            "addr",
+            "add",
+            &format!("{addr}/{prefix_len}"),
+            "dev",
+            &dev,
+        ])?;
+        Ok(())
+    }
+
+    /// Removes `addr/prefix_len` from the namespace's device. Removing the primary address
+    /// also removes the routes through it; see [`Netns::readdress`].
+    pub fn remove_address(&self, addr: Ipv4Addr, prefix_len: u8) -> anyhow::Result<()> {
+        let dev = self.device()?;
+        ip([
+            "-n",
+            &self.name,
+            "addr",
+            "del",
+            &format!("{addr}/{prefix_len}"),
+            "dev",
+            &dev,
+        ])?;
+        Ok(())
+    }
+
+    /// Moves the namespace from address `old` to `new` (both `/prefix_len`) and restores its
+    /// default route via `gateway`, which went away with the old address.
+    pub fn readdress(
+        &self,
+        old: Ipv4Addr,
+        new: Ipv4Addr,
+        prefix_len: u8,
+        gateway: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        self.remove_address(old, prefix_len)?;
+        self.add_address(new, prefix_len)?;
+        ip([
+            "-n",
+            &self.name,
+            "route",
+            "replace",
+            "default",
+            "via",
+            &gateway.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// Forgets every learned link-layer address (what a spoofed gratuitous ARP achieves: the
+    /// next packet to an address asks again who has it).
+    pub fn flush_neighbours(&self) -> anyhow::Result<()> {
+        ip(["-n", &self.name, "neigh", "flush", "all"])?;
+        Ok(())
+    }
+}
+
+/// Names of the network namespaces under /var/run/netns (`ip netns list`).
+pub fn list_namespaces() -> anyhow::Result<Vec<String>> {
+    let out = ip(["netns", "list"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
 }
 
 /// A lab: a node namespace with a bridge, pods attached to it, removed on drop.
@@ -174,6 +280,11 @@ impl Lab {
         ])?;
         ip(["-n", n, "link", "set", "br0", "up"])?;
         Ok(lab)
+    }
+
+    /// The prefix of every namespace name of this lab (`<prefix>-node`, `<prefix>-<pod>`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The node's address on the bridge.

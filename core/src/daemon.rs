@@ -1,0 +1,93 @@
+//! Start-up and shutdown of a control-plane server (`moat-ca serve`, `moat-injector serve`):
+//! logging and runtime, listeners, the admin endpoints, and the stop sequence on SIGTERM
+//! (not ready at once, stop accepting, drain, exit).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, Health};
+use crate::telemetry::{self, LogFormat};
+
+/// Installs logging, then runs `main` to completion on a multi-threaded runtime whose threads
+/// are named `name`.
+pub fn block_on<F: Future>(
+    name: &str,
+    log_format: LogFormat,
+    log_level: &str,
+    main: F,
+) -> Result<F::Output, String> {
+    telemetry::init_logging(log_format, log_level)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))?;
+    Ok(rt.block_on(main))
+}
+
+/// Binds a TCP listener; the error names the address and what it is for (`API`, `admin`).
+pub async fn listen(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// A running server's lifecycle: its readiness and the stop signal its tasks watch.
+#[derive(Debug)]
+pub struct Lifecycle {
+    name: &'static str,
+    health: Arc<Health>,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+}
+
+impl Lifecycle {
+    /// A lifecycle for the program `name` (as logged when it stops), not ready yet.
+    pub fn new(name: &'static str) -> Self {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        Self {
+            name,
+            health: Arc::new(Health::default()),
+            stop_tx,
+            stop_rx,
+        }
+    }
+
+    /// Turns `true` when the server starts stopping; tasks end on it.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stop_rx.clone()
+    }
+
+    /// Readiness as reported on `/ready`.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Serves `/metrics`, `/ready` and `/live` on `listener` until the server stops.
+    pub fn serve_admin(&self, listener: TcpListener, metrics: PrometheusHandle) {
+        tokio::spawn(admin::serve(
+            listener,
+            metrics,
+            self.health.clone(),
+            None,
+            self.stopping(),
+        ));
+    }
+
+    /// Waits for SIGTERM or SIGINT, then stops: not ready at once, the stop signal to every
+    /// task, and waits for `server` to drain its connections.
+    pub async fn run_until_signal(self, server: JoinHandle<()>) {
+        crate::shutdown::os_signal().await;
+        tracing::info!("shutting down: not ready, draining connections");
+        self.health.set_ready(false);
+        let _ = self.stop_tx.send(true);
+        let _ = server.await;
+        tracing::info!("{} stopped", self.name);
+    }
+}
