@@ -5,7 +5,7 @@
 //! the drain delay while the app finishes, stop accepting, let in-flight connections complete
 //! within the grace period, exit.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use crate::config::{Config, RunArgs};
 use crate::conns::Registry;
 use crate::policy::Policy;
 use crate::pool::Pool;
-use crate::{admin_routes, inbound, outbound, probes};
+use crate::{admin_routes, inbound, net, outbound, probes};
 
 /// Everything a connection handler needs.
 pub struct Ctx {
@@ -85,18 +85,64 @@ fn load_bundle(args: &RunArgs) -> anyhow::Result<(TrustBundle, WatchedFile)> {
     Ok((b, None))
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
+/// Binds exactly `addr`.
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    net::listen(addr, false).with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+/// Binds a listener that traffic redirected by `moat-proxy init` reaches, on IPv6 as well:
+///
+/// * `0.0.0.0:P` is served by one dual-stack socket on `[::]:P` (IPv4 connections arrive
+///   IPv4-mapped), or by `0.0.0.0:P` when the host has no IPv6;
+/// * with `loopback6`, `127.0.0.1:P` is also bound on `[::1]:P` (where the IPv6 rules redirect
+///   outbound traffic) when IPv6 loopback exists;
+/// * any other address exactly.
+///
+/// A port already taken on the IPv6 side is an error, like on IPv4: another process would
+/// receive the captured traffic.
+fn bind_captured(
+    addr: SocketAddr,
+    what: &str,
+    loopback6: bool,
+) -> anyhow::Result<Vec<TcpListener>> {
+    let SocketAddr::V4(v4) = addr else {
+        return Ok(vec![bind(addr, what)?]);
+    };
+    if v4.ip().is_unspecified() {
+        let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, v4.port()));
+        return match net::listen(any6, true) {
+            Ok(l) => Ok(vec![l]),
+            Err(e) if net::is_no_ipv6(&e) => {
+                tracing::debug!(error = %e, "no IPv6: {what} listener on IPv4 only");
+                Ok(vec![bind(addr, what)?])
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot listen on {any6} ({what})")),
+        };
     }
-    .with_context(|| format!("cannot create {what} socket"))?;
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)
-        .with_context(|| format!("cannot listen on {addr} ({what})"))?;
-    sock.listen(4096)
-        .with_context(|| format!("cannot listen on {addr} ({what})"))
+    let first = bind(addr, what)?;
+    if !loopback6 || *v4.ip() != Ipv4Addr::LOCALHOST {
+        return Ok(vec![first]);
+    }
+    // The same port as the IPv4 side, also when it was chosen by the kernel (port 0).
+    let port = first.local_addr().map_or(v4.port(), |a| a.port());
+    let lo6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    match net::listen(lo6, false) {
+        Ok(l) => Ok(vec![first, l]),
+        Err(e) if net::is_no_ipv6(&e) => {
+            tracing::debug!(error = %e, "no IPv6 loopback: {what} listener on {addr} only");
+            Ok(vec![first])
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {lo6} ({what})")),
+    }
+}
+
+/// The addresses `listeners` are bound to, for the log.
+fn addresses(listeners: &[TcpListener]) -> Vec<String> {
+    listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect()
 }
 
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
@@ -136,16 +182,17 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         probes::AppProbes::parse(args.app_probes.as_deref()).map_err(anyhow::Error::msg)?;
 
     // Bind everything first: a port conflict is a start-up error, not a silent half-proxy.
-    let inbound_l = bind(cfg.inbound_listen, "inbound").await?;
-    let outbound_l = match cfg.outbound_listen {
-        Some(a) => Some(bind(a, "outbound").await?),
-        None => None,
+    let inbound_ls = bind_captured(cfg.inbound_listen, "inbound", false)?;
+    let outbound_ls = match cfg.outbound_listen {
+        Some(a) => bind_captured(a, "outbound", true)?,
+        None => Vec::new(),
     };
     let mut route_ls = Vec::new();
     for r in &cfg.routes {
-        route_ls.push((bind(r.listen, "route").await?, Arc::new(r.clone())));
+        route_ls.push((bind(r.listen, "route")?, Arc::new(r.clone())));
     }
-    let admin_l = bind(cfg.admin_listen, "admin").await?;
+    // Kubelet probes of an IPv6 pod reach the admin port over IPv6.
+    let admin_ls = bind_captured(cfg.admin_listen, "admin", false)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -190,13 +237,16 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let shutdown_now = Arc::new(Notify::new());
     let routes = admin_routes::routes(identity.clone(), shutdown_now.clone(), probes);
-    tokio::spawn(admin::serve(
-        admin_l,
-        metrics,
-        health.clone(),
-        Some(routes),
-        admin_stop_rx,
-    ));
+    let admin_addrs = addresses(&admin_ls);
+    for l in admin_ls {
+        tokio::spawn(admin::serve(
+            l,
+            metrics.clone(),
+            health.clone(),
+            Some(routes.clone()),
+            admin_stop_rx.clone(),
+        ));
+    }
 
     tracing::info!(identity = %ctx.cfg.identity, ca = %args.ca_url, "waiting for the first certificate");
     tokio::select! {
@@ -208,15 +258,17 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!(
         identity = %ctx.cfg.identity,
-        inbound = %ctx.cfg.inbound_listen,
-        outbound = ?ctx.cfg.outbound_listen,
+        inbound = ?addresses(&inbound_ls),
+        outbound = ?addresses(&outbound_ls),
         routes = ctx.cfg.routes.len(),
-        admin = %ctx.cfg.admin_listen,
+        admin = ?admin_addrs,
         "moat-proxy ready"
     );
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(inbound::serve(inbound_l, ctx.clone(), stop_rx.clone()));
-    if let Some(l) = outbound_l {
+    for l in inbound_ls {
+        tasks.spawn(inbound::serve(l, ctx.clone(), stop_rx.clone()));
+    }
+    for l in outbound_ls {
         tasks.spawn(outbound::serve(l, None, ctx.clone(), stop_rx.clone()));
     }
     for (l, r) in route_ls {

@@ -1868,6 +1868,8 @@ fn fastrand_u64() -> u64 {
 pub struct AppStats {
     /// HTTP requests answered.
     pub requests: AtomicU64,
+    /// HTTP requests whose body broke off before its end (not answered, not recorded).
+    pub incomplete: AtomicU64,
     /// TCP echo connections accepted.
     pub tcp_connections: AtomicU64,
     /// Bytes echoed.
@@ -2008,7 +2010,13 @@ async fn app_answer(
     let path = req.uri().path().to_string();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => Bytes::new(),
+        Err(_) => {
+            // The request broke off mid-body: nothing to answer, nothing to record as received.
+            stats.incomplete.fetch_add(1, Ordering::Relaxed);
+            let mut r = http::Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = http::StatusCode::BAD_REQUEST;
+            return r;
+        }
     };
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let text = |s: String| {
