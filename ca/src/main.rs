@@ -10,10 +10,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use moat_ca::auth::{Jwks, TokenReview, TokenVerifier};
 use moat_ca::authority::{self, Authority};
-use moat_ca::server::{self, CaService, Limits};
-use moat_core::daemon::{self, Lifecycle};
+use moat_ca::server::{CaService, Limits};
+use moat_core::daemon::{self, DaemonArgs, Lifecycle};
 use moat_core::spiffe::TrustDomain;
-use moat_core::telemetry::{self, LogFormat};
+use moat_core::telemetry;
 use moat_core::tls::CurrentCert;
 
 /// Moat's certificate authority: short-lived SPIFFE X.509 SVIDs for workloads that prove who
@@ -115,15 +115,8 @@ struct ServeArgs {
     /// Maximum concurrent connections.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
-    /// On SIGTERM, how long open connections may take to finish.
-    #[arg(long, default_value = "10s", value_parser = moat_core::duration::parse)]
-    shutdown_grace: Duration,
-    /// Log format: auto (JSON unless on a terminal), json or pretty.
-    #[arg(long, default_value = "auto", env = "MOAT_LOG_FORMAT")]
-    log_format: LogFormat,
-    /// Log filter, e.g. info or moat_ca=debug.
-    #[arg(long, default_value = "info", env = "MOAT_LOG_LEVEL")]
-    log_level: String,
+    #[command(flatten)]
+    daemon: DaemonArgs,
 }
 
 fn parse_dns_san(s: &str) -> Result<(moat_core::SpiffeId, Vec<String>), String> {
@@ -209,8 +202,8 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (format, level) = (args.log_format, args.log_level.clone());
-    moat_core::daemon::block_on("moat-ca", format, &level, run(args)).map_err(anyhow::Error::msg)?
+    let daemon = args.daemon.clone();
+    daemon::block_on("moat-ca", &daemon, run(args)).map_err(anyhow::Error::msg)?
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -297,14 +290,9 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "moat-ca serving"
     );
 
-    let server = tokio::spawn(server::serve(
-        listener,
-        Arc::new(tls),
-        svc,
-        lifecycle.stopping(),
-        args.shutdown_grace,
-    ));
-    lifecycle.run_until_signal(server).await;
+    lifecycle
+        .serve_until_signal(listener, Arc::new(tls), svc, args.daemon.shutdown_grace)
+        .await;
     Ok(())
 }
 

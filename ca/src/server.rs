@@ -18,8 +18,6 @@ use moat_core::api::{
 };
 use moat_core::https;
 use moat_core::spiffe::SpiffeId;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::auth::{AuthError, TokenVerifier, Workload};
 use crate::authority::Authority;
@@ -385,6 +383,15 @@ impl https::Handler for CaService {
     ) -> impl std::future::Future<Output = Response<Full<Bytes>>> + Send {
         self.answer(req)
     }
+
+    fn limits(&self) -> https::Limits {
+        https::Limits {
+            max_connections: self.limits.max_connections,
+            // Request heads are small: a bearer token and a few headers.
+            max_buf: Some(MAX_REQUEST_BYTES * 2),
+            ..https::Limits::default()
+        }
+    }
 }
 
 fn bearer(headers: &http::HeaderMap) -> Option<&str> {
@@ -419,24 +426,6 @@ fn error_response(
         }
     }
     r
-}
-
-/// Accepts TLS connections and serves the API until `shutdown`, then lets open connections
-/// finish for up to `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    svc: Arc<CaService>,
-    shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let limits = https::Limits {
-        max_connections: svc.limits.max_connections,
-        // Request heads are small: a bearer token and a few headers.
-        max_buf: Some(MAX_REQUEST_BYTES * 2),
-        ..https::Limits::default()
-    };
-    https::serve(listener, tls, svc, limits, shutdown, grace).await;
 }
 
 #[cfg(test)]

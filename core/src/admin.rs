@@ -84,6 +84,9 @@ pub async fn serve(
             },
             _ = crate::shutdown::signalled(&mut shutdown) => return,
         };
+        // A dual-stack listener shows IPv4 callers as `::ffff:a.b.c.d`: routes see them as
+        // IPv4 (a loopback check must accept 127.0.0.1 either way).
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let metrics = metrics.clone();
         let health = health.clone();
         let extra = extra.clone();

@@ -5,24 +5,34 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::admin::{self, Health};
+use crate::https::{self, Handler};
 use crate::telemetry::{self, LogFormat};
 
-/// Installs logging, then runs `main` to completion on a multi-threaded runtime whose threads
-/// are named `name`.
-pub fn block_on<F: Future>(
-    name: &str,
-    log_format: LogFormat,
-    log_level: &str,
-    main: F,
-) -> Result<F::Output, String> {
-    telemetry::init_logging(log_format, log_level)?;
+/// Flags every control-plane server takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
+    pub shutdown_grace: Duration,
+    /// Log format: auto (JSON unless on a terminal), json or pretty.
+    #[arg(long, default_value = "auto", env = "MOAT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. info, or info,moat_core=debug for more from one crate.
+    #[arg(long, default_value = "info", env = "MOAT_LOG_LEVEL")]
+    pub log_level: String,
+}
+
+/// Installs logging as `args` say, then runs `main` to completion on a multi-threaded runtime
+/// whose threads are named `name`.
+pub fn block_on<F: Future>(name: &str, args: &DaemonArgs, main: F) -> Result<F::Output, String> {
+    telemetry::init_logging(args.log_format, &args.log_level)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name(name)
@@ -80,9 +90,17 @@ impl Lifecycle {
         ));
     }
 
-    /// Waits for SIGTERM or SIGINT, then stops: not ready at once, the stop signal to every
-    /// task, and waits for `server` to drain its connections.
-    pub async fn run_until_signal(self, server: JoinHandle<()>) {
+    /// Serves HTTPS on `listener` with `handler` ([`https::serve`]) until SIGTERM or SIGINT,
+    /// then stops: not ready at once, the stop signal to every task, and open connections
+    /// drained for up to `grace`.
+    pub async fn serve_until_signal<H: Handler>(
+        self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        handler: Arc<H>,
+        grace: Duration,
+    ) {
+        let server = tokio::spawn(https::serve(listener, tls, handler, self.stopping(), grace));
         crate::shutdown::os_signal().await;
         tracing::info!("shutting down: not ready, draining connections");
         self.health.set_ready(false);

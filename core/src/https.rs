@@ -19,6 +19,11 @@ use tokio::sync::{watch, Semaphore};
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
     fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+
+    /// The server's limits.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
 }
 
 /// Limits of an HTTPS server.
@@ -61,16 +66,17 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// Accepts TLS connections on `listener` and answers their requests with `handler` until
-/// `shutdown`; then stops accepting and lets open connections finish for up to `grace`.
+/// Accepts TLS connections on `listener` and answers their requests with `handler` (within
+/// its [`Handler::limits`]) until `shutdown`; then stops accepting and lets open connections
+/// finish for up to `grace`.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
-    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    let limits = handler.limits();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

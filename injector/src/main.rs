@@ -12,9 +12,9 @@ use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use clap::{Args, Parser, Subcommand};
 use moat_core::client::CaClient;
-use moat_core::daemon::{self, Lifecycle};
+use moat_core::daemon::{self, DaemonArgs, Lifecycle};
 use moat_core::manager::{IdentityManager, Schedule};
-use moat_core::telemetry::{self, LogFormat};
+use moat_core::telemetry;
 use moat_core::tls::CurrentCert;
 use moat_core::watch::FileWatch;
 use moat_core::TrustBundle;
@@ -22,7 +22,7 @@ use moat_injector::cert::{self, FileCert};
 use moat_injector::config::{self, ConfigArgs, FailureMode, TOKEN_FILE};
 use moat_injector::kube::{self, KubeClient};
 use moat_injector::syntax::format_list;
-use moat_injector::webhook::{self, Webhook};
+use moat_injector::webhook::Webhook;
 use moat_injector::{metrics, offline};
 use tokio::sync::watch;
 
@@ -86,15 +86,8 @@ struct ServeArgs {
     /// How often the webhook caBundle is checked (with --tls-from-ca).
     #[arg(long, default_value = "30s", value_parser = moat_core::duration::parse)]
     ca_bundle_sync_interval: Duration,
-    /// On SIGTERM, how long open connections may take to finish.
-    #[arg(long, default_value = "10s", value_parser = moat_core::duration::parse)]
-    shutdown_grace: Duration,
-    /// Log format: auto (JSON unless on a terminal), json or pretty.
-    #[arg(long, default_value = "auto", env = "MOAT_LOG_FORMAT")]
-    log_format: LogFormat,
-    /// Log filter, e.g. info or moat_injector=debug.
-    #[arg(long, default_value = "info", env = "MOAT_LOG_LEVEL")]
-    log_level: String,
+    #[command(flatten)]
+    daemon: DaemonArgs,
 }
 
 #[derive(Args)]
@@ -149,9 +142,8 @@ fn inject(args: InjectArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (format, level) = (args.log_format, args.log_level.clone());
-    moat_core::daemon::block_on("moat-injector", format, &level, run(args))
-        .map_err(anyhow::Error::msg)?
+    let daemon = args.daemon.clone();
+    daemon::block_on("moat-injector", &daemon, run(args)).map_err(anyhow::Error::msg)?
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -270,14 +262,9 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         version = config::VERSION,
         "moat-injector serving POST /inject"
     );
-    let server = tokio::spawn(webhook::serve(
-        listener,
-        tls,
-        webhook_state,
-        shutdown_rx,
-        args.shutdown_grace,
-    ));
-    lifecycle.run_until_signal(server).await;
+    lifecycle
+        .serve_until_signal(listener, tls, webhook_state, args.daemon.shutdown_grace)
+        .await;
     Ok(())
 }
 

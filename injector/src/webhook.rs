@@ -12,8 +12,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use moat_core::https;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::admission::{self, BadRequest, Reply, MAX_BODY};
 use crate::config::{FailureMode, InjectConfig};
@@ -111,6 +109,13 @@ impl https::Handler for Webhook {
     ) -> impl std::future::Future<Output = Response<Full<Bytes>>> + Send {
         self.respond(req)
     }
+
+    fn limits(&self) -> https::Limits {
+        https::Limits {
+            max_connections: MAX_CONNECTIONS,
+            ..https::Limits::default()
+        }
+    }
 }
 
 /// Most bytes of an oversized body read (and discarded) so the client, still sending, gets the
@@ -161,19 +166,4 @@ fn to_response(reply: Reply) -> Response<Full<Bytes>> {
             .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
     }
     r
-}
-
-/// Serves the webhook until `shutdown`, then lets open connections finish for up to `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    webhook: Arc<Webhook>,
-    shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let limits = https::Limits {
-        max_connections: MAX_CONNECTIONS,
-        ..https::Limits::default()
-    };
-    https::serve(listener, tls, webhook, limits, shutdown, grace).await;
 }

@@ -349,3 +349,49 @@ fn spawn_pool_evictor(pool: Arc<Pool>, mut stop: watch::Receiver<bool>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn captured_listeners_cover_ipv6() {
+        let any = bind_captured("0.0.0.0:0".parse().unwrap(), "test", false).unwrap();
+        assert_eq!(any.len(), 1);
+        let addr = any[0].local_addr().unwrap();
+        if addr.is_ipv6() {
+            // One dual-stack socket: an IPv4 caller arrives IPv4-mapped, is seen as IPv4, and
+            // (not redirected) has no original destination.
+            let client = tokio::net::TcpStream::connect(("127.0.0.1", addr.port()))
+                .await
+                .unwrap();
+            let (server, peer) = any[0].accept().await.unwrap();
+            assert!(peer.is_ipv6(), "{peer}");
+            assert_eq!(net::canonical(peer), client.local_addr().unwrap());
+            assert_eq!(net::original_dst(&server), None);
+        }
+
+        let lo = bind_captured("127.0.0.1:0".parse().unwrap(), "test", true).unwrap();
+        let addrs: Vec<SocketAddr> = lo.iter().map(|l| l.local_addr().unwrap()).collect();
+        assert!(
+            addrs[0].ip().is_loopback() && addrs[0].is_ipv4(),
+            "{addrs:?}"
+        );
+        if let Some(v6) = addrs.get(1) {
+            assert_eq!(v6.ip(), Ipv6Addr::LOCALHOST);
+            assert_eq!(v6.port(), addrs[0].port(), "both loopbacks on one port");
+        }
+        // The IPv6 loopback port taken by someone else is a start-up error, not a skip.
+        if addrs.len() == 2 {
+            let taken = SocketAddr::from((Ipv4Addr::LOCALHOST, addrs[0].port()));
+            drop(lo);
+            let _squatter =
+                net::listen(SocketAddr::from((Ipv6Addr::LOCALHOST, taken.port())), false).unwrap();
+            let err = bind_captured(taken, "test", true).unwrap_err();
+            assert!(format!("{err:#}").contains("[::1]"), "{err:#}");
+        }
+
+        let exact = bind_captured("127.0.0.1:0".parse().unwrap(), "test", false).unwrap();
+        assert_eq!(exact.len(), 1);
+    }
+}

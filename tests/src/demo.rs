@@ -1,7 +1,9 @@
 //! The README demo's story, with the real binaries on loopback: a CA, two sample apps behind a
 //! sidecar (`api`), a caller the policy admits (`web`), one it does not (`batch`), and an
 //! impostor with a certificate from a self-made CA. The `moat-demo` binary drives it; the
-//! pieces are here so other suites (the mesh lab) can tell the same story.
+//! pieces are here so other suites can tell the same story: [`lab_setup`] and [`lab_drive`]
+//! tell it in the mesh lab ([`crate::lab`], root), with pods made by the injector in network
+//! namespaces.
 //!
 //! Nothing in the report is assumed: identities come from each sidecar's `/identity`, the
 //! denying rule and the handshake-failure reason from their `/metrics`, latencies and outcomes
@@ -27,8 +29,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::ca::{CaFixture, CaOptions};
+use crate::lab::{LabOptions, MeshLab, PodHandle};
 use crate::mesh::{ProxyFixture, ProxyOptions};
 use crate::net::Metrics;
+use crate::netns::Netns;
 
 /// Namespace of every demo workload.
 pub const NAMESPACE: &str = "shop";
@@ -237,12 +241,16 @@ pub struct Identity {
 
 /// Reads a sidecar's `/identity`.
 pub fn identity(p: &ProxyFixture) -> anyhow::Result<Identity> {
-    let v = p.identity()?;
+    identity_from(&p.identity()?, &p.admin())
+}
+
+/// Reads an `/identity` answer (`who` names the sidecar in errors).
+pub fn identity_from(v: &serde_json::Value, who: &str) -> anyhow::Result<Identity> {
     let field = |k: &str| -> anyhow::Result<String> {
         v.get(k)
             .and_then(|x| x.as_str())
             .map(str::to_string)
-            .with_context(|| format!("/identity of {} has no {k:?}: {v}", p.admin()))
+            .with_context(|| format!("/identity of {who} has no {k:?}: {v}"))
     };
     Ok(Identity {
         spiffe_id: field("spiffe_id")?,
@@ -1142,6 +1150,189 @@ pub fn render(v: &Verdict, style: Style) -> String {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same story in the mesh lab (root): pods made by the injector, in network namespaces.
+
+/// The demo's pods in the mesh lab; dropping it tears everything down.
+pub struct LabStory {
+    /// The lab (CA, injector, namespaces, pods).
+    pub lab: MeshLab,
+    /// The `api` pod (the lab's app server: orders API on 8080, TCP echo on 9000).
+    pub api: PodHandle,
+    /// The `web` pod (client, admitted by the policy).
+    pub web: PodHandle,
+    /// The `batch` pod (client, denied).
+    pub batch: PodHandle,
+    /// A bare namespace on the bridge, outside the mesh, where the impostor runs.
+    pub impostor: Netns,
+}
+
+/// Builds the lab and deploys `api`, `web` and `batch` through the injector, with
+/// [`API_POLICY`] as the namespace's `moat-policy` ConfigMap. `say` gets one line per step.
+pub fn lab_setup(say: &mut dyn FnMut(String)) -> anyhow::Result<LabStory> {
+    let mut lab = MeshLab::start(LabOptions::new("dm", [10, 90, 0]))?;
+    say(format!(
+        "[1/3] control  moat-ca {} and moat-injector https://{}:{}/inject in node namespace {}",
+        lab.ca_url(),
+        lab.gateway(),
+        crate::lab::INJECTOR_PORT,
+        lab.node()?.name
+    ));
+    lab.set_policy(API_POLICY)?;
+    say("[2/3] pods     each spec admitted by the injector (AdmissionReview over HTTPS), then run like a kubelet would:".into());
+    let mut pods = Vec::new();
+    for (name, pod) in [
+        ("api", crate::lab::server_pod("api", "api")),
+        ("web", crate::lab::client_pod("web", "web")),
+        ("batch", crate::lab::client_pod("batch", "batch")),
+    ] {
+        let h = lab
+            .deploy(pod)
+            .with_context(|| format!("deploying pod {name}"))?;
+        let id = identity_from(&h.identity()?, &h.name)?;
+        let role = match name {
+            "api" => format!(
+                "orders HTTP :{} and TCP echo :{}; policy (ConfigMap moat-policy): admit shop/web, deny the rest",
+                crate::lab::HTTP_PORT,
+                crate::lab::ECHO_PORT
+            ),
+            _ => "client: the demo sends its traffic from this pod's namespace".into(),
+        };
+        say(format!(
+            "      {name:<6} {:<11} injected ({} patch operations), sidecar {}; {role}",
+            h.ip.to_string(),
+            h.admission.operations,
+            id.spiffe_id
+        ));
+        pods.push(h);
+    }
+    let impostor = lab.add_host("impostor")?;
+    let (Some(batch), Some(web), Some(api)) = (pods.pop(), pods.pop(), pods.pop()) else {
+        anyhow::bail!("internal error: expected three pods");
+    };
+    Ok(LabStory {
+        lab,
+        api,
+        web,
+        batch,
+        impostor,
+    })
+}
+
+/// Sends the story's traffic in the lab — `web` and `batch` from their pods' namespaces to
+/// `api`'s IP, the impostor from a namespace outside the mesh — and reads the sidecars.
+pub fn lab_drive(story: &LabStory, plan: Plan) -> anyhow::Result<Observed> {
+    let d = plan.duration;
+    let http_addr = story.api.addr(crate::lab::HTTP_PORT);
+    let tcp_addr = story.api.addr(crate::lab::ECHO_PORT);
+    let web = crate::lab::spawn_in(&story.web.netns, move || async move {
+        let n = request_count(WEB_RATE_PER_CONN, d);
+        let runs: Vec<_> = (0..WEB_CONNS)
+            .map(|i| {
+                tokio::spawn(http_load(
+                    http_addr,
+                    WEB_RATE_PER_CONN,
+                    n,
+                    u64::from(i) * 1_000_000,
+                ))
+            })
+            .collect();
+        let tcp = tcp_series(tcp_addr, plan.tcp_count(), Duration::from_millis(500)).await;
+        let mut all = HttpLoad::default();
+        for r in runs {
+            match r.await {
+                Ok(load) => all.merge(load),
+                Err(e) => {
+                    all.sent += n;
+                    all.error(format!("an HTTP client task failed: {e}"));
+                }
+            }
+        }
+        Ok((all, tcp))
+    });
+    let batch = crate::lab::spawn_in(&story.batch.netns, move || async move {
+        let http = http_load(http_addr, 4, request_count(4, d), 9_000_000);
+        let tcp = tcp_series(
+            tcp_addr,
+            plan.tcp_count().div_ceil(2),
+            Duration::from_secs(1),
+        );
+        Ok(tokio::join!(http, tcp))
+    });
+    let bundle = Arc::new(ArcSwap::from_pointee(
+        TrustBundle::from_pem(&std::fs::read(story.lab.bundle_path()).context("bundle")?)
+            .context("trust bundle")?,
+    ));
+    let trust_domain = TrustDomain::new(crate::lab::TRUST_DOMAIN)
+        .map_err(|e| anyhow::anyhow!("trust domain: {e}"))?;
+    let api_id: SpiffeId = story
+        .api
+        .spiffe_id
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", story.api.spiffe_id))?;
+    let claim = crate::lab::spiffe_id(FORGED_CLAIM);
+    let api_admin = story.api.addr(crate::lab::ADMIN_PORT).to_string();
+    let forged = crate::lab::spawn_in(&story.impostor, move || async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        forged_attempt(http_addr, api_admin, bundle, trust_domain, api_id, claim).await
+    });
+    let (web_http, web_tcp) = join_thread(web, "web")?;
+    let (batch_http, batch_tcp) = join_thread(batch, "batch")?;
+    let forged = join_thread(forged, "impostor")?;
+    let traffic = Traffic {
+        web_http,
+        web_tcp,
+        batch_http,
+        batch_tcp,
+        forged,
+    };
+    // The sidecars count an answer as it goes out; give the last ones a moment.
+    let want = traffic.web_http.ok as f64;
+    let web_id = story.web.spiffe_id.clone();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let api_metrics = loop {
+        let m = story.api.metrics()?;
+        let seen = m.value(
+            M_HTTP,
+            &[
+                ("direction", "inbound"),
+                ("peer", &web_id),
+                ("status_class", "2xx"),
+            ],
+        );
+        if seen >= want || Instant::now() >= deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let view = |p: &PodHandle, metrics: Option<Metrics>| -> anyhow::Result<SidecarView> {
+        Ok(SidecarView {
+            identity: identity_from(&p.identity()?, &p.name)?,
+            metrics: match metrics {
+                Some(m) => m,
+                None => p.metrics()?,
+            },
+            admin: p.addr(crate::lab::ADMIN_PORT).to_string(),
+        })
+    };
+    Ok(Observed {
+        api: view(&story.api, Some(api_metrics))?,
+        web: view(&story.web, None)?,
+        batch: view(&story.batch, None)?,
+        traffic,
+        expected_ids: [
+            story.api.spiffe_id.clone(),
+            story.web.spiffe_id.clone(),
+            story.batch.spiffe_id.clone(),
+        ],
+    })
+}
+
+fn join_thread<T>(h: std::thread::JoinHandle<anyhow::Result<T>>, who: &str) -> anyhow::Result<T> {
+    h.join()
+        .map_err(|_| anyhow::anyhow!("the {who} client thread panicked"))?
 }
 
 #[cfg(test)]

@@ -441,11 +441,19 @@ impl PodHandle {
 // ---------------------------------------------------------------------------------------------
 // The lab
 
+/// A volume made from a ConfigMap: its directory and the keys it projects.
+struct ConfigMapVolume {
+    name: String,
+    dir: PathBuf,
+    /// `(key, path)` when the volume lists `items`; every key otherwise.
+    items: Option<Vec<(String, String)>>,
+}
+
 struct PodRuntime {
     handle: PodHandle,
     spec: Pod,
-    /// `(ConfigMap name, volume directory, items)` bindings to keep in sync.
-    config_maps: Vec<(String, PathBuf, Option<Vec<(String, String)>>)>,
+    /// ConfigMap volumes to keep in sync.
+    config_maps: Vec<ConfigMapVolume>,
     procs: Vec<Proc>,
     apps: Vec<AppServer>,
 }
@@ -470,6 +478,7 @@ pub struct MeshLab {
     cidr: String,
     gateway: Ipv4Addr,
     reviews: u64,
+    keep: bool,
     torn_down: bool,
 }
 
@@ -552,7 +561,10 @@ fn wait_http_ok(
             Err(e) => format!("{e:#}"),
         };
         if Instant::now() >= deadline {
-            bail!("http://{addr}{path} (from {}) not 200 after {timeout:?}: {last}", ns.name);
+            bail!(
+                "http://{addr}{path} (from {}) not 200 after {timeout:?}: {last}",
+                ns.name
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -644,6 +656,7 @@ impl MeshLab {
             cidr,
             gateway,
             reviews: 0,
+            keep: false,
             torn_down: false,
         };
         lab.start_ca()?;
@@ -807,10 +820,8 @@ impl MeshLab {
         self.config_maps.insert(name.to_string(), data);
         let data = self.config_maps.get(name);
         for pod in &self.pods {
-            for (cm, dir, items) in &pod.config_maps {
-                if cm == name {
-                    sync_config_map(dir, data, items.as_deref())?;
-                }
+            for v in pod.config_maps.iter().filter(|v| v.name == name) {
+                sync_config_map(&v.dir, data, v.items.as_deref())?;
             }
         }
         Ok(())
@@ -825,10 +836,8 @@ impl MeshLab {
     pub fn delete_config_map(&mut self, name: &str) -> anyhow::Result<()> {
         self.config_maps.remove(name);
         for pod in &self.pods {
-            for (cm, dir, items) in &pod.config_maps {
-                if cm == name {
-                    sync_config_map(dir, None, items.as_deref())?;
-                }
+            for v in pod.config_maps.iter().filter(|v| v.name == name) {
+                sync_config_map(&v.dir, None, v.items.as_deref())?;
             }
         }
         Ok(())
@@ -962,7 +971,10 @@ impl MeshLab {
         }
         let response = &answer["response"];
         if response["uid"] != uid.as_str() {
-            bail!("the injector's answer has uid {}, expected {uid}", response["uid"]);
+            bail!(
+                "the injector's answer has uid {}, expected {uid}",
+                response["uid"]
+            );
         }
         let warnings: Vec<String> = response["warnings"]
             .as_array()
@@ -1007,7 +1019,12 @@ impl MeshLab {
     }
 
     /// The kubelet's work for pod `index`.
-    fn run_pod(&mut self, index: usize, pod_dir: &Path, opts: &DeployOptions) -> anyhow::Result<()> {
+    fn run_pod(
+        &mut self,
+        index: usize,
+        pod_dir: &Path,
+        opts: &DeployOptions,
+    ) -> anyhow::Result<()> {
         let (handle, spec) = {
             let p = &self.pods[index];
             (p.handle.clone(), p.spec.clone())
@@ -1128,10 +1145,12 @@ impl MeshLab {
             if data.is_none() && cm.optional != Some(true) {
                 bail!("ConfigMap {} does not exist and is not optional", cm.name);
             }
-            sync_config_map(dir, data, items.as_ref().map(|i: &Vec<_>| i.as_slice()))?;
-            self.pods[index]
-                .config_maps
-                .push((cm.name.clone(), dir.to_path_buf(), items));
+            sync_config_map(dir, data, items.as_deref())?;
+            self.pods[index].config_maps.push(ConfigMapVolume {
+                name: cm.name.clone(),
+                dir: dir.to_path_buf(),
+                items,
+            });
             return Ok(());
         }
         if let Some(projected) = &v.projected {
@@ -1172,6 +1191,32 @@ impl MeshLab {
             .find(|p| p.handle.name == pod.name)
             .and_then(|p| p.apps.first())
             .with_context(|| format!("pod {} runs no app server", pod.name))
+    }
+
+    /// An error naming the first long-running process of the lab (sidecar, injector, CA) that
+    /// has exited, with its last log lines.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        let procs = self
+            .pods
+            .iter_mut()
+            .flat_map(|p| p.procs.iter_mut())
+            .chain(self.injector.iter_mut())
+            .chain(self.ca.iter_mut());
+        for p in procs {
+            if let Some(status) = p.try_status()? {
+                bail!(
+                    "{} exited unexpectedly ({status}); its last log lines:\n{}",
+                    p.name(),
+                    p.stderr_tail(10)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the lab's directory (logs, pod specs, tokens) after teardown.
+    pub fn keep_files(&mut self) {
+        self.keep = true;
     }
 
     /// Stops everything and checks that nothing is left (module docs).
@@ -1253,7 +1298,7 @@ impl MeshLab {
             .into_iter()
             .filter(|pid| Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(*pid))
             .collect();
-        if std::thread::panicking() || crate::keep_requested() {
+        if self.keep || std::thread::panicking() || crate::keep_requested() {
             // Keep the files of a failing run (or when MOAT_E2E_KEEP asks) for inspection.
             if let Some(dir) = self.dir.take() {
                 let kept = dir.keep();
@@ -1517,11 +1562,7 @@ impl RunContext<'_> {
             .with_context(|| format!("container {} has no image", c.name))?;
         let mounts = self.mounts(c)?;
         let env = self.env(c, &mounts, extra_env)?;
-        let lookup = |name: &str| {
-            env.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let mut argv: Vec<String> = match &c.command {
             Some(cmd) if !cmd.is_empty() => cmd.iter().map(|a| expand(a, lookup)).collect(),
             _ => vec![image_entrypoint(image)?.display().to_string()],
@@ -1530,7 +1571,11 @@ impl RunContext<'_> {
         let argv: Vec<String> = argv.iter().map(|a| translate_path(a, &mounts)).collect();
         let (program, args) = argv.split_first().context("empty command")?;
 
-        let pod_sc = self.pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+        let pod_sc = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref());
         let sc = c.security_context.as_ref();
         let uid = sc
             .and_then(|s| s.run_as_user)
@@ -1576,7 +1621,11 @@ impl RunContext<'_> {
 /// The capabilities a container gets: the runtime's defaults, minus `drop`, plus `add`
 /// (lower case, without `CAP_`); everything when privileged.
 fn capabilities(sc: Option<&SecurityContext>) -> Vec<String> {
-    let norm = |c: &String| c.to_ascii_lowercase().trim_start_matches("cap_").to_string();
+    let norm = |c: &String| {
+        c.to_ascii_lowercase()
+            .trim_start_matches("cap_")
+            .to_string()
+    };
     if sc.and_then(|s| s.privileged) == Some(true) {
         return vec!["all".into()];
     }
@@ -1630,7 +1679,9 @@ fn wait_probe(
             bail!("{what}: only HTTP probes are performed by the lab");
         }
         let host: IpAddr = match &h.host {
-            Some(host) => host.parse().with_context(|| format!("{what}: host {host}"))?,
+            Some(host) => host
+                .parse()
+                .with_context(|| format!("{what}: host {host}"))?,
             None => IpAddr::V4(pod.ip),
         };
         let addr = SocketAddr::new(host, resolve(&h.port)?);
@@ -1990,10 +2041,11 @@ async fn serve_http(l: TcpListener, pod: Arc<str>, stats: Arc<AppStats>) {
     while let Ok((s, _)) = l.accept().await {
         let (pod, stats) = (pod.clone(), stats.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let (pod, stats) = (pod.clone(), stats.clone());
-                async move { Ok::<_, Infallible>(app_answer(req, &pod, &stats).await) }
-            });
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (pod, stats) = (pod.clone(), stats.clone());
+                    async move { Ok::<_, Infallible>(app_answer(req, &pod, &stats).await) }
+                });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(s), svc)
                 .await;
@@ -2094,9 +2146,20 @@ impl Sniffer {
             .context("capture file without a directory")?
             .to_path_buf();
         let mut cmd = clean_command(ns, &tcpdump)?;
-        cmd.args(["-i", iface, "-n", "-U", "--immediate-mode", "-s", "0", "-Z", "root", "-w"])
-            .arg(file)
-            .arg("tcp");
+        cmd.args([
+            "-i",
+            iface,
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-s",
+            "0",
+            "-Z",
+            "root",
+            "-w",
+        ])
+        .arg(file)
+        .arg("tcp");
         let mut proc = Proc::spawn("tcpdump", cmd, &log_dir)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !proc.stderr().contains("listening on") {
@@ -2445,7 +2508,11 @@ impl Relay {
                 tokio::spawn(async move {
                     while let Ok((client, _)) = l.accept().await {
                         st.connections.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(relay_one(client, SocketAddr::from((upstream, p)), st.clone()));
+                        tokio::spawn(relay_one(
+                            client,
+                            SocketAddr::from((upstream, p)),
+                            st.clone(),
+                        ));
                     }
                 });
             }

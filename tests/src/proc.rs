@@ -4,10 +4,18 @@
 //! stops the child: SIGTERM, then SIGKILL if it has not exited after [`DROP_GRACE`]. When the
 //! drop happens during a panic (a failing test), the tail of the child's stderr is printed so
 //! the failure shows what the binary said.
+//!
+//! Children also die with the test process itself (`PR_SET_PDEATHSIG`), so a test binary
+//! killed by a timeout leaves no CA or proxy behind. The death signal is tied to the thread
+//! that forked, so every child is forked by one spawner thread that lives as long as the
+//! process.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -41,6 +49,54 @@ pub fn kill_pid(pid: u32, signal: i32) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Forks `cmd` from the process-wide spawner thread, with SIGKILL as its parent-death signal.
+fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        let started = std::thread::Builder::new()
+            .name("moat-e2e-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            eprintln!("moat-e2e: cannot start the spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let sent = spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((cmd, reply_tx));
+    if let Err(mpsc::SendError((mut cmd, _))) = sent {
+        // No spawner thread: spawn here (the child then dies with this thread).
+        return cmd.spawn();
+    }
+    reply_rx
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone")))
 }
 
 /// A running child process, stopped when dropped.
@@ -83,9 +139,9 @@ impl Proc {
         cmd.stdin(Stdio::null())
             .stdout(open(&stdout_path)?)
             .stderr(open(&stderr_path)?);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        let program = cmd.get_program().to_os_string();
+        let child = spawn_tied_to_process(cmd)
+            .with_context(|| format!("cannot start {name} ({program:?})"))?;
         Ok(Self {
             name: name.to_string(),
             child,
@@ -216,5 +272,69 @@ impl Drop for Proc {
                 self.name
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELPER_DIR: &str = "MOAT_E2E_PDEATHSIG_DIR";
+
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.get(stat.rfind(')')? + 2..)?.chars().next()
+    }
+
+    /// Kills a process that started a `Proc` (this test binary, re-run as a helper) and checks
+    /// its child goes with it.
+    #[test]
+    fn children_die_with_the_test_process() {
+        let dir = crate::temp_dir("pdeathsig").unwrap();
+        let mut helper = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "proc::tests::pdeathsig_helper", "--ignored"])
+            .env(HELPER_DIR, dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid_file = dir.path().join("child.pid");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let child: u32 = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "helper never started its child");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(state(child), Some('S'), "child should be sleeping");
+        helper.kill().unwrap();
+        helper.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(state(child), Some(s) if s != 'Z') {
+            assert!(
+                Instant::now() < deadline,
+                "child {child} outlived its parent"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Not a test: the helper process of `children_die_with_the_test_process`.
+    #[test]
+    #[ignore = "helper process run by children_die_with_the_test_process"]
+    fn pdeathsig_helper() {
+        let Some(dir) = std::env::var_os(HELPER_DIR) else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let p = Proc::start("sleeper", Path::new("sleep"), ["1000"], &dir).unwrap();
+        std::fs::write(dir.join("child.pid.tmp"), p.pid().to_string()).unwrap();
+        std::fs::rename(dir.join("child.pid.tmp"), dir.join("child.pid")).unwrap();
+        // Leave the child to the death signal alone.
+        std::mem::forget(p);
+        std::thread::sleep(Duration::from_secs(60));
     }
 }

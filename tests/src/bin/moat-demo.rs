@@ -5,10 +5,16 @@
 //! what the sidecars measured, and keeps everything running until Ctrl-C. It is also a check:
 //! when the mesh does not behave as described, it says so and exits 1. The story itself lives
 //! in `moat_e2e::demo`.
+//!
+//! `--lab` (root) tells the same story in the mesh lab (`moat_e2e::lab`): `api`, `web` and
+//! `batch` are network-namespace pods made from Kubernetes pod specs by the real
+//! `moat-injector`, their apps know nothing about the mesh, and the impostor connects from a
+//! namespace outside it.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -28,8 +34,8 @@ forged certificate. Prints what the sidecars measured, then keeps running until 
 Options:
   --once            print the report, stop everything and exit (0 when the mesh behaved)
   --duration SECS   how long to send traffic (default 3)
-  --lab             the same story in network-namespace pods (root; not built yet:
-                    says what exists and exits 2)
+  --lab             the same story in network-namespace pods made from Kubernetes pod
+                    specs by the real moat-injector (root; exits 2 without it)
   -h, --help        this text
 
 Exit codes: 0 ok, 1 the mesh did not behave as described (or could not start),
@@ -90,7 +96,7 @@ fn main() -> ExitCode {
         }
     };
     if args.lab {
-        return lab();
+        return lab(&args);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -106,25 +112,172 @@ fn main() -> ExitCode {
     rt.block_on(run(args))
 }
 
-/// `--lab`: this story in network-namespace pods is not built yet; say what exists instead of
-/// pretending.
-fn lab() -> ExitCode {
-    eprintln!(
-        "moat-demo --lab: this demo's story is not available in the network-namespace lab yet.\n\
-         \n\
-         What exists today is the transparent-capture test: pods built from network namespaces\n\
-         on a bridge, the real `moat-proxy init` iptables rules and `moat-proxy run` as uid 7777,\n\
-         apps that know nothing about the mesh (no explicit routes). Run it as root with:\n\
-         \n    sudo -E cargo test --release -p moat-e2e --test capture -- --nocapture\n"
-    );
-    match moat_e2e::netns::check_privileges() {
-        Ok(()) => eprintln!("This machine can run it (root, ip and iptables present).\n"),
-        Err(why) => eprintln!("Here it would be skipped: it {why}.\n"),
+/// Set by SIGINT/SIGTERM during `--lab`.
+static LAB_STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_lab_signal(_: libc::c_int) {
+    LAB_STOP.store(true, Ordering::SeqCst);
+}
+
+fn lab_stopped() -> bool {
+    LAB_STOP.load(Ordering::SeqCst)
+}
+
+/// `--lab`: the same story in network-namespace pods produced by the injector (root).
+fn lab(args: &Args) -> ExitCode {
+    if let Err(why) = moat_e2e::netns::check_privileges() {
+        eprintln!(
+            "moat-demo --lab: this machine cannot build the namespace lab: it {why}.\n\n\
+             Run it as root (sudo -E target/release/moat-demo --lab), or use the loopback demo,\n\
+             which tells the same story without root:\n\n    target/release/moat-demo"
+        );
+        return ExitCode::from(2);
     }
-    eprintln!(
-        "The loopback demo tells the whole story without root:\n\n    target/release/moat-demo"
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_lab_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_lab_signal as *const () as libc::sighandler_t,
+        );
+    }
+    let style = Style {
+        color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    let bin_dir = moat_e2e::bin::bin_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    println!(
+        "{} {}",
+        style.bold("Moat demo in the mesh lab:"),
+        style.dim(&format!(
+            "pods are network namespaces on one bridge, made from Kubernetes pod specs by the real \
+             moat-injector and run like a kubelet would; moat-ca, moat-injector and moat-proxy from {bin_dir}"
+        ))
     );
-    ExitCode::from(2)
+    let story = demo::lab_setup(&mut |line| {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    });
+    let mut story = match story {
+        Ok(s) => s,
+        Err(_) if lab_stopped() => {
+            eprintln!("\nmoat-demo: interrupted before the report; everything is stopped.");
+            return ExitCode::from(130);
+        }
+        Err(e) => {
+            eprintln!("\n{} {e:#}", style.bad("moat-demo --lab failed:"));
+            return ExitCode::from(1);
+        }
+    };
+    if lab_stopped() {
+        return lab_teardown(story, ExitCode::from(130));
+    }
+    println!(
+        "[3/3] traffic  for {} s from the pods' own namespaces to api {}: web (HTTP, ~{} requests/s; TCP echo), batch, and a forged certificate from outside the mesh",
+        args.duration.as_secs_f64(),
+        story.api.ip,
+        demo::WEB_RATE_PER_CONN * demo::WEB_CONNS
+    );
+    let _ = std::io::stdout().flush();
+    let observed = match demo::lab_drive(
+        &story,
+        Plan {
+            duration: args.duration,
+        },
+    ) {
+        Ok(o) => o,
+        Err(_) if lab_stopped() => return lab_teardown(story, ExitCode::from(130)),
+        Err(e) => {
+            eprintln!("\n{} {e:#}", style.bad("moat-demo --lab failed:"));
+            story.lab.keep_files();
+            return lab_teardown(story, ExitCode::from(1));
+        }
+    };
+    let verdict = demo::evaluate(&observed, style);
+    println!();
+    print!("{}", demo::render(&verdict, style));
+    println!(
+        "Logs (JSON, one file per container) and the admitted pod specs: {}/pods/<pod>/",
+        story.lab.dir().display()
+    );
+    if !verdict.failures.is_empty() {
+        story.lab.keep_files();
+        return lab_teardown(story, ExitCode::from(1));
+    }
+    if args.once {
+        println!("Stopping (--once).");
+        return lab_teardown(story, ExitCode::SUCCESS);
+    }
+    let api = story.api.ip;
+    let ns = |p: &moat_e2e::lab::PodHandle| p.netns.name.clone();
+    let node = story.lab.node().map(|n| n.name.clone()).unwrap_or_default();
+    println!("Try it yourself (as root):");
+    println!(
+        "  ip netns exec {} curl http://{api}:8080/orders/7       {}",
+        ns(&story.web),
+        style.dim("# as web: allowed")
+    );
+    println!(
+        "  ip netns exec {} curl -i http://{api}:8080/orders/7  {}",
+        ns(&story.batch),
+        style.dim("# as batch: 403, x-moat-denied-by")
+    );
+    println!(
+        "  ip netns exec {node} curl -s http://{api}:15020/metrics | grep authz  {}",
+        style.dim("# api's decisions")
+    );
+    println!("{}", style.bold("Press Ctrl-C to stop."));
+    let _ = std::io::stdout().flush();
+    let code = loop {
+        if lab_stopped() {
+            println!();
+            break ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if let Err(e) = story.lab.check_running() {
+            // Ctrl-C reaches the lab's processes too; that is not a failure.
+            std::thread::sleep(Duration::from_millis(300));
+            if lab_stopped() {
+                println!();
+                break ExitCode::SUCCESS;
+            }
+            eprintln!("\n{} {e:#}", style.bad("moat-demo:"));
+            story.lab.keep_files();
+            break ExitCode::from(1);
+        }
+    };
+    lab_teardown(story, code)
+}
+
+/// Tears the lab down, says what it stopped, and returns `code` (1 if something was left).
+fn lab_teardown(story: demo::LabStory, code: ExitCode) -> ExitCode {
+    let dir = story.lab.dir().to_path_buf();
+    match story.lab.shutdown() {
+        Ok(t) if dir.exists() => {
+            println!(
+                "Stopped {} processes and removed {} namespaces; the logs are kept in {}",
+                t.stopped,
+                t.namespaces,
+                dir.display()
+            );
+            code
+        }
+        Ok(t) => {
+            println!(
+                "Stopped {} processes, removed {} namespaces and the temporary files.",
+                t.stopped, t.namespaces
+            );
+            code
+        }
+        Err(e) => {
+            eprintln!("moat-demo: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Marks an error caused by Ctrl-C / SIGTERM before the report was printed.
