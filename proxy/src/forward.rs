@@ -142,7 +142,8 @@ where
                     o.http.client_bytes(bytes, o.sink);
                 }
             };
-            if let Poll::Ready(r) = ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), a_to_b, watch) {
+            if let Poll::Ready(r) = ab.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), a_to_b, watch)
+            {
                 r?;
                 ab_done = true;
                 ab.buf = Vec::new();
@@ -154,7 +155,8 @@ where
                     o.http.server_bytes(bytes, o.sink);
                 }
             };
-            if let Poll::Ready(r) = ba.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a), b_to_a, watch) {
+            if let Poll::Ready(r) = ba.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a), b_to_a, watch)
+            {
                 r?;
                 ba_done = true;
                 ba.buf = Vec::new();

@@ -17,10 +17,10 @@ use crate::app::Ctx;
 use crate::bufio::BufIo;
 use crate::detect::{self, Protocol};
 use crate::forward::{copy_observed, Observer, Rewind};
-use crate::observe::Http1Observer;
 use crate::http::{self, Labels};
 use crate::metrics::{self as m, ConnMetrics, Direction};
 use crate::net;
+use crate::observe::Http1Observer;
 use crate::tunnel::{self, ResetCode, Stream};
 
 /// Server-side mTLS connection from a peer sidecar.

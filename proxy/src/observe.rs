@@ -238,9 +238,10 @@ impl Http1Observer {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut resp = httparse::Response::new(&mut headers);
             match resp.parse(buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    Ok(Some((len, (resp.code.unwrap_or(0), response_framing(resp.headers)))))
-                }
+                Ok(httparse::Status::Complete(len)) => Ok(Some((
+                    len,
+                    (resp.code.unwrap_or(0), response_framing(resp.headers)),
+                ))),
                 Ok(httparse::Status::Partial) => Ok(None),
                 Err(_) => Err(()),
             }
@@ -481,7 +482,10 @@ HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
     #[test]
     fn read_until_close_and_upgrades_step_aside() {
         all_equal(
-            run(b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\nbody until the end"),
+            run(
+                b"GET / HTTP/1.0\r\n\r\n",
+                b"HTTP/1.0 200 OK\r\n\r\nbody until the end",
+            ),
             &[200],
         );
         let r = run(
@@ -500,7 +504,10 @@ HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
         assert!(o.is_done());
         let mut o = Http1Observer::new();
         let mut r = Record::default();
-        o.client_bytes(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", &mut r);
+        o.client_bytes(
+            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            &mut r,
+        );
         assert_eq!(r.gave_up, vec!["bad_chunk"]);
         let mut o = Http1Observer::new();
         let mut r = Record::default();

@@ -16,11 +16,11 @@ use crate::app::Ctx;
 use crate::config::Route;
 use crate::detect::{self, Protocol};
 use crate::forward::{copy_bidirectional, copy_observed, Observer, Rewind};
-use crate::observe::Http1Observer;
 use crate::http::{self, Labels};
 use crate::inbound::peek_protocol;
 use crate::metrics::{self as m, ConnMetrics, Direction};
 use crate::net;
+use crate::observe::Http1Observer;
 use crate::pool::{DialError, Key};
 use crate::tunnel::{self, Stream};
 
