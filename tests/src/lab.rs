@@ -1242,23 +1242,12 @@ impl MeshLab {
         for p in &mut self.pods {
             p.apps.clear();
         }
-        // Sidecars skip their drain delay when asked on their admin port (what a Job does).
-        for p in &self.pods {
-            if p.handle.meshed && p.procs.iter().any(|x| x.name() == "moat-proxy") {
-                let _ = p.handle.netns.within(|| {
-                    use std::io::{Read as _, Write as _};
-                    let mut s = std::net::TcpStream::connect_timeout(
-                        &SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
-                        Duration::from_millis(500),
-                    )?;
-                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
-                    s.write_all(b"POST /shutdown HTTP/1.0\r\nContent-Length: 0\r\n\r\n")?;
-                    let mut buf = Vec::new();
-                    let _ = s.read_to_end(&mut buf);
-                    Ok(())
-                });
-            }
-        }
+        let sidecars: Vec<Netns> = self
+            .pods
+            .iter()
+            .filter(|p| p.handle.meshed && p.procs.iter().any(|x| x.name() == "moat-proxy"))
+            .map(|p| p.handle.netns.clone())
+            .collect();
         let mut procs: Vec<Proc> = Vec::new();
         for p in &mut self.pods {
             procs.append(&mut p.procs);
@@ -1267,9 +1256,24 @@ impl MeshLab {
         procs.extend(self.injector.take());
         procs.extend(self.ca.take());
         let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
+        t.stopped = procs.iter_mut().map(Proc::is_running).filter(|r| *r).count();
+        // Sidecars skip their drain delay when asked on their admin port (what a Job does).
+        for ns in &sidecars {
+            let _ = ns.within(|| {
+                use std::io::{Read as _, Write as _};
+                let mut s = std::net::TcpStream::connect_timeout(
+                    &SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+                    Duration::from_millis(500),
+                )?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                s.write_all(b"POST /shutdown HTTP/1.0\r\nContent-Length: 0\r\n\r\n")?;
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf);
+                Ok(())
+            });
+        }
         for p in &mut procs {
             if p.is_running() {
-                t.stopped += 1;
                 let _ = p.signal(SIGTERM);
             }
         }
