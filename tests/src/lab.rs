@@ -1256,7 +1256,11 @@ impl MeshLab {
         procs.extend(self.injector.take());
         procs.extend(self.ca.take());
         let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
-        t.stopped = procs.iter_mut().map(Proc::is_running).filter(|r| *r).count();
+        t.stopped = procs
+            .iter_mut()
+            .map(Proc::is_running)
+            .filter(|r| *r)
+            .count();
         // Sidecars skip their drain delay when asked on their admin port (what a Job does).
         for ns in &sidecars {
             let _ = ns.within(|| {

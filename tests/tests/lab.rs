@@ -983,5 +983,11 @@ fn rotation_and_ca_outage_fail_no_request() {
     for p in [&a, &b] {
         assert!(value(p, CERT_REQUESTS, &[("result", "ok")]) >= 3.0);
     }
+    eprintln!(
+        "rotation: a made {} outbound handshakes, b accepted {}, a reused pooled tunnels {} times",
+        value(&a, HANDSHAKES, &[("direction", "outbound")]),
+        value(&b, HANDSHAKES, &[("direction", "inbound")]),
+        value(&a, "moat_proxy_tunnel_reuses_total", &[])
+    );
     finish(lab, "rotation and outage", started);
 }
