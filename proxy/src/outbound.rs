@@ -234,7 +234,7 @@ async fn open_stream(
         let mut co = ctx.pool.get(key).await?;
         match tunnel::write_open(&mut co.conn, port).await {
             Ok(()) => {
-                let home = ctx.pool.home(key.clone(), co.peer.clone());
+                let home = ctx.pool.home(key.clone(), co.peer.clone(), co.expires);
                 return Ok((Stream::with_home(co.conn, Some(home)), co.peer));
             }
             Err(e) if co.reused && attempts < 2 => {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use moat_core::bundle::TrustBundle;
@@ -75,6 +75,7 @@ struct Idle {
     conn: TlsConn,
     peer: SpiffeId,
     since: Instant,
+    expires: SystemTime,
 }
 
 /// A pooled or fresh connection, with the verified identity of the peer.
@@ -85,6 +86,8 @@ pub struct Checkout {
     pub peer: SpiffeId,
     /// Whether it came from the pool.
     pub reused: bool,
+    /// When the peer's certificate expires: the connection must not carry new streams after.
+    pub expires: SystemTime,
 }
 
 /// Dials and pools mTLS connections.
@@ -155,6 +158,7 @@ impl Pool {
                 conn: idle.conn,
                 peer: idle.peer,
                 reused: true,
+                expires: idle.expires,
             });
         }
         self.dial(key).await
@@ -164,7 +168,12 @@ impl Pool {
         let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = map.get_mut(key)?;
         while let Some(idle) = list.pop() {
-            if idle.since.elapsed() < self.idle_timeout && !is_stale(&idle.conn) {
+            // A pooled connection is only as good as the certificate it was authenticated
+            // with: short-lived certificates must keep working as revocation.
+            if idle.since.elapsed() < self.idle_timeout
+                && SystemTime::now() + EXPIRY_MARGIN < idle.expires
+                && !is_stale(&idle.conn)
+            {
                 return Some(idle);
             }
         }
@@ -200,6 +209,7 @@ impl Pool {
         metrics::histogram!(m::CONNECT_DURATION, "direction" => "outbound")
             .record(start.elapsed().as_secs_f64());
         metrics::counter!(m::HANDSHAKES, "direction" => Direction::Outbound.as_str()).increment(1);
+        let expires = peer_expiry(conn.get_ref().1.peer_certificates());
         let peer = tls::peer_identity(conn.get_ref().1.peer_certificates()).ok_or_else(|| {
             DialError::Handshake {
                 addr,
@@ -211,11 +221,15 @@ impl Pool {
             conn,
             peer,
             reused: false,
+            expires,
         })
     }
 
     /// Returns a connection whose stream completed cleanly.
-    pub fn put(&self, key: Key, conn: TlsConn, peer: SpiffeId) {
+    pub fn put(&self, key: Key, conn: TlsConn, peer: SpiffeId, expires: SystemTime) {
+        if SystemTime::now() >= expires {
+            return;
+        }
         let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = map.entry(key).or_default();
         if list.len() < self.max_idle_per_key {
@@ -223,6 +237,7 @@ impl Pool {
                 conn,
                 peer,
                 since: Instant::now(),
+                expires,
             });
         }
     }
@@ -232,7 +247,8 @@ impl Pool {
         let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let ttl = self.idle_timeout;
         map.retain(|_, list| {
-            list.retain(|i| i.since.elapsed() < ttl);
+            let now = SystemTime::now();
+            list.retain(|i| i.since.elapsed() < ttl && now < i.expires);
             !list.is_empty()
         });
     }
@@ -244,10 +260,28 @@ impl Pool {
     }
 
     /// Home for a stream's connection: back into this pool.
-    pub fn home(self: &Arc<Self>, key: Key, peer: SpiffeId) -> tunnel::Home<TlsConn> {
+    pub fn home(
+        self: &Arc<Self>,
+        key: Key,
+        peer: SpiffeId,
+        expires: SystemTime,
+    ) -> tunnel::Home<TlsConn> {
         let pool = self.clone();
-        Box::new(move |conn| pool.put(key, conn, peer))
+        Box::new(move |conn| pool.put(key, conn, peer, expires))
     }
+}
+
+/// Stop reusing a pooled connection this long before its peer certificate expires, so the
+/// server side (which refuses new streams on an expired tunnel) never has to.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+
+/// When the peer's leaf certificate expires (now, if it cannot be read: never reuse).
+pub fn peer_expiry(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> SystemTime {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| moat_core::x509::inspect(leaf).ok())
+        .map(|i| i.not_after)
+        .unwrap_or_else(SystemTime::now)
 }
 
 /// An idle connection is stale when anything became readable: the peer closed it or sent an

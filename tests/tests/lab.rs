@@ -877,8 +877,10 @@ fn rotation_and_ca_outage_fail_no_request() {
     };
     let s0 = serials(&[&a, &b]);
 
-    // Steady traffic from a's app: an HTTP request every 100 ms on a fresh connection and a
-    // TCP echo every 500 ms.
+    // Steady traffic from a's app: an HTTP request every 100 ms on a fresh connection, a TCP
+    // echo every 500 ms, and every 2 s a burst of concurrent requests, growing each time, so
+    // that a's sidecar must dial new mTLS connections (fresh handshakes with whatever
+    // certificates are current) rather than only reuse pooled ones.
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
         let stop = stop.clone();
@@ -886,8 +888,33 @@ fn rotation_and_ca_outage_fail_no_request() {
         lab::spawn_in(&a.netns, move || async move {
             let mut s = Steady::default();
             let mut i = 0u64;
+            let mut bursts = 0usize;
             while !stop.load(Ordering::SeqCst) {
                 i += 1;
+                if i % 20 == 0 {
+                    bursts += 1;
+                    let tasks: Vec<_> = (0..2 * bursts + 4)
+                        .map(|_| {
+                            tokio::spawn(lab::http_request(
+                                http_to,
+                                http::Method::GET,
+                                "/whoami",
+                                bytes::Bytes::new(),
+                                Duration::from_secs(5),
+                            ))
+                        })
+                        .collect();
+                    for t in tasks {
+                        match t.await {
+                            Ok(Ok(r)) if r.status == 200 && r.text() == "b\n" => s.ok += 1,
+                            Ok(Ok(r)) => s
+                                .failures
+                                .push(format!("burst #{bursts}: HTTP {}", r.status)),
+                            Ok(Err(e)) => s.failures.push(format!("burst #{bursts}: {e:#}")),
+                            Err(e) => s.failures.push(format!("burst #{bursts}: task {e}")),
+                        }
+                    }
+                }
                 let t0 = Instant::now();
                 match lab::http_request(
                     http_to,
@@ -923,6 +950,7 @@ fn rotation_and_ca_outage_fail_no_request() {
     });
     let t_rotated = started.elapsed();
     let s1 = serials(&[&a, &b]);
+    let dialed_at_rotation = value(&a, HANDSHAKES, &[("direction", "outbound")]);
 
     // 2. Outage: the CA stops; the next renewals fail, traffic does not.
     lab.stop_ca().expect("stop the CA");
@@ -942,6 +970,11 @@ fn rotation_and_ca_outage_fail_no_request() {
         s1,
         "a certificate was renewed without a CA"
     );
+    let dialed_in_outage = value(&a, HANDSHAKES, &[("direction", "outbound")]);
+    assert!(
+        dialed_in_outage > dialed_at_rotation,
+        "no new mTLS connection was made with the rotated certificates"
+    );
     assert!(
         a.ready() && b.ready(),
         "a sidecar went unready during the outage"
@@ -958,6 +991,12 @@ fn rotation_and_ca_outage_fail_no_request() {
         },
     );
     let t_renewed = started.elapsed();
+    let dialed_at_renewal = value(&a, HANDSHAKES, &[("direction", "outbound")]);
+    wait_until(
+        "new mTLS connections with the renewed certificates",
+        Duration::from_secs(10),
+        || value(&a, HANDSHAKES, &[("direction", "outbound")]) > dialed_at_renewal,
+    );
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);
     let steady = traffic
@@ -982,6 +1021,12 @@ fn rotation_and_ca_outage_fail_no_request() {
     assert!(steady.ok > 300, "only {} exchanges", steady.ok);
     for p in [&a, &b] {
         assert!(value(p, CERT_REQUESTS, &[("result", "ok")]) >= 3.0);
+        assert_eq!(
+            value(p, HS_FAIL, &[]),
+            0.0,
+            "{} counted failed handshakes",
+            p.name
+        );
     }
     eprintln!(
         "rotation: a made {} outbound handshakes, b accepted {}, a reused pooled tunnels {} times",
@@ -990,4 +1035,46 @@ fn rotation_and_ca_outage_fail_no_request() {
         value(&a, "moat_proxy_tunnel_reuses_total", &[])
     );
     finish(lab, "rotation and outage", started);
+}
+
+/// Regression: a pooled mTLS tunnel between two sidecars must not carry new app connections
+/// after the certificates it was authenticated with have expired, however busy it is —
+/// otherwise short-lived certificates stop being a revocation mechanism for busy peers.
+#[test]
+fn pooled_tunnels_do_not_outlive_their_certificates() {
+    require_netns!();
+    let _one_at_a_time = serial();
+    let started = Instant::now();
+    let mut lab = start(LabOptions::new("tl", [10, 81, 7]).cert_ttl("10s"));
+    let b = deploy(&mut lab, server_pod("b", "b"));
+    let a = deploy(&mut lab, client_pod("a", "a"));
+    let not_after = |p: &PodHandle| {
+        let v = p.identity().expect("identity");
+        time::OffsetDateTime::parse(
+            v["not_after"].as_str().expect("not_after"),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("RFC 3339")
+    };
+    let expiry = not_after(&a).min(not_after(&b));
+    let until = expiry + time::Duration::seconds(3);
+    let mut requests = 0;
+    while time::OffsetDateTime::now_utc() < until {
+        let r = expect_reply(
+            http_get_in(&a.netns, b.addr(HTTP_PORT), "/whoami"),
+            "a -> b",
+        );
+        assert_eq!(r.status, 200);
+        requests += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let handshakes = value(&a, HANDSHAKES, &[("direction", "outbound")]);
+    let reuses = value(&a, "moat_proxy_tunnel_reuses_total", &[]);
+    assert!(
+        handshakes >= 2.0,
+        "{requests} app connections over {:.0} s rode {handshakes} mTLS connection(s) ({reuses} reuses); \
+         the first certificates expired at {expiry}, 3 s before the last request, yet no new handshake happened",
+        started.elapsed().as_secs_f64()
+    );
+    finish(lab, "tunnel lifetime", started);
 }
