@@ -3,7 +3,7 @@
 //! Labels are bounded: direction, reason and decision enums, rule names, and SPIFFE IDs —
 //! never IP addresses, paths or hosts.
 
-use metrics::{counter, gauge, histogram, Counter, Gauge};
+use metrics::{counter, gauge, Counter, Gauge};
 
 /// Gauge: open proxied connections, by `direction`.
 pub const CONNECTIONS_OPEN: &str = "moat_proxy_connections_open";
@@ -94,21 +94,4 @@ pub fn handshake_failed(dir: Direction, reason: &'static str) {
 /// Counts an authorization decision.
 pub fn authz(decision: &'static str, rule: &str) {
     counter!(AUTHZ, "decision" => decision, "rule" => rule.to_string()).increment(1);
-}
-
-/// Records one HTTP request.
-pub fn http_request(dir: Direction, status: Option<u16>, peer: &str, local: &str, secs: f64) {
-    let class = match status {
-        Some(200..=299) => "2xx",
-        Some(100..=199) => "1xx",
-        Some(300..=399) => "3xx",
-        Some(400..=499) => "4xx",
-        Some(500..=599) => "5xx",
-        _ => "error",
-    };
-    let d = dir.as_str();
-    counter!(HTTP_REQUESTS, "direction" => d, "status_class" => class, "peer" => peer.to_string(), "local" => local.to_string())
-        .increment(1);
-    histogram!(HTTP_DURATION, "direction" => d, "peer" => peer.to_string(), "local" => local.to_string())
-        .record(secs);
 }
