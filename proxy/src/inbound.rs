@@ -241,7 +241,7 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
     };
     metrics::counter!(m::HANDSHAKES, "direction" => "inbound").increment(1);
     // New streams only while the peer's certificate is valid: a tunnel must not outlive it.
-    let expires = crate::pool::peer_expiry(tls.get_ref().1.peer_certificates());
+    let expires = crate::pool::leaf_expiry(tls.get_ref().1.peer_certificates());
     let peer_label: Arc<str> = Arc::from(peer.as_str());
     let mut tls = tls;
     let mut drain = ctx.conns.drain_signal();
@@ -252,7 +252,8 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
         };
         let port = match next {
             Ok(Ok(Some(_))) if std::time::SystemTime::now() >= expires => {
-                tracing::info!(%remote, peer = %peer, "closing tunnel: the peer's certificate has expired");
+                m::refused(Direction::Inbound, "peer_cert_expired");
+                tracing::warn!(%remote, peer = %peer, "refused a stream and closed the tunnel: the peer's certificate has expired");
                 let _ =
                     tunnel::write_reset(&mut tls, ResetCode::Closed, "certificate expired").await;
                 return;

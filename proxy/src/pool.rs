@@ -181,9 +181,12 @@ impl Pool {
     }
 
     async fn dial(&self, key: &Key) -> Result<Checkout, DialError> {
-        if self.cert.get().is_none() {
+        let Some(own) = self.cert.get() else {
             return Err(DialError::NoIdentity);
-        }
+        };
+        // Read before the handshake: if the certificate rotates meanwhile, the one presented is
+        // newer, so this errs on the early side.
+        let own_expires = leaf_expiry(Some(&own.cert));
         let cfg = self.config(&key.expected)?;
         let addr = key.addr;
         let start = Instant::now();
@@ -209,7 +212,9 @@ impl Pool {
         metrics::histogram!(m::CONNECT_DURATION, "direction" => "outbound")
             .record(start.elapsed().as_secs_f64());
         metrics::counter!(m::HANDSHAKES, "direction" => Direction::Outbound.as_str()).increment(1);
-        let expires = peer_expiry(conn.get_ref().1.peer_certificates());
+        // The server stops accepting streams when *our* certificate expires, and we must stop
+        // trusting it when *its* certificate does: whichever comes first ends reuse.
+        let expires = leaf_expiry(conn.get_ref().1.peer_certificates()).min(own_expires);
         let peer = tls::peer_identity(conn.get_ref().1.peer_certificates()).ok_or_else(|| {
             DialError::Handshake {
                 addr,
@@ -271,12 +276,12 @@ impl Pool {
     }
 }
 
-/// Stop reusing a pooled connection this long before its peer certificate expires, so the
-/// server side (which refuses new streams on an expired tunnel) never has to.
+/// Stop reusing a pooled connection this long before either certificate on it expires, so the
+/// server side (which refuses new streams once the client's certificate has expired) never has to.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 
-/// When the peer's leaf certificate expires (now, if it cannot be read: never reuse).
-pub fn peer_expiry(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> SystemTime {
+/// When a chain's leaf certificate expires (now, if it cannot be read: never reuse).
+pub fn leaf_expiry(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> SystemTime {
     certs
         .and_then(|c| c.first())
         .and_then(|leaf| moat_core::x509::inspect(leaf).ok())

@@ -27,6 +27,8 @@ pub struct ProxyOptions {
     pub policy: Option<String>,
     /// Further `run` arguments.
     pub extra_args: Vec<String>,
+    /// The inbound listener address (default: a free loopback port).
+    pub inbound: Option<SocketAddr>,
 }
 
 impl ProxyOptions {
@@ -38,7 +40,14 @@ impl ProxyOptions {
             routes: Vec::new(),
             policy: None,
             extra_args: Vec::new(),
+            inbound: None,
         }
+    }
+
+    /// Listens for peer sidecars on `addr`, so a client can be configured before this starts.
+    pub fn inbound(mut self, addr: SocketAddr) -> Self {
+        self.inbound = Some(addr);
+        self
     }
 
     /// Adds a route.
@@ -89,7 +98,7 @@ impl ProxyFixture {
         if let Some(p) = &opts.policy {
             std::fs::write(&policy_path, p)?;
         }
-        let inbound = net::free_addr();
+        let inbound = opts.inbound.unwrap_or_else(net::free_addr);
         let admin = net::free_addr();
         let mut args: Vec<String> = vec![
             "run".into(),

@@ -646,6 +646,65 @@ async fn certificate_rotation_under_traffic_fails_no_request() {
     assert!(ok > 100, "{ok} requests");
 }
 
+/// A pooled tunnel carries two certificates: the client's may expire first (it was issued
+/// earlier), and the server refuses new streams from then on. The client must stop reusing the
+/// tunnel before either expires, or a request hits the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_tunnel_retires_before_the_client_certificate_expires() {
+    let http = backend::http().await;
+    let ca = CaFixture::start(CaOptions::default().short_ttl("10s")).unwrap();
+    let api_inbound = free_addr();
+    let route = free_addr();
+    // The client's certificate is issued ~3 s before the server's and expires ~3 s earlier; it
+    // renews only after 5-7 s, so the first tunnel is opened with the older certificate.
+    let web = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "web").route(route, api_inbound, http.port(), Some(&id("api"))),
+    )
+    .unwrap();
+    let web_serial = web.identity().unwrap()["serial"].clone();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api")
+            .policy(&api_policy("deny"))
+            .inbound(api_inbound),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let mut ok = 0;
+    // Past the client's first certificate's expiry (~7 s from here) by a few seconds.
+    while start.elapsed() < Duration::from_secs(10) {
+        let r = get(route, "/")
+            .await
+            .unwrap_or_else(|e| panic!("request {ok} failed: {e:#}"));
+        assert_eq!(r.status, 200, "request {ok}: {}", r.body);
+        ok += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(
+        web.identity().unwrap()["serial"],
+        web_serial,
+        "web rotated its certificate"
+    );
+    let m = web.metrics().unwrap();
+    assert!(
+        counter(&m, "moat_proxy_tunnel_reuses_total", &[]) > 50.0,
+        "the tunnel was pooled, so the scenario exercised reuse"
+    );
+    let m = api.metrics().unwrap();
+    assert!(ok > 100, "{ok} requests");
+    assert_eq!(
+        counter(
+            &m,
+            "moat_proxy_connections_refused_total",
+            &[("reason", "peer_cert_expired")]
+        ),
+        0.0,
+        "the server never had to refuse a stream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
     let http = backend::http().await;
