@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Moat's tests use, when it is missing: Debian packages (network tools for the
-# namespace lab, real third-party peers and load generators) and Python validators in .venv/.
+# namespace lab, real third-party peers and load generators) and Python tools in .venv/
+# (validators, and matplotlib for benches/plot.py).
 # Idempotent; prints what it installs. Run as root (CI and these machines are root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +27,10 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PY_TOOLS=(jsonpatch==1.33 kubernetes-validate==1.37.0 yamllint==1.38.0 checkov==3.3.30)
-if [[ ! -x .venv/bin/checkov || ! -x .venv/bin/kubernetes-validate || ! -x .venv/bin/jsonpatch || ! -x .venv/bin/yamllint ]]; then
-  echo "setup: installing Python validators into .venv/: ${PY_TOOLS[*]}"
+PY_TOOLS=(jsonpatch==1.33 kubernetes-validate==1.37.0 yamllint==1.38.0 checkov==3.3.30 matplotlib==3.11.2)
+if [[ ! -x .venv/bin/checkov || ! -x .venv/bin/kubernetes-validate || ! -x .venv/bin/jsonpatch || ! -x .venv/bin/yamllint ]] ||
+   ! .venv/bin/python3 -c 'import matplotlib' 2>/dev/null; then
+  echo "setup: installing Python tools into .venv/: ${PY_TOOLS[*]}"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check "${PY_TOOLS[@]}"
 fi

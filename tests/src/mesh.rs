@@ -175,6 +175,11 @@ impl ProxyFixture {
         self.inbound
     }
 
+    /// The proxy's PID.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The admin listener, as `host:port`.
     pub fn admin(&self) -> String {
         self.admin.to_string()
