@@ -22,8 +22,7 @@ step "tests"
 cargo test --release --workspace --locked
 step "manifests (kustomize render, schema validation, security scan)"
 MOAT_CA_BIN="$PWD/target/release/moat-ca" MOAT_PROXY_BIN="$PWD/target/release/moat-proxy" bash deploy/validate.sh
-if [[ -x target/release/moat-bench ]]; then
-  step "benchmark smoke run"
-  target/release/moat-bench ca --smoke
-fi
+step "benchmark harness (plot script tests, then every benchmark in smoke mode)"
+python3 benches/test_plot.py
+target/release/moat-bench all --smoke --out target/bench-smoke
 printf '\nall checks passed in %ss\n' "$(( $(date +%s) - start ))"

@@ -404,13 +404,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Stream<
             return Poll::Ready(Ok(0));
         }
         let n = data.len().min(MAX_DATA);
-        // The buffer is sized to the traffic: a 100-byte request costs 104 bytes, not 16 KiB.
-        this.wbuf.reserve(n + 4);
-        this.wbuf.extend_from_slice(&header(DATA, n));
-        this.wbuf.extend_from_slice(&data[..n]);
-        // Push what we can now; the rest goes out on the next write or flush.
-        if let Poll::Ready(r) = this.poll_drain(cx) {
-            r?;
+        let hdr = header(DATA, n);
+        let io = this.io.as_mut().ok_or_else(closed)?;
+        // Header and payload go to TLS in one vectored write, so the payload is copied once,
+        // straight into the record being encrypted.
+        let frame = [io::IoSlice::new(&hdr), io::IoSlice::new(&data[..n])];
+        let written = ready!(Pin::new(io).poll_write_vectored(cx, &frame))?;
+        if written == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        // A frame must go out whole before anything else: stage what TLS did not take (sized
+        // to it, so a small remainder costs little) and report the payload as accepted.
+        if written < hdr.len() {
+            this.wbuf.extend_from_slice(&hdr[written..]);
+            this.wbuf.extend_from_slice(&data[..n]);
+        } else if written < hdr.len() + n {
+            this.wbuf.extend_from_slice(&data[written - hdr.len()..n]);
         }
         Poll::Ready(Ok(n))
     }
@@ -626,5 +635,87 @@ mod tests {
             alive, 0,
             "the background FIN wait must end, not respawn itself"
         );
+    }
+
+    /// Accepts at most `step` bytes per write, across vectored slices, like a TLS layer whose
+    /// buffer is nearly full.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut left = self.step;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(left);
+                self.out.extend_from_slice(&b[..take]);
+                (left, n) = (left - take, n + take);
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_stay_whole_when_the_transport_takes_odd_amounts() {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        for step in [1, 3, 4, 5, 4099, 40_000] {
+            let mut s = Stream::new(Trickle {
+                out: Vec::new(),
+                step,
+            });
+            for chunk in payload.chunks(7_000) {
+                s.write_all(chunk).await.unwrap();
+            }
+            s.shutdown().await.unwrap();
+            let wire = std::mem::take(&mut s.io.as_mut().unwrap().out);
+            // Decode: DATA frames carrying the payload in order, then FIN.
+            let (mut at, mut got) = (0, Vec::new());
+            loop {
+                let (kind, len) = (
+                    wire[at],
+                    u32::from_be_bytes([0, wire[at + 1], wire[at + 2], wire[at + 3]]) as usize,
+                );
+                at += 4;
+                if kind == FIN {
+                    break;
+                }
+                assert_eq!(kind, DATA, "step {step}");
+                got.extend_from_slice(&wire[at..at + len]);
+                at += len;
+            }
+            assert_eq!(at, wire.len(), "step {step}: bytes after FIN");
+            assert_eq!(got, payload, "step {step}");
+        }
     }
 }

@@ -30,9 +30,14 @@ pub struct Bulk {
 pub fn iperf(entry: SocketAddr, streams: u32, dur: Duration, raw: &Path) -> anyhow::Result<Bulk> {
     let secs = dur.as_secs().max(1).to_string();
     let mut cmd = Command::new("iperf3");
-    cmd.args(["-c", &entry.ip().to_string(), "-p", &entry.port().to_string()])
-        .args(["-t", &secs, "-P", &streams.to_string(), "-J"])
-        .args(["--connect-timeout", "5000"]);
+    cmd.args([
+        "-c",
+        &entry.ip().to_string(),
+        "-p",
+        &entry.port().to_string(),
+    ])
+    .args(["-t", &secs, "-P", &streams.to_string(), "-J"])
+    .args(["--connect-timeout", "5000"]);
     let out = run_tool(cmd, dur + Duration::from_secs(20), raw)?;
     let v: serde_json::Value = serde_json::from_str(&out)
         .with_context(|| format!("iperf3 printed no JSON (see {})", raw.display()))?;
@@ -103,10 +108,14 @@ pub fn wrk(entry: SocketAddr, conns: usize, dur: Duration, raw: &Path) -> anyhow
     let script = raw.with_extension("lua");
     std::fs::write(&script, WRK_REPORT).with_context(|| script.display().to_string())?;
     let mut cmd = Command::new("wrk");
-    cmd.args(["-t1", &format!("-c{conns}"), &format!("-d{}s", dur.as_secs().max(1))])
-        .args(["--timeout", "5s", "-s"])
-        .arg(&script)
-        .arg(format!("http://{entry}/1k"));
+    cmd.args([
+        "-t1",
+        &format!("-c{conns}"),
+        &format!("-d{}s", dur.as_secs().max(1)),
+    ])
+    .args(["--timeout", "5s", "-s"])
+    .arg(&script)
+    .arg(format!("http://{entry}/1k"));
     let out = run_tool(cmd, dur + Duration::from_secs(20), raw)?;
     parse_wrk(&out).with_context(|| format!("unexpected wrk output (see {})", raw.display()))
 }
@@ -121,8 +130,7 @@ fn parse_wrk(out: &str) -> anyhow::Result<Requests> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .context("non-numeric MOAT_WRK field")?;
-    let [requests, duration_us, connect, read, write, status, timeout, p50, p90, p99, p999] =
-        f[..]
+    let [requests, duration_us, connect, read, write, status, timeout, p50, p90, p99, p999] = f[..]
     else {
         bail!("MOAT_WRK has {} fields, expected 11", f.len());
     };
@@ -154,15 +162,20 @@ pub fn h2load(
         .arg(format!("--log-file={}", log.display()))
         .arg(format!("http://{entry}/1k"));
     let out = run_tool(cmd, dur + Duration::from_secs(25), raw)?;
-    let (done, failed, errored, secs) =
-        parse_h2load(&out).with_context(|| format!("unexpected h2load output (see {})", raw.display()))?;
+    let (done, failed, errored, secs) = parse_h2load(&out)
+        .with_context(|| format!("unexpected h2load output (see {})", raw.display()))?;
     let text = std::fs::read_to_string(&log).with_context(|| log.display().to_string())?;
     let mut samples: Vec<u64> = text
         .lines()
         .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
         .collect();
     let ok = done.saturating_sub(failed);
-    Ok(Requests::from_samples(ok, failed + errored, secs, &mut samples))
+    Ok(Requests::from_samples(
+        ok,
+        failed + errored,
+        secs,
+        &mut samples,
+    ))
 }
 
 /// (done, failed, errored, seconds) from h2load's summary.
@@ -248,7 +261,9 @@ pub fn open_loop(
         .collect();
     let (mut ok, mut errors, mut samples) = (0, 0, Vec::new());
     for t in threads {
-        let (o, e, s) = t.join().map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+        let (o, e, s) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
         ok += o;
         errors += e;
         samples.extend(s);
@@ -291,7 +306,9 @@ pub fn new_connections(entry: SocketAddr, conc: usize, dur: Duration) -> anyhow:
         .collect();
     let (mut ok, mut errors, mut samples) = (0, 0, Vec::new());
     for t in threads {
-        let (o, e, s) = t.join().map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+        let (o, e, s) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
         ok += o;
         errors += e;
         samples.extend(s);
@@ -324,7 +341,10 @@ pub fn idle_connections(entry: SocketAddr, n: usize) -> anyhow::Result<Vec<Conn>
         .collect();
     let mut all = Vec::with_capacity(n);
     for t in threads {
-        all.extend(t.join().map_err(|_| anyhow::anyhow!("connect thread panicked"))??);
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("connect thread panicked"))??,
+        );
     }
     Ok(all)
 }
@@ -381,7 +401,8 @@ impl Drop for RssPeak {
 fn run_tool(mut cmd: Command, limit: Duration, raw: &Path) -> anyhow::Result<String> {
     let stdout = std::fs::File::create(raw).with_context(|| raw.display().to_string())?;
     let err_path: PathBuf = raw.with_extension("stderr");
-    let stderr = std::fs::File::create(&err_path).with_context(|| err_path.display().to_string())?;
+    let stderr =
+        std::fs::File::create(&err_path).with_context(|| err_path.display().to_string())?;
     let shown = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())

@@ -42,6 +42,13 @@ pub struct MeshArgs {
     /// Systems to compare, in column order.
     #[arg(long, value_delimiter = ',', default_value = "direct,moat,haproxy")]
     pub systems: Vec<String>,
+    /// Workloads to run, in this order (default: all).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "bulk1,bulk8,ka,rate,close,h2,idle"
+    )]
+    pub workloads: Vec<String>,
     /// Output directory: report.md, report.json, PNG plots and every tool's raw output.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -122,7 +129,10 @@ pub fn run(mut args: MeshArgs, extras: Vec<Extra>) -> anyhow::Result<(report::Re
     }
 
     let mut ok = true;
-    for workload in WORKLOADS {
+    for workload in WORKLOADS
+        .into_iter()
+        .filter(|w| args.workloads.iter().any(|a| a == w))
+    {
         for repeat in 1..=args.repeats {
             // Alternate the order so no system always runs first (or last) on a warm machine.
             let order: Vec<&System> = if repeat % 2 == 1 {
@@ -196,6 +206,14 @@ fn validate(args: &MeshArgs) -> anyhow::Result<()> {
     }
     if args.duration < Duration::from_secs(1) {
         bail!("--duration must be at least 1s (iperf3, wrk and h2load count whole seconds)");
+    }
+    for w in &args.workloads {
+        if !WORKLOADS.contains(&w.as_str()) {
+            bail!(
+                "--workloads: unknown workload {w:?} (known: {})",
+                WORKLOADS.join(", ")
+            );
+        }
     }
     if args.systems.is_empty() {
         bail!("--systems names no system");
@@ -316,7 +334,10 @@ fn measure(
                 .collect::<Vec<_>>()
                 .join(", ");
             if !fresh.alive() {
-                bail!("a {} proxy exited while holding the idle connections", s.name);
+                bail!(
+                    "a {} proxy exited while holding the idle connections",
+                    s.name
+                );
             }
         }
         other => bail!("unknown workload {other}"),

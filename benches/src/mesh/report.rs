@@ -59,7 +59,10 @@ impl Run {
 
     /// One line for the console and the report's "every run" list.
     pub fn describe(&self) -> String {
-        let mut s = format!("[{:<5}] {:<8} #{}:", self.workload, self.system, self.repeat);
+        let mut s = format!(
+            "[{:<5}] {:<8} #{}:",
+            self.workload, self.system, self.repeat
+        );
         for (k, v) in &self.values {
             s.push_str(&format!(" {k}={}", fmt_num(*v)));
         }
@@ -113,6 +116,8 @@ pub struct Settings {
     pub ka_connections: usize,
     /// Idle connections held.
     pub idle_connections: usize,
+    /// Where the measured Moat binaries came from (`target/dist`: as shipped).
+    pub binaries: String,
 }
 
 /// Which way a metric improves.
@@ -234,32 +239,266 @@ use Target::{AtMost, VsHaproxy};
 
 /// The table, top to bottom. `{rate}` and `{conns}` are filled in from the settings.
 const ROWS: &[Def] = &[
-    def("bulk1_gbit_s", "Bulk TCP, 1 stream", "Gbit/s", Higher, "throughput", "bulk1", "gbit_s", VsHaproxy(1.2)),
-    def("bulk8_gbit_s", "Bulk TCP, 8 streams", "Gbit/s", Higher, "throughput", "bulk8", "gbit_s", VsHaproxy(1.2)),
-    def("bulk1_cpu_s_per_gb", "Proxy CPU per GB, 1 stream", "CPU s/GB", Lower, "cpu", "bulk1", "cpu_s_per_gb", VsHaproxy(1.0)),
-    def("bulk8_cpu_s_per_gb", "Proxy CPU per GB, 8 streams", "CPU s/GB", Lower, "cpu", "bulk8", "cpu_s_per_gb", VsHaproxy(1.0)),
-    def("ka_rps", "HTTP/1.1 keep-alive, {conns} connections", "req/s", Higher, "throughput", "ka", "rps", VsHaproxy(1.2)),
-    def("ka_p50_ms", "  keep-alive p50", "ms", Lower, "latency", "ka", "p50_ms", Target::None),
-    def("ka_p99_ms", "  keep-alive p99", "ms", Lower, "latency", "ka", "p99_ms", Target::None),
-    def("ka_p999_ms", "  keep-alive p99.9", "ms", Lower, "latency", "ka", "p999_ms", Target::None),
-    def("ka_cpu_s_per_10k", "Proxy CPU per 10,000 keep-alive requests", "CPU s", Lower, "cpu", "ka", "cpu_s_per_10k", Target::None),
-    def("rate_achieved_rps", "Fixed rate {rate} req/s (open loop): achieved", "req/s", Higher, "latency", "rate", "achieved_rps", Target::None),
-    def("rate_p50_ms", "  fixed-rate p50", "ms", Lower, "latency", "rate", "p50_ms", Target::None),
-    def("rate_p99_ms", "  fixed-rate p99", "ms", Lower, "latency", "rate", "p99_ms", Target::None),
-    def("rate_p999_ms", "  fixed-rate p99.9", "ms", Lower, "latency", "rate", "p999_ms", Target::None),
-    def("rate_added_p50_ms", "  latency added over direct, p50", "ms", Lower, "latency", "rate", "added_p50_ms", VsHaproxy(1.0)),
-    def("rate_added_p99_ms", "  latency added over direct, p99", "ms", Lower, "latency", "rate", "added_p99_ms", VsHaproxy(1.0)),
-    def("close_cps", "New connections (request + close), {conns} clients", "conn/s", Higher, "connections", "close", "cps", VsHaproxy(6.0)),
-    def("close_p50_ms", "  new connection + request p50", "ms", Lower, "latency", "close", "p50_ms", Target::None),
-    def("close_p99_ms", "  new connection + request p99", "ms", Lower, "latency", "close", "p99_ms", Target::None),
-    def("close_handshakes_per_conn", "  TLS handshakes per app connection (server side)", "", Lower, "connections", "close", "handshakes_per_conn", Target::None),
-    def("close_cpu_ms_per_conn", "Proxy CPU per new connection", "CPU ms", Lower, "cpu", "close", "cpu_ms_per_conn", Target::None),
-    def("h2_rps", "HTTP/2 cleartext, 4 connections x 10 streams", "req/s", Higher, "throughput", "h2", "rps", Target::None),
-    def("h2_p50_ms", "  HTTP/2 p50", "ms", Lower, "latency", "h2", "p50_ms", Target::None),
-    def("h2_p99_ms", "  HTTP/2 p99", "ms", Lower, "latency", "h2", "p99_ms", Target::None),
-    def("rss_idle_mib", "RSS per proxy, idle (larger side)", "MiB", Lower, "memory", "start", "rss_idle_mib", AtMost(8.0)),
-    def("rss_load_mib", "RSS per proxy, keep-alive load (larger side)", "MiB", Lower, "memory", "ka", "rss_load_mib", AtMost(20.0)),
-    def("idle_kib_per_conn", "Memory per idle proxied connection (larger side)", "KiB", Lower, "memory", "idle", "kib_per_conn", AtMost(32.0)),
+    def(
+        "bulk1_gbit_s",
+        "Bulk TCP, 1 stream",
+        "Gbit/s",
+        Higher,
+        "throughput",
+        "bulk1",
+        "gbit_s",
+        VsHaproxy(1.2),
+    ),
+    def(
+        "bulk8_gbit_s",
+        "Bulk TCP, 8 streams",
+        "Gbit/s",
+        Higher,
+        "throughput",
+        "bulk8",
+        "gbit_s",
+        VsHaproxy(1.2),
+    ),
+    def(
+        "bulk1_cpu_s_per_gb",
+        "Proxy CPU per GB, 1 stream",
+        "CPU s/GB",
+        Lower,
+        "cpu",
+        "bulk1",
+        "cpu_s_per_gb",
+        VsHaproxy(1.0),
+    ),
+    def(
+        "bulk8_cpu_s_per_gb",
+        "Proxy CPU per GB, 8 streams",
+        "CPU s/GB",
+        Lower,
+        "cpu",
+        "bulk8",
+        "cpu_s_per_gb",
+        VsHaproxy(1.0),
+    ),
+    def(
+        "ka_rps",
+        "HTTP/1.1 keep-alive, {conns} connections",
+        "req/s",
+        Higher,
+        "throughput",
+        "ka",
+        "rps",
+        VsHaproxy(1.2),
+    ),
+    def(
+        "ka_p50_ms",
+        "  keep-alive p50",
+        "ms",
+        Lower,
+        "latency",
+        "ka",
+        "p50_ms",
+        Target::None,
+    ),
+    def(
+        "ka_p99_ms",
+        "  keep-alive p99",
+        "ms",
+        Lower,
+        "latency",
+        "ka",
+        "p99_ms",
+        Target::None,
+    ),
+    def(
+        "ka_p999_ms",
+        "  keep-alive p99.9",
+        "ms",
+        Lower,
+        "latency",
+        "ka",
+        "p999_ms",
+        Target::None,
+    ),
+    def(
+        "ka_cpu_s_per_10k",
+        "Proxy CPU per 10,000 keep-alive requests",
+        "CPU s",
+        Lower,
+        "cpu",
+        "ka",
+        "cpu_s_per_10k",
+        Target::None,
+    ),
+    def(
+        "rate_achieved_rps",
+        "Fixed rate {rate} req/s (open loop): achieved",
+        "req/s",
+        Higher,
+        "latency",
+        "rate",
+        "achieved_rps",
+        Target::None,
+    ),
+    def(
+        "rate_p50_ms",
+        "  fixed-rate p50",
+        "ms",
+        Lower,
+        "latency",
+        "rate",
+        "p50_ms",
+        Target::None,
+    ),
+    def(
+        "rate_p99_ms",
+        "  fixed-rate p99",
+        "ms",
+        Lower,
+        "latency",
+        "rate",
+        "p99_ms",
+        Target::None,
+    ),
+    def(
+        "rate_p999_ms",
+        "  fixed-rate p99.9",
+        "ms",
+        Lower,
+        "latency",
+        "rate",
+        "p999_ms",
+        Target::None,
+    ),
+    def(
+        "rate_added_p50_ms",
+        "  latency added over direct, p50",
+        "ms",
+        Lower,
+        "latency",
+        "rate",
+        "added_p50_ms",
+        VsHaproxy(1.0),
+    ),
+    def(
+        "rate_added_p99_ms",
+        "  latency added over direct, p99",
+        "ms",
+        Lower,
+        "latency",
+        "rate",
+        "added_p99_ms",
+        VsHaproxy(1.0),
+    ),
+    def(
+        "close_cps",
+        "New connections (request + close), {conns} clients",
+        "conn/s",
+        Higher,
+        "connections",
+        "close",
+        "cps",
+        VsHaproxy(6.0),
+    ),
+    def(
+        "close_p50_ms",
+        "  new connection + request p50",
+        "ms",
+        Lower,
+        "latency",
+        "close",
+        "p50_ms",
+        Target::None,
+    ),
+    def(
+        "close_p99_ms",
+        "  new connection + request p99",
+        "ms",
+        Lower,
+        "latency",
+        "close",
+        "p99_ms",
+        Target::None,
+    ),
+    def(
+        "close_handshakes_per_conn",
+        "  TLS handshakes per app connection (server side)",
+        "",
+        Lower,
+        "connections",
+        "close",
+        "handshakes_per_conn",
+        Target::None,
+    ),
+    def(
+        "close_cpu_ms_per_conn",
+        "Proxy CPU per new connection",
+        "CPU ms",
+        Lower,
+        "cpu",
+        "close",
+        "cpu_ms_per_conn",
+        Target::None,
+    ),
+    def(
+        "h2_rps",
+        "HTTP/2 cleartext, 4 connections x 10 streams",
+        "req/s",
+        Higher,
+        "throughput",
+        "h2",
+        "rps",
+        Target::None,
+    ),
+    def(
+        "h2_p50_ms",
+        "  HTTP/2 p50",
+        "ms",
+        Lower,
+        "latency",
+        "h2",
+        "p50_ms",
+        Target::None,
+    ),
+    def(
+        "h2_p99_ms",
+        "  HTTP/2 p99",
+        "ms",
+        Lower,
+        "latency",
+        "h2",
+        "p99_ms",
+        Target::None,
+    ),
+    def(
+        "rss_idle_mib",
+        "RSS per proxy, idle (larger side)",
+        "MiB",
+        Lower,
+        "memory",
+        "start",
+        "rss_idle_mib",
+        AtMost(8.0),
+    ),
+    def(
+        "rss_load_mib",
+        "RSS per proxy, keep-alive load (larger side)",
+        "MiB",
+        Lower,
+        "memory",
+        "ka",
+        "rss_load_mib",
+        AtMost(20.0),
+    ),
+    def(
+        "idle_kib_per_conn",
+        "Memory per idle proxied connection (larger side)",
+        "KiB",
+        Lower,
+        "memory",
+        "idle",
+        "kib_per_conn",
+        AtMost(32.0),
+    ),
 ];
 
 impl Report {
@@ -268,7 +507,7 @@ impl Report {
         Self {
             bench: "mesh",
             mode: if args.smoke { "smoke" } else { "full" },
-            started_at: moat_core::svid::rfc3339(std::time::SystemTime::now()),
+            started_at: whole_seconds(&moat_core::svid::rfc3339(std::time::SystemTime::now())),
             host: Host {
                 cpus,
                 kernel: read_trim("/proc/sys/kernel/osrelease"),
@@ -281,6 +520,9 @@ impl Report {
                 rate: args.rate,
                 ka_connections: args.connections,
                 idle_connections: args.idle_connections,
+                binaries: moat_e2e::bin::bin_dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
             },
             systems: args.systems.clone(),
             runs: Vec::new(),
@@ -301,8 +543,15 @@ impl Report {
         let rows: Vec<Row> = ROWS.iter().map(|d| self.row(d, fill(d.label))).collect();
         self.rows = rows;
         let mut curves = BTreeMap::new();
-        for r in self.runs.iter().filter(|r| r.workload == "rate" && r.error.is_none()) {
-            curves.entry(r.system).or_insert_with(Vec::new).extend(&r.samples);
+        for r in self
+            .runs
+            .iter()
+            .filter(|r| r.workload == "rate" && r.error.is_none())
+        {
+            curves
+                .entry(r.system)
+                .or_insert_with(Vec::new)
+                .extend(&r.samples);
         }
         self.latency_curves = curves
             .into_iter()
@@ -317,8 +566,14 @@ impl Report {
             .filter(|r| r.workload == "rate" && r.system == "direct" && r.error.is_none())
             .map(|r| (r.repeat, r.values.iter().map(|(k, v)| (*k, *v)).collect()))
             .collect();
-        for r in self.runs.iter_mut().filter(|r| r.workload == "rate" && r.error.is_none()) {
-            let Some(d) = direct.get(&r.repeat) else { continue };
+        for r in self
+            .runs
+            .iter_mut()
+            .filter(|r| r.workload == "rate" && r.error.is_none())
+        {
+            let Some(d) = direct.get(&r.repeat) else {
+                continue;
+            };
             for (key, added) in [("p50_ms", "added_p50_ms"), ("p99_ms", "added_p99_ms")] {
                 if let (Some(v), Some(base)) = (r.values.get(key), d.get(key)) {
                     let diff = v - base;
@@ -330,7 +585,11 @@ impl Report {
 
     fn row(&self, d: &Def, label: String) -> Row {
         let mut runs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
-        for r in self.runs.iter().filter(|r| r.workload == d.workload && r.error.is_none()) {
+        for r in self
+            .runs
+            .iter()
+            .filter(|r| r.workload == d.workload && r.error.is_none())
+        {
             if let Some(v) = r.values.get(d.key) {
                 runs.entry(r.system).or_default().push(*v);
             }
@@ -392,8 +651,8 @@ impl Report {
             self.started_at
         );
         md.push_str(&format!(
-            "Load average {} before, {} after. Medians over repeats; every run is listed below.\n\n",
-            self.host.loadavg_start, self.host.loadavg_end
+            "Moat binaries from `{}`. Load average {} before, {} after. Medians over repeats; every run is listed below.\n\n",
+            self.settings.binaries, self.host.loadavg_start, self.host.loadavg_end
         ));
         md.push_str("| metric | unit |");
         for s in &self.systems {
@@ -465,7 +724,11 @@ impl Report {
 /// The Python that has matplotlib: the repository's `.venv` (tests/setup.sh), else `python3`.
 pub fn python_with_matplotlib() -> anyhow::Result<PathBuf> {
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let python = if venv.exists() { venv } else { PathBuf::from("python3") };
+    let python = if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    };
     let ok = Command::new(&python)
         .args(["-c", "import matplotlib"])
         .output()
@@ -540,6 +803,14 @@ pub fn fmt_num(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.3}")
+    }
+}
+
+/// `2026-11-22T10:13:56.353Z` → `2026-11-22T10:13:56Z`.
+fn whole_seconds(ts: &str) -> String {
+    match ts.split_once('.') {
+        Some((s, _)) => format!("{s}Z"),
+        None => ts.to_string(),
     }
 }
 

@@ -100,7 +100,12 @@ impl System {
             ProxyOptions::new("bench", "client")
                 .route(entries.http, server.inbound(), b.http.port(), Some(&expect))
                 .route(entries.h2c, server.inbound(), b.h2c.port(), Some(&expect))
-                .route(entries.iperf, server.inbound(), b.iperf.port(), Some(&expect)),
+                .route(
+                    entries.iperf,
+                    server.inbound(),
+                    b.iperf.port(),
+                    Some(&expect),
+                ),
         )
         .context("starting the client-side moat-proxy")?;
         Ok(Self {
@@ -215,10 +220,7 @@ impl System {
 }
 
 fn side(role: &'static str, p: &ProxyFixture) -> Side {
-    Side {
-        role,
-        pid: p.pid(),
-    }
+    Side { role, pid: p.pid() }
 }
 
 /// An SVID for `bench/<sa>` from the CA's API, as HAProxy wants it: chain, then key.
