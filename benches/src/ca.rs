@@ -159,12 +159,30 @@ pub struct CaReport {
 }
 
 impl CaReport {
-    fn errors(&self) -> u64 {
+    /// Requests that failed, all phases together.
+    pub fn errors(&self) -> u64 {
         self.saturation.errors.values().sum::<u64>()
             + self
                 .fixed_rate
                 .as_ref()
                 .map_or(0, |p| p.errors.values().sum::<u64>())
+    }
+
+    /// One line for the combined report.
+    pub fn summary_line(&self) -> String {
+        let rate = self.fixed_rate.as_ref().map_or(String::new(), |p| {
+            format!(
+                "; at {:.0}/s p50 {:.2} ms, p99 {:.2} ms",
+                p.certs_per_sec, p.latency.p50_ms, p.latency.p99_ms
+            )
+        });
+        format!(
+            "{:.0} certs/s saturated{rate} (target >= {:.0} certs/s with p99 < {:.0} ms: {})",
+            self.saturation.certs_per_sec,
+            self.target_certs_per_sec,
+            self.target_p99_ms,
+            if self.met { "met" } else { "MISSED" }
+        )
     }
 }
 
@@ -196,7 +214,19 @@ struct TaskStats {
 }
 
 /// Runs the benchmark and prints the report; `Ok(false)` when requests failed.
-pub fn main(mut args: CaArgs) -> anyhow::Result<bool> {
+pub fn main(args: CaArgs) -> anyhow::Result<bool> {
+    let json = args.json.clone();
+    let report = measure(args)?;
+    if let Some(path) = &json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("results written to {}", path.display());
+    }
+    Ok(report.errors() == 0)
+}
+
+/// Runs the benchmark, prints the report and returns it.
+pub fn measure(mut args: CaArgs) -> anyhow::Result<CaReport> {
     if args.smoke {
         args.duration = Duration::from_secs(2);
         args.warmup = Duration::from_millis(500);
@@ -215,12 +245,7 @@ pub fn main(mut args: CaArgs) -> anyhow::Result<bool> {
         .context("cannot start the runtime")?;
     let report = rt.block_on(run(&args))?;
     print_report(&report);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("results written to {}", path.display());
-    }
-    Ok(report.errors() == 0)
+    Ok(report)
 }
 
 async fn run(args: &CaArgs) -> anyhow::Result<CaReport> {

@@ -9,7 +9,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod all;
 mod ca;
+mod injector;
+mod mesh;
 mod util;
 
 /// Moat's benchmarks (expects release binaries: `cargo build --release --workspace`).
@@ -24,12 +27,21 @@ struct Cli {
 enum Cmd {
     /// CA issuance: certificates per second and latency of the real moat-ca.
     Ca(ca::CaArgs),
+    /// Injector admission: latency and admissions per second of the real moat-injector.
+    Injector(injector::InjectorArgs),
+    /// Data plane: Moat's sidecar pair against HAProxy and no proxy, side by side.
+    Mesh(mesh::MeshArgs),
+    /// Everything: the data-plane comparison with CA and injector lines, one report.
+    All(all::AllArgs),
 }
 
 /// Runs one benchmark; `Ok(false)` when it ran but saw failures (errors, not missed targets).
 fn dispatch(cmd: Cmd) -> anyhow::Result<bool> {
     match cmd {
         Cmd::Ca(args) => ca::main(args),
+        Cmd::Mesh(args) => mesh::main(args),
+        Cmd::All(args) => all::main(args),
+        Cmd::Injector(args) => injector::main(args),
     }
 }
 

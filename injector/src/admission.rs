@@ -190,16 +190,15 @@ fn bare_allow(uid: &str, warnings: Vec<String>) -> Reply {
 }
 
 /// Encodes a response review; `patch` becomes base64 as Kubernetes expects for `[]byte`.
-fn encode(resp: AdmissionResponse) -> Reply {
+fn encode(mut resp: AdmissionResponse) -> Reply {
+    // Serialized as-is, `Vec<u8>` would become a JSON array of numbers, one per byte.
+    let patch = resp.patch.take();
     let mut body = serde_json::to_value(resp.into_review()).unwrap_or_else(|_| json!({}));
-    if let Some(patch) = body.pointer_mut("/response/patch") {
-        if let Value::Array(bytes) = patch {
-            let bytes: Vec<u8> = bytes
-                .iter()
-                .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
-                .collect();
-            *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
-        }
+    if let (Some(patch), Some(Value::Object(r))) = (patch, body.get_mut("response")) {
+        r.insert(
+            "patch".into(),
+            Value::String(base64::engine::general_purpose::STANDARD.encode(patch)),
+        );
     }
     Reply { status: 200, body }
 }

@@ -198,7 +198,7 @@ pub struct RunArgs {
     /// How long the server side keeps an idle tunnel (longer than any client's pool timeout).
     #[arg(long, env = "MOAT_TUNNEL_IDLE_TIMEOUT", default_value = "90s", value_parser = duration)]
     pub tunnel_idle_timeout: Duration,
-    /// TCP keepalive idle time.
+    /// TCP keepalive idle time on sockets to and from other hosts (peer sidecars, egress).
     #[arg(long, env = "MOAT_TCP_KEEPALIVE", default_value = "60s", value_parser = duration)]
     pub keepalive: Duration,
     /// App ports never sniffed for HTTP: always proxied as opaque bytes (databases, brokers,

@@ -146,7 +146,8 @@ async fn connect_app(ctx: &Ctx, target: SocketAddr) -> std::io::Result<TcpStream
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     metrics::histogram!(m::CONNECT_DURATION, "direction" => "inbound")
         .record(start.elapsed().as_secs_f64());
-    net::tune(&tcp, Some(ctx.cfg.keepalive));
+    // The app is in this pod: a local peer cannot vanish silently, so no keepalive probes.
+    net::tune(&tcp, None);
     Ok(tcp)
 }
 

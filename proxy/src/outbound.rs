@@ -100,8 +100,10 @@ pub async fn serve(
 }
 
 async fn handle(app: TcpStream, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
-    net::tune(&app, Some(ctx.cfg.keepalive));
-    let orig = net::original_dst(&app);
+    // The app is local (same pod, or a route's local client): no keepalive probes needed.
+    net::tune(&app, None);
+    // A route names its destination; only a captured connection has an original one.
+    let orig = route.is_none().then(|| net::original_dst(&app)).flatten();
     let dest = match &route {
         Some(r) => Destination::Mesh {
             key: Key {

@@ -923,32 +923,7 @@ impl MeshLab {
             std::process::id() & 0xffff,
             self.reviews
         );
-        let name = pod
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let review = json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": uid,
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-                "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-                "name": name,
-                "namespace": namespace,
-                "operation": "CREATE",
-                "userInfo": {
-                    "username": "system:serviceaccount:kube-system:replicaset-controller",
-                    "groups": ["system:serviceaccounts", "system:authenticated"]
-                },
-                "object": pod,
-                "oldObject": null,
-                "dryRun": false,
-                "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
-            }
-        });
+        let review = admission_review(&uid, pod, namespace);
         let body = Bytes::from(serde_json::to_vec(&review)?);
         let addr = SocketAddr::from((self.gateway, INJECTOR_PORT));
         let tls = self.webhook_tls.clone();
@@ -1397,9 +1372,40 @@ fn sync_config_map(
     Ok(())
 }
 
+/// The `admission.k8s.io/v1` AdmissionReview the API server sends the injector when `pod` is
+/// created in `namespace` on behalf of the ReplicaSet controller (operation `CREATE`).
+pub fn admission_review(uid: &str, pod: &Value, namespace: &str) -> Value {
+    let name = pod
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": name,
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "groups": ["system:serviceaccounts", "system:authenticated"]
+            },
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    })
+}
+
 /// A TLS serving certificate for the injector: a throwaway CA and a leaf for the node's
 /// address and the Service name. Returns `(ca PEM, leaf PEM, key PEM)`.
-fn webhook_pki(node: Ipv4Addr) -> anyhow::Result<(String, String, String)> {
+pub fn webhook_pki(node: Ipv4Addr) -> anyhow::Result<(String, String, String)> {
     let ca_key = rcgen::KeyPair::generate().context("webhook CA key")?;
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

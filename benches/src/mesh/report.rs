@@ -212,6 +212,8 @@ struct Def {
     target: Target,
 }
 
+// One positional argument per column keeps the table below one readable line per row.
+#[allow(clippy::too_many_arguments)]
 const fn def(
     id: &'static str,
     label: &'static str,
