@@ -32,7 +32,7 @@ use moat_e2e::net::Histogram;
 use moat_e2e::{CaFixture, CaOptions};
 use serde::Serialize;
 
-use crate::util::{self, LatencySummary};
+use crate::util::{self, LatencySummary, Pace, ServerHistogram};
 
 /// Target: certificates signed per second.
 pub const TARGET_CERTS_PER_SEC: f64 = 2000.0;
@@ -70,34 +70,6 @@ pub struct CaArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
-/// The CA's view of a window, from its Prometheus histogram (bucket resolution).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CaHistogram {
-    /// Requests answered in the window.
-    pub count: u64,
-    /// Mean time to answer, milliseconds.
-    pub mean_ms: f64,
-    /// Upper bound of the bucket holding the median, milliseconds.
-    pub p50_le_ms: f64,
-    /// Upper bound of the bucket holding the 99th percentile, milliseconds.
-    pub p99_le_ms: f64,
-    /// Upper bound of the bucket holding the 99.9th percentile, milliseconds.
-    pub p999_le_ms: f64,
-}
-
-impl CaHistogram {
-    fn of(h: &Histogram) -> Self {
-        let le = |q| h.quantile_upper_bound(q).map_or(0.0, |s| s * 1000.0);
-        Self {
-            count: h.count.max(0.0) as u64,
-            mean_ms: h.mean().map_or(0.0, |m| m * 1000.0),
-            p50_le_ms: le(0.5),
-            p99_le_ms: le(0.99),
-            p999_le_ms: le(0.999),
-        }
-    }
-}
-
 /// Results of one phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseReport {
@@ -116,7 +88,7 @@ pub struct PhaseReport {
     /// Client-side latency of successful requests.
     pub latency: LatencySummary,
     /// The CA's own issuance histogram over the window.
-    pub ca_histogram: CaHistogram,
+    pub ca_histogram: ServerHistogram,
     /// CA user+system CPU seconds in the window.
     pub ca_cpu_s: f64,
     /// CA CPU per certificate, microseconds.
@@ -191,18 +163,6 @@ struct Identity {
     token: String,
     body: Bytes,
     spiffe_id: String,
-}
-
-/// How a client task paces its requests.
-#[derive(Debug, Clone, Copy)]
-enum Pace {
-    /// Next request as soon as the previous answer is in.
-    Closed,
-    /// One request every `interval`, the first at `offset` after the phase starts.
-    Open {
-        interval: Duration,
-        offset: Duration,
-    },
 }
 
 /// What one client task measured.
@@ -316,16 +276,7 @@ async fn phase(
     let end = start + args.duration;
     let mut tasks = Vec::with_capacity(n);
     for t in 0..n {
-        let pace = match rate {
-            None => Pace::Closed,
-            Some(r) => {
-                let interval = Duration::from_secs_f64(n as f64 / r);
-                Pace::Open {
-                    interval,
-                    offset: interval.mul_f64(t as f64 / n as f64),
-                }
-            }
-        };
+        let pace = Pace::for_task(rate, t, n);
         let (ca, ids) = (ca.clone(), ids.clone());
         tasks.push(tokio::spawn(async move {
             client_task(&ca, &ids, t, n, pace, begin, start, end).await
@@ -361,7 +312,7 @@ async fn phase(
         errors: all.errors,
         certs_per_sec: all.ok as f64 / args.duration.as_secs_f64(),
         latency: LatencySummary::from_micros(&mut all.latencies_us),
-        ca_histogram: CaHistogram::of(&after.histogram.since(&before.histogram)),
+        ca_histogram: ServerHistogram::of(&after.histogram.since(&before.histogram)),
         ca_cpu_s,
         ca_cpu_us_per_cert: if all.ok > 0 {
             ca_cpu_s * 1e6 / all.ok as f64
@@ -404,24 +355,9 @@ async fn client_task(
     let mut conn: Option<Http1Client> = None;
     let mut next = first % ids.len();
     let mut checked = false;
-    let mut scheduled = match pace {
-        Pace::Closed => begin,
-        Pace::Open { offset, .. } => begin + offset,
-    };
+    let mut schedule = pace.schedule(begin);
     loop {
-        // When the request counts as sent: now (closed loop, or open loop on schedule), or
-        // its scheduled time when the task is behind (the wait is the CA's doing).
-        let t0 = match pace {
-            Pace::Closed => Instant::now(),
-            Pace::Open { .. } if Instant::now() >= scheduled => scheduled,
-            Pace::Open { .. } => {
-                tokio::time::sleep_until(scheduled.into()).await;
-                Instant::now()
-            }
-        };
-        if let Pace::Open { interval, .. } = pace {
-            scheduled += interval;
-        }
+        let t0 = schedule.next().await;
         if t0 >= end {
             return Ok(stats);
         }

@@ -42,7 +42,7 @@ use moat_e2e::Proc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::util::{self, LatencySummary};
+use crate::util::{self, LatencySummary, Pace, ServerHistogram};
 
 /// Target: client-side p99 admission latency at [`TARGET_RATE`], milliseconds.
 pub const TARGET_P99_MS: f64 = 2.0;
@@ -104,34 +104,6 @@ pub struct InjectorArgs {
     pub json: Option<PathBuf>,
 }
 
-/// The injector's view of a window, from its Prometheus histogram (bucket resolution).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct InjectorHistogram {
-    /// Injections answered in the window.
-    pub count: u64,
-    /// Mean time to answer, milliseconds.
-    pub mean_ms: f64,
-    /// Upper bound of the bucket holding the median, milliseconds.
-    pub p50_le_ms: f64,
-    /// Upper bound of the bucket holding the 99th percentile, milliseconds.
-    pub p99_le_ms: f64,
-    /// Upper bound of the bucket holding the 99.9th percentile, milliseconds.
-    pub p999_le_ms: f64,
-}
-
-impl InjectorHistogram {
-    fn of(h: &Histogram) -> Self {
-        let le = |q| h.quantile_upper_bound(q).map_or(0.0, |s| s * 1000.0);
-        Self {
-            count: h.count.max(0.0) as u64,
-            mean_ms: h.mean().map_or(0.0, |m| m * 1000.0),
-            p50_le_ms: le(0.5),
-            p99_le_ms: le(0.99),
-            p999_le_ms: le(0.999),
-        }
-    }
-}
-
 /// Results of one phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseReport {
@@ -152,7 +124,7 @@ pub struct PhaseReport {
     /// Mean response body, bytes.
     pub response_bytes_mean: f64,
     /// The injector's own histogram of injected pods over the window.
-    pub injector_histogram: InjectorHistogram,
+    pub injector_histogram: ServerHistogram,
     /// Injector user+system CPU seconds in the window.
     pub injector_cpu_s: f64,
     /// Injector CPU seconds per 1,000 admissions (= milliseconds per admission).
@@ -544,18 +516,6 @@ fn check_injected(pod: &Value, patch: &[u8]) -> Result<(), Failure> {
     }
 }
 
-/// How a client task paces its requests.
-#[derive(Debug, Clone, Copy)]
-enum Pace {
-    /// Next request as soon as the previous answer is in.
-    Closed,
-    /// One request every `interval`, the first at `offset` after the phase starts.
-    Open {
-        interval: Duration,
-        offset: Duration,
-    },
-}
-
 /// What one client task measured.
 #[derive(Default)]
 struct TaskStats {
@@ -754,16 +714,7 @@ async fn phase(
     let end = start + args.duration;
     let mut tasks = Vec::with_capacity(n);
     for t in 0..n {
-        let pace = match rate {
-            None => Pace::Closed,
-            Some(r) => {
-                let interval = Duration::from_secs_f64(n as f64 / r);
-                Pace::Open {
-                    interval,
-                    offset: interval.mul_f64(t as f64 / n as f64),
-                }
-            }
-        };
+        let pace = Pace::for_task(rate, t, n);
         let (target, reviews) = (target.clone(), reviews.clone());
         tasks.push(tokio::spawn(async move {
             client_task(&target, &reviews, t, n, pace, begin, start, end).await
@@ -802,7 +753,7 @@ async fn phase(
         admissions_per_sec: all.ok as f64 / args.duration.as_secs_f64(),
         latency: LatencySummary::from_micros(&mut all.latencies_us),
         response_bytes_mean: per_ok(all.response_bytes as f64),
-        injector_histogram: InjectorHistogram::of(&after.histogram.since(&before.histogram)),
+        injector_histogram: ServerHistogram::of(&after.histogram.since(&before.histogram)),
         injector_cpu_s,
         injector_cpu_s_per_1k: per_ok(injector_cpu_s * 1000.0),
         client_cpu_s,
@@ -829,24 +780,9 @@ async fn client_task(
     // proves the injector's patches apply without making the client the bottleneck.
     let mut applied = vec![false; reviews.len()];
     let mut seq = 0u64;
-    let mut scheduled = match pace {
-        Pace::Closed => begin,
-        Pace::Open { offset, .. } => begin + offset,
-    };
+    let mut schedule = pace.schedule(begin);
     loop {
-        // When the request counts as sent: now (closed loop, or open loop on schedule), or
-        // its scheduled time when the task is behind (the wait is the injector's doing).
-        let t0 = match pace {
-            Pace::Closed => Instant::now(),
-            Pace::Open { .. } if Instant::now() >= scheduled => scheduled,
-            Pace::Open { .. } => {
-                tokio::time::sleep_until(scheduled.into()).await;
-                Instant::now()
-            }
-        };
-        if let Pace::Open { interval, .. } = pace {
-            scheduled += interval;
-        }
+        let t0 = schedule.next().await;
         if t0 >= end {
             return Ok(stats);
         }
@@ -1290,7 +1226,7 @@ mod tests {
                 ..LatencySummary::default()
             },
             response_bytes_mean: 0.0,
-            injector_histogram: InjectorHistogram::default(),
+            injector_histogram: ServerHistogram::default(),
             injector_cpu_s: 0.0,
             injector_cpu_s_per_1k: 0.0,
             client_cpu_s: 0.0,

@@ -5,6 +5,8 @@
 //! (spawn with logs to files, SIGTERM/SIGKILL on drop) and [`moat_e2e::proc::kill_pid`]; the
 //! fixtures ([`moat_e2e::CaFixture`], ...) build on them.
 
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context};
 use serde::Serialize;
 
@@ -62,6 +64,103 @@ impl LatencySummary {
             p99_ms: ms(percentile(samples, 0.99)),
             p999_ms: ms(percentile(samples, 0.999)),
             max_ms: ms(samples.last().copied().unwrap_or(0)),
+        }
+    }
+}
+
+/// How a client task paces its requests.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Next request as soon as the previous answer is in.
+    Closed,
+    /// One request every `interval`, the first at `offset` after the phase starts.
+    Open {
+        /// Time between this task's requests.
+        interval: Duration,
+        /// This task's first request, after the start.
+        offset: Duration,
+    },
+}
+
+impl Pace {
+    /// Task `t` of `n`: a closed loop, or its share of an open loop at `rate` requests/s
+    /// (every `n / rate` seconds, staggered so the tasks together send evenly).
+    pub fn for_task(rate: Option<f64>, t: usize, n: usize) -> Self {
+        match rate {
+            None => Pace::Closed,
+            Some(r) => {
+                let interval = Duration::from_secs_f64(n as f64 / r);
+                Pace::Open {
+                    interval,
+                    offset: interval.mul_f64(t as f64 / n as f64),
+                }
+            }
+        }
+    }
+
+    /// The task's schedule from `begin`.
+    pub fn schedule(self, begin: Instant) -> Schedule {
+        let due = match self {
+            Pace::Closed => begin,
+            Pace::Open { offset, .. } => begin + offset,
+        };
+        Schedule { pace: self, due }
+    }
+}
+
+/// When a client task's requests are due.
+#[derive(Debug)]
+pub struct Schedule {
+    pace: Pace,
+    due: Instant,
+}
+
+impl Schedule {
+    /// Waits for the next request's turn; returns when it counts as sent: now (closed loop, or
+    /// open loop on schedule), or its scheduled time when the task is behind, because then the
+    /// wait is the server's doing (coordinated omission corrected).
+    pub async fn next(&mut self) -> Instant {
+        let t0 = match self.pace {
+            Pace::Closed => Instant::now(),
+            Pace::Open { .. } if Instant::now() >= self.due => self.due,
+            Pace::Open { .. } => {
+                tokio::time::sleep_until(self.due.into()).await;
+                Instant::now()
+            }
+        };
+        if let Pace::Open { interval, .. } = self.pace {
+            self.due += interval;
+        }
+        t0
+    }
+}
+
+/// A server's own view of a window, from its Prometheus latency histogram (so at bucket
+/// resolution): what it spent per request, apart from the network and the client.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerHistogram {
+    /// Requests answered in the window.
+    pub count: u64,
+    /// Mean time to answer, milliseconds.
+    pub mean_ms: f64,
+    /// Upper bound of the bucket holding the median, milliseconds.
+    pub p50_le_ms: f64,
+    /// Upper bound of the bucket holding the 99th percentile, milliseconds.
+    pub p99_le_ms: f64,
+    /// Upper bound of the bucket holding the 99.9th percentile, milliseconds.
+    pub p999_le_ms: f64,
+}
+
+impl ServerHistogram {
+    /// Summarises `h` (seconds).
+    pub fn of(h: &moat_e2e::net::Histogram) -> Self {
+        let le = |q| h.quantile_upper_bound(q).map_or(0.0, |s| s * 1000.0);
+        Self {
+            count: h.count.max(0.0) as u64,
+            mean_ms: h.mean().map_or(0.0, |m| m * 1000.0),
+            p50_le_ms: le(0.5),
+            p99_le_ms: le(0.99),
+            p999_le_ms: le(0.999),
         }
     }
 }

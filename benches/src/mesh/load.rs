@@ -259,15 +259,7 @@ pub fn open_loop(
             })
         })
         .collect();
-    let (mut ok, mut errors, mut samples) = (0, 0, Vec::new());
-    for t in threads {
-        let (o, e, s) = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
-        ok += o;
-        errors += e;
-        samples.extend(s);
-    }
+    let (ok, errors, mut samples) = gather(threads)?;
     let secs = start.elapsed().as_secs_f64();
     let requests = Requests::from_samples(ok, errors, secs, &mut samples);
     Ok(OpenLoop { requests, samples })
@@ -304,6 +296,16 @@ pub fn new_connections(entry: SocketAddr, conc: usize, dur: Duration) -> anyhow:
             })
         })
         .collect();
+    let (ok, errors, mut samples) = gather(threads)?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Requests::from_samples(ok, errors, secs, &mut samples))
+}
+
+/// What load threads counted: (successes, errors, latency samples in µs).
+type Tally = (u64, u64, Vec<u64>);
+
+/// Waits for every load thread and adds up what they counted.
+fn gather(threads: Vec<thread::JoinHandle<Tally>>) -> anyhow::Result<Tally> {
     let (mut ok, mut errors, mut samples) = (0, 0, Vec::new());
     for t in threads {
         let (o, e, s) = t
@@ -313,8 +315,7 @@ pub fn new_connections(entry: SocketAddr, conc: usize, dur: Duration) -> anyhow:
         errors += e;
         samples.extend(s);
     }
-    let secs = start.elapsed().as_secs_f64();
-    Ok(Requests::from_samples(ok, errors, secs, &mut samples))
+    Ok((ok, errors, samples))
 }
 
 /// Opens `n` keep-alive connections through `entry`, each having completed one request (so
