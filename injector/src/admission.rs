@@ -6,12 +6,15 @@
 //! JSON `{"error", "message"}` body. A patch is only ever returned after it was applied to the
 //! pod here, so the API server never receives a patch that does not apply.
 
+use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use base64::Engine as _;
-use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use kube_core::DynamicObject;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube_core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+use kube_core::{ClusterResourceScope, Resource, TypeMeta};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{json, Value};
 
 use crate::annotations::warning;
@@ -139,7 +142,7 @@ fn review_inner(
     failure: FailureMode,
     injector: Injector,
 ) -> Result<(Reply, &'static str), BadRequest> {
-    let raw: Value =
+    let mut raw: Value =
         serde_json::from_slice(body).map_err(|e| BadRequest::InvalidJson(e.to_string()))?;
     let field = |k: &str| raw.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     let (api_version, kind) = (field("apiVersion"), field("kind"));
@@ -157,12 +160,7 @@ fn review_inner(
         .ok_or(BadRequest::MissingUid)?
         .to_string();
 
-    let typed = serde_json::from_value::<AdmissionReview<DynamicObject>>(raw.clone())
-        .map_err(|e| e.to_string())
-        .and_then(|r| {
-            let req: Result<AdmissionRequest<DynamicObject>, _> = r.try_into();
-            req.map_err(|e| e.to_string())
-        });
+    let typed = typed_request(&raw, request, api_version, kind);
     let req = match typed {
         Ok(req) => req,
         Err(e) => {
@@ -174,7 +172,87 @@ fn review_inner(
             return Ok((bare_allow(&uid, vec![w]), "error"));
         }
     };
-    Ok(decide(&req, request, cfg, failure, injector))
+    // The pod is moved out rather than copied: nothing reads the raw review after this.
+    let object = raw
+        .get_mut("request")
+        .and_then(|r| r.get_mut("object"))
+        .map(Value::take);
+    Ok(decide(&req, object, cfg, failure, injector))
+}
+
+/// The typed request, accepting and rejecting exactly what decoding the whole review as
+/// `AdmissionReview<DynamicObject>` would, without building a copy of the review or the pod.
+fn typed_request(
+    raw: &Value,
+    request: &Value,
+    api_version: String,
+    kind: String,
+) -> Result<AdmissionRequest<ObjectShape>, String> {
+    // An unused `response` member still has to decode, as it did inside the whole review.
+    if let Some(response) = raw.get("response") {
+        Option::<AdmissionResponse>::deserialize(response).map_err(|e| e.to_string())?;
+    }
+    let mut req =
+        AdmissionRequest::<ObjectShape>::deserialize(request).map_err(|e| e.to_string())?;
+    req.types = TypeMeta { api_version, kind };
+    Ok(req)
+}
+
+/// What the request's `object` and `oldObject` must be to decode as a `DynamicObject` (a map
+/// whose `metadata`, if any, is an `ObjectMeta`; every other key is accepted as is). The pod
+/// itself is read by the injector from the raw JSON, so it is checked here, never copied.
+#[derive(Debug, Clone, Default)]
+struct ObjectShape {
+    metadata: ObjectMeta,
+}
+
+impl<'de> Deserialize<'de> for ObjectShape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ShapeVisitor;
+        impl<'de> Visitor<'de> for ShapeVisitor {
+            type Value = ObjectShape;
+            // The same wording as `DynamicObject`, so the warnings do not change.
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("struct DynamicObject")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ObjectShape, A::Error> {
+                let mut shape = ObjectShape::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "metadata" {
+                        shape.metadata = map.next_value()?;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(shape)
+            }
+        }
+        d.deserialize_map(ShapeVisitor)
+    }
+}
+
+impl Resource for ObjectShape {
+    type DynamicType = ();
+    type Scope = ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// A response built without a decodable request (only the uid is known).
@@ -211,8 +289,8 @@ fn with_warnings(mut resp: AdmissionResponse, warnings: Vec<String>) -> Admissio
 }
 
 fn decide(
-    req: &AdmissionRequest<DynamicObject>,
-    raw_request: &Value,
+    req: &AdmissionRequest<ObjectShape>,
+    object: Option<Value>,
     cfg: &InjectConfig,
     failure: FailureMode,
     injector: Injector,
@@ -237,7 +315,7 @@ fn decide(
     if req.sub_resource.as_deref().is_some_and(|s| !s.is_empty()) {
         return skip("subresource", Vec::new());
     }
-    let Some(object) = raw_request.get("object").filter(|o| o.is_object()) else {
+    let Some(object) = object.filter(Value::is_object) else {
         metrics::error("missing_object");
         let w = warning("moat-injector: CREATE without an object; pod admitted unchanged");
         return (encode(with_warnings(allow, vec![w])), "error");
@@ -247,7 +325,8 @@ fn decide(
         .and_then(Value::as_str)
         .filter(|ns| !ns.is_empty())
         .or(req.namespace.as_deref())
-        .filter(|ns| !ns.is_empty());
+        .filter(|ns| !ns.is_empty())
+        .map(str::to_string);
     let name = object
         .pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -260,10 +339,12 @@ fn decide(
                 .map(|g| format!("{g}*"))
         })
         .unwrap_or_else(|| req.name.clone());
-    let ns_label = namespace.unwrap_or("");
+    let ns_label = namespace.as_deref().unwrap_or("");
 
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| injector(object, namespace, cfg)))
-        .unwrap_or_else(|_| Err(InjectError::Result("panic while injecting".into())));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        injector(&object, namespace.as_deref(), cfg)
+    }))
+    .unwrap_or_else(|_| Err(InjectError::Result("panic while injecting".into())));
     match outcome {
         Ok(o) => match o.decision {
             Decision::Skip(reason) => {
@@ -271,8 +352,10 @@ fn decide(
                 skip(reason.label(), o.warnings)
             }
             Decision::Inject(injection) => {
-                // Re-apply the finished patch to the original object: what the API server does.
-                let mut check = object.clone();
+                // Re-apply the finished patch to the original object, as the API server will,
+                // so a patch-builder bug can never reach it. The original is not needed after
+                // this, so it is patched in place instead of copied.
+                let mut check = object;
                 let applies = json_patch::patch(&mut check, &injection.patch).is_ok()
                     && check == injection.patched;
                 let resp = if applies {
@@ -316,7 +399,7 @@ fn decide(
 
 /// An injector failure: admit unchanged with a warning (`open`) or refuse (`closed`).
 fn internal(
-    req: &AdmissionRequest<DynamicObject>,
+    req: &AdmissionRequest<ObjectShape>,
     name: &str,
     namespace: &str,
     err: InjectError,
@@ -341,4 +424,80 @@ fn internal(
         }
     };
     (encode(resp), "error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube_core::DynamicObject;
+
+    /// `ObjectShape` stands in for `DynamicObject` only if both accept and reject the same
+    /// objects with the same messages.
+    #[test]
+    fn object_shape_decodes_like_dynamic_object() {
+        let cases = [
+            json!(null),
+            json!({}),
+            json!({"metadata": {"name": "p", "labels": {"a": "b"}}, "spec": {"x": [1]}}),
+            json!({"metadata": null}),
+            json!({"metadata": {"labels": {"a": 1}}}),
+            json!({"metadata": {"creationTimestamp": "yesterday"}}),
+            json!({"metadata": []}),
+            json!({"apiVersion": 1, "kind": ["Pod"]}),
+            json!("pod"),
+            json!([{"name": "p"}]),
+            json!(7),
+        ];
+        for case in cases {
+            let dynamic = Option::<DynamicObject>::deserialize(&case).map(|o| o.is_some());
+            let shape = Option::<ObjectShape>::deserialize(&case).map(|o| o.is_some());
+            assert_eq!(
+                dynamic.map_err(|e| e.to_string()),
+                shape.map_err(|e| e.to_string()),
+                "{case}"
+            );
+        }
+    }
+
+    /// Decoding the request alone fails exactly when decoding the whole review did.
+    #[test]
+    fn typed_request_decodes_like_the_whole_review() {
+        let request = json!({
+            "uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE", "userInfo": {}, "object": {"metadata": {"name": "p"}},
+        });
+        let with = |parent: &str, key: &str, v: Value| {
+            let mut r = json!({"apiVersion": API_VERSION, "kind": KIND, "request": request});
+            if let Some(Value::Object(m)) = r.pointer_mut(parent) {
+                m.insert(key.into(), v);
+            }
+            r
+        };
+        let cases = [
+            with("/request", "uid", json!("u")),
+            with("/request", "operation", json!("PATCH")),
+            with("/request", "userInfo", json!(null)),
+            with("/request", "object", json!({"metadata": {"labels": []}})),
+            with("/request", "oldObject", json!("old")),
+            with("/request", "kind", json!({"kind": "Pod"})),
+            with("/request", "dryRun", json!("yes")),
+            with("/request", "options", json!({"a": 1})),
+            with("", "response", json!({"uid": 1})),
+            with("", "response", json!({"uid": "u", "allowed": true})),
+            with("", "response", json!(null)),
+        ];
+        for case in cases {
+            let whole = serde_json::from_value::<
+                kube_core::admission::AdmissionReview<DynamicObject>,
+            >(case.clone())
+            .map(|r| {
+                let q: Result<AdmissionRequest<DynamicObject>, _> = r.try_into();
+                q.ok().map(|q| (q.uid, q.types))
+            });
+            let part = typed_request(&case, &case["request"], API_VERSION.into(), KIND.into())
+                .map(|q| Some((q.uid, q.types)));
+            assert_eq!(whole.map_err(|e| e.to_string()), part, "{case}");
+        }
+    }
 }

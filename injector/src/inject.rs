@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize as _;
 use serde_json::Value;
 
 use crate::annotations::{self, warning, PodChoice, Tuning};
@@ -159,8 +160,8 @@ pub fn inject(
     namespace: Option<&str>,
     cfg: &InjectConfig,
 ) -> Result<Outcome, InjectError> {
-    let typed: Pod =
-        serde_json::from_value(pod.clone()).map_err(|e| InjectError::Decode(e.to_string()))?;
+    // Decoded from the borrowed tree: a copy of `pod` would be freed straight away.
+    let typed = Pod::deserialize(pod).map_err(|e| InjectError::Decode(e.to_string()))?;
     let mut warnings = Vec::new();
     let Some(spec) = typed.spec.as_ref().filter(|s| !s.containers.is_empty()) else {
         return Ok(skip(SkipReason::NoContainers, warnings));
@@ -246,8 +247,7 @@ pub fn inject(
 
     let (patch, patched) = b.finish();
     // The result must still be a pod.
-    serde_json::from_value::<Pod>(patched.clone())
-        .map_err(|e| InjectError::Result(e.to_string()))?;
+    Pod::deserialize(&patched).map_err(|e| InjectError::Result(e.to_string()))?;
     Ok(Outcome {
         decision: Decision::Inject(Box::new(Injection {
             patch,
