@@ -22,7 +22,7 @@ pub fn main(args: AllArgs) -> anyhow::Result<bool> {
     let mut inj_args: injector::InjectorArgs = defaults()?;
     inj_args.smoke = smoke;
     let inj = injector::run(&inj_args)?;
-    println!("\n{}", inj.summary_line());
+    println!("\ninjector admission: {}", inj.summary_line());
     let extras = vec![
         Extra {
             id: "ca".into(),

@@ -180,7 +180,7 @@ impl InjectorReport {
         self.saturation.error_count() + self.fixed_rate.as_ref().map_or(0, |p| p.error_count())
     }
 
-    /// One line for a combined report, e.g. `injector admission: 5,200/s saturated; at
+    /// One line for a combined report, e.g. `5,200/s saturated; at
     /// 1,000/s p50 0.31 ms, p99 0.92 ms (target p99 < 2 ms: met)`.
     pub fn summary_line(&self) -> String {
         let at = match &self.fixed_rate {
@@ -197,7 +197,7 @@ impl InjectorReport {
             n => format!("; {} failed admissions (ERRORS)", grouped(n as f64)),
         };
         format!(
-            "injector admission: {}/s saturated; {at} (target p99 < {} ms: {}){errors}",
+            "{}/s saturated; {at} (target p99 < {} ms: {}){errors}",
             grouped(self.saturation.admissions_per_sec),
             self.target_p99_ms,
             if self.met { "met" } else { "missed" },
@@ -1250,14 +1250,14 @@ mod tests {
         };
         assert_eq!(
             r.summary_line(),
-            "injector admission: 5,200/s saturated; at 1,000/s p50 0.31 ms, p99 0.92 ms (target p99 < 2 ms: met)"
+            "5,200/s saturated; at 1,000/s p50 0.31 ms, p99 0.92 ms (target p99 < 2 ms: met)"
         );
         r.met = false;
         r.saturation.errors.insert("http 500".into(), 1234);
         r.fixed_rate = None;
         assert_eq!(
             r.summary_line(),
-            "injector admission: 5,200/s saturated; fixed rate not measured (--rate 0) (target p99 < 2 ms: missed); 1,234 failed admissions (ERRORS)"
+            "5,200/s saturated; fixed rate not measured (--rate 0) (target p99 < 2 ms: missed); 1,234 failed admissions (ERRORS)"
         );
         assert_eq!(grouped(0.0), "0");
         assert_eq!(grouped(999.6), "1,000");

@@ -212,6 +212,19 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<(u64, u64)> {
     }
 }
 
+/// Private (anonymous) resident memory of process `pid`, in bytes: what it costs beyond the
+/// code pages every process of the same binary shares (`RssAnon` in `/proc/<pid>/status`).
+pub fn rss_anon_bytes(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .with_context(|| format!("{path}: no RssAnon"))
+}
+
 /// Busy and total CPU time of the whole machine so far, in seconds (from `/proc/stat`).
 pub fn machine_cpu_seconds() -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;

@@ -49,6 +49,10 @@ pub struct MeshArgs {
         default_value = "bulk1,bulk8,ka,rate,close,h2,idle"
     )]
     pub workloads: Vec<String>,
+    /// Extra `moat-proxy run` argument for both Moat proxies (repeatable), e.g.
+    /// `--moat-arg=--worker-threads=2`; recorded in the report.
+    #[arg(long = "moat-arg", allow_hyphen_values = true)]
+    pub moat_args: Vec<String>,
     /// Output directory: report.md, report.json, PNG plots and every tool's raw output.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -82,7 +86,7 @@ pub fn run(mut args: MeshArgs, extras: Vec<Extra>) -> anyhow::Result<(report::Re
     let fds = raise_fd_limit(args.idle_connections)?;
     if fds.idle < args.idle_connections {
         println!(
-            "NOTE: only {} file descriptors per process are allowed; the idle-connection test holds {} connections instead of {} (run as root to lift the limit)",
+            "NOTE: only {} file descriptors per process are allowed and the hard limit cannot be raised here (that needs CAP_SYS_RESOURCE); the idle-connection test holds {} connections instead of {}",
             fds.limit, fds.idle, args.idle_connections
         );
         args.idle_connections = fds.idle;
@@ -111,6 +115,7 @@ pub fn run(mut args: MeshArgs, extras: Vec<Extra>) -> anyhow::Result<(report::Re
         ca: &ca,
         dir: work.path(),
         maxconn: args.idle_connections + 1000,
+        moat_args: &args.moat_args,
     };
     let sys = args
         .systems
@@ -123,6 +128,12 @@ pub fn run(mut args: MeshArgs, extras: Vec<Extra>) -> anyhow::Result<(report::Re
         let mut run = Run::new("start", s.name, 1);
         let rss = rss_of(s)?;
         run.set("rss_idle_mib", max_mib(&rss));
+        let anon = s
+            .pids()
+            .into_iter()
+            .map(util::rss_anon_bytes)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        run.set("rss_anon_idle_mib", max_mib(&anon));
         run.note = sides_note(s, &rss);
         print_run(&run);
         report.runs.push(run);
@@ -178,6 +189,7 @@ struct Lab<'a> {
     ca: &'a moat_e2e::CaFixture,
     dir: &'a Path,
     maxconn: usize,
+    moat_args: &'a [String],
 }
 
 impl Lab<'_> {
@@ -185,7 +197,7 @@ impl Lab<'_> {
     fn start(&self, name: &str, tag: &str) -> anyhow::Result<System> {
         match name {
             "direct" => Ok(System::direct(self.backends)),
-            "moat" => System::moat(self.ca, self.backends),
+            "moat" => System::moat(self.ca, self.backends, self.moat_args),
             "haproxy" => System::haproxy(
                 self.ca,
                 self.backends,
@@ -414,7 +426,7 @@ fn raise_fd_limit(idle: usize) -> anyhow::Result<Fds> {
         new.rlim_cur = want.max(lim.rlim_cur);
         new.rlim_max = new.rlim_cur.max(lim.rlim_max);
         if libc::setrlimit(libc::RLIMIT_NOFILE, &new) != 0 {
-            // Not root: go as far as the hard limit allows.
+            // Without CAP_SYS_RESOURCE: go as far as the hard limit allows.
             new.rlim_cur = lim.rlim_max;
             new.rlim_max = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &new);

@@ -118,6 +118,8 @@ pub struct Settings {
     pub idle_connections: usize,
     /// Where the measured Moat binaries came from (`target/dist`: as shipped).
     pub binaries: String,
+    /// Extra arguments given to both Moat proxies (none: defaults).
+    pub moat_args: Vec<String>,
 }
 
 /// Which way a metric improves.
@@ -128,6 +130,33 @@ pub enum Better {
     Higher,
     /// Latency, CPU, memory.
     Lower,
+}
+
+/// How Moat's value compares with its target.
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Met,
+    Missed,
+    /// The baseline moved more than the effect (e.g. a proxy "adding" negative latency).
+    Inconclusive,
+}
+
+impl Verdict {
+    fn of(met: bool) -> Self {
+        if met {
+            Verdict::Met
+        } else {
+            Verdict::Missed
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::Missed => "missed",
+            Verdict::Inconclusive => "inconclusive (noise)",
+        }
+    }
 }
 
 /// A goal for Moat's value.
@@ -163,7 +192,7 @@ pub struct Row {
     pub moat_vs_direct: Option<f64>,
     /// The goal, in words.
     pub target: Option<String>,
-    /// `met` or `missed` when there is a target and both values exist.
+    /// `met`, `missed` or `inconclusive (noise)` when there is a target and both values exist.
     pub verdict: Option<&'static str>,
 }
 
@@ -525,6 +554,7 @@ impl Report {
                 binaries: moat_e2e::bin::bin_dir()
                     .map(|d| d.display().to_string())
                     .unwrap_or_default(),
+                moat_args: args.moat_args.clone(),
             },
             systems: args.systems.clone(),
             runs: Vec::new(),
@@ -617,15 +647,23 @@ impl Report {
                     (Higher, _) => format!(">= {f}x HAProxy"),
                 };
                 let met = match (moat, haproxy) {
-                    (Some(m), Some(h)) => Some(match d.better {
+                    // A proxy "adding" no or negative latency over direct means the run's noise
+                    // is larger than the effect: no verdict either way.
+                    (Some(_), Some(h)) if d.better == Lower && h <= 0.0 => {
+                        Some(Verdict::Inconclusive)
+                    }
+                    (Some(m), Some(h)) => Some(Verdict::of(match d.better {
                         Higher => m >= f * h,
                         Lower => m <= f * h,
-                    }),
+                    })),
                     _ => None,
                 };
                 (Some(words), met)
             }
-            AtMost(v) => (Some(format!("<= {v} {}", d.unit)), moat.map(|m| m <= v)),
+            AtMost(v) => (
+                Some(format!("<= {v} {}", d.unit)),
+                moat.map(|m| Verdict::of(m <= v)),
+            ),
         };
         Row {
             id: d.id,
@@ -638,7 +676,7 @@ impl Report {
             values,
             runs,
             target,
-            verdict: verdict.map(|m| if m { "met" } else { "missed" }),
+            verdict: verdict.map(Verdict::as_str),
         }
     }
 
@@ -653,8 +691,15 @@ impl Report {
             self.started_at
         );
         md.push_str(&format!(
-            "Moat binaries from `{}`. Load average {} before, {} after. Medians over repeats; every run is listed below.\n\n",
-            self.settings.binaries, self.host.loadavg_start, self.host.loadavg_end
+            "Moat binaries from `{}`{}. Load average {} before, {} after. Medians over repeats; every run is listed below.\n\n",
+            self.settings.binaries,
+            if self.settings.moat_args.is_empty() {
+                String::new()
+            } else {
+                format!(", run with `{}`", self.settings.moat_args.join(" "))
+            },
+            self.host.loadavg_start,
+            self.host.loadavg_end
         ));
         md.push_str("| metric | unit |");
         for s in &self.systems {
@@ -676,8 +721,8 @@ impl Report {
                 x(r.moat_vs_direct),
                 r.target.as_deref().unwrap_or(""),
                 match r.verdict {
-                    Some("met") => "met",
-                    Some(_) => "**MISSED**",
+                    Some("missed") => "**MISSED**",
+                    Some(v) => v,
                     None => "",
                 }
             ));

@@ -81,14 +81,19 @@ impl System {
     }
 
     /// Two `moat-proxy` processes with explicit routes; each gets its certificate from `ca`.
-    pub fn moat(ca: &CaFixture, b: &Backends) -> anyhow::Result<Self> {
+    pub fn moat(ca: &CaFixture, b: &Backends, extra: &[String]) -> anyhow::Result<Self> {
         let id = |sa: &str| ca.spiffe_id("bench", sa).map(|i| i.to_string());
         let policy = format!(
             "apiVersion: moat.dev/v1\nkind: Policy\ndefault: deny\nrules:\n  - name: bench-client\n    from:\n      - identity: {}\n",
             id("client")?
         );
-        let server = ProxyFixture::start(ca, ProxyOptions::new("bench", "server").policy(&policy))
-            .context("starting the server-side moat-proxy")?;
+        let server = ProxyFixture::start(
+            ca,
+            ProxyOptions::new("bench", "server")
+                .policy(&policy)
+                .args(extra.iter().cloned()),
+        )
+        .context("starting the server-side moat-proxy")?;
         let entries = Entries {
             http: free_addr(),
             h2c: free_addr(),
