@@ -883,8 +883,6 @@ fn grouped(x: f64) -> String {
 }
 
 fn print_phase(p: &PhaseReport) {
-    let l = &p.latency;
-    let h = &p.injector_histogram;
     match p.offered_rate {
         None => println!("  saturation (closed loop):"),
         Some(r) => println!("  fixed rate (open loop, {r:.0} admissions/s offered):"),
@@ -893,13 +891,10 @@ fn print_phase(p: &PhaseReport) {
         "    throughput     {:>8.0} admissions/s ({} admissions in {:.1} s, answers {:.0} bytes on average)",
         p.admissions_per_sec, p.admissions, p.duration_s, p.response_bytes_mean
     );
+    println!("    client latency {}", p.latency.line());
     println!(
-        "    client latency p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  mean {:.2} ms",
-        l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.mean_ms
-    );
-    println!(
-        "    injector hist. {} injections, mean {:.3} ms; p50 <= {} ms, p99 <= {} ms, p99.9 <= {} ms (bucket bounds; JSON work only)",
-        h.count, h.mean_ms, h.p50_le_ms, h.p99_le_ms, h.p999_le_ms
+        "    injector hist. {} (bucket bounds; JSON work only)",
+        p.injector_histogram.line("injections")
     );
     println!(
         "    CPU            injector {:.2} cores ({:.3} s per 1,000 admissions), client {:.2} cores, other processes {:.2} cores",

@@ -47,6 +47,14 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
+    /// `p50 … ms  p90 …  p99 …  p99.9 …  max …  mean …`, as the reports print it.
+    pub fn line(&self) -> String {
+        format!(
+            "p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  mean {:.2} ms",
+            self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms, self.mean_ms
+        )
+    }
+
     /// Summarises samples in microseconds (sorted in place).
     pub fn from_micros(samples: &mut [u64]) -> Self {
         samples.sort_unstable();
@@ -152,6 +160,14 @@ pub struct ServerHistogram {
 }
 
 impl ServerHistogram {
+    /// `<count> <noun>, mean … ms; p50 <= … ms, p99 <= … ms, p99.9 <= … ms`.
+    pub fn line(&self, noun: &str) -> String {
+        format!(
+            "{} {noun}, mean {:.3} ms; p50 <= {} ms, p99 <= {} ms, p99.9 <= {} ms",
+            self.count, self.mean_ms, self.p50_le_ms, self.p99_le_ms, self.p999_le_ms
+        )
+    }
+
     /// Summarises `h` (seconds).
     pub fn of(h: &moat_e2e::net::Histogram) -> Self {
         let le = |q| h.quantile_upper_bound(q).map_or(0.0, |s| s * 1000.0);

@@ -1178,13 +1178,7 @@ impl MeshLab {
             .chain(self.injector.iter_mut())
             .chain(self.ca.iter_mut());
         for p in procs {
-            if let Some(status) = p.try_status()? {
-                bail!(
-                    "{} exited unexpectedly ({status}); its last log lines:\n{}",
-                    p.name(),
-                    p.stderr_tail(10)
-                );
-            }
+            p.ensure_running()?;
         }
         Ok(())
     }

@@ -194,6 +194,19 @@ impl Proc {
         Ok(self.status)
     }
 
+    /// An error naming the process and its last log lines if it has exited: for supervisors
+    /// that must notice a component dying under them.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.try_status()? {
+            Some(status) => bail!(
+                "{} exited unexpectedly ({status}); its last log lines:\n{}",
+                self.name,
+                self.stderr_tail(10)
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the child is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.try_status(), Ok(None))

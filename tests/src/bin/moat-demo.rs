@@ -619,13 +619,7 @@ impl Demo {
                 procs.extend(ca.proc().ok());
             }
             for p in procs {
-                if let Some(status) = p.try_status()? {
-                    bail!(
-                        "{} exited unexpectedly ({status}); its last log lines:\n{}",
-                        p.name(),
-                        p.stderr_tail(10)
-                    );
-                }
+                p.ensure_running()?;
             }
         }
     }
