@@ -16,14 +16,55 @@ use moat_core::bundle::TrustBundle;
 use moat_core::client::{CaClient, CaClientConfig, KeyAlgorithm};
 use moat_core::manager::{IdentityHandle, IdentityManager, Schedule};
 use moat_core::tls::{self, SpiffeVerifier};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::{Config, RunArgs};
 use crate::conns::Registry;
+use crate::metrics::Direction;
 use crate::policy::Policy;
 use crate::pool::Pool;
 use crate::{admin_routes, inbound, net, outbound, probes};
+
+/// Accepts connections on `listener` until `stop` turns true and runs `handle` for each in its
+/// own task, holding a connection permit (over the limit: refused with RST and counted) and an
+/// entry in the drain registry while it runs.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    dir: Direction,
+    ctx: Arc<Ctx>,
+    mut stop: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<Ctx>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{} accept failed", dir.as_str());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = moat_core::shutdown::signalled(&mut stop) => return,
+        };
+        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
+            crate::metrics::refused(dir, "max_connections");
+            tracing::warn!(%remote, "{} connection refused: connection limit reached", dir.as_str());
+            net::reset(tcp);
+            continue;
+        };
+        let active = ctx.conns.active();
+        let conn = handle(tcp, remote, ctx.clone());
+        tokio::spawn(async move {
+            let (_permit, _active) = (permit, active);
+            conn.await;
+        });
+    }
+}
 
 /// Everything a connection handler needs.
 pub struct Ctx {

@@ -30,32 +30,8 @@ type TlsConn = tokio_rustls::server::TlsStream<BufIo<TcpStream>>;
 pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// Accepts inbound connections until `stop` turns true.
-pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = moat_core::shutdown::signalled(&mut stop) => return,
-        };
-        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
-            m::refused(Direction::Inbound, "max_connections");
-            tracing::warn!(%remote, "inbound connection refused: connection limit reached");
-            net::reset(tcp);
-            continue;
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _active = ctx.conns.active();
-            handle(tcp, remote, ctx).await;
-        });
-    }
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
+    crate::app::accept_loop(listener, Direction::Inbound, ctx, stop, handle).await;
 }
 
 async fn handle(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use moat_core::spiffe::SpiffeId;
 use tokio::io::AsyncReadExt;
@@ -69,34 +69,10 @@ pub async fn serve(
     listener: TcpListener,
     route: Option<Arc<Route>>,
     ctx: Arc<Ctx>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = moat_core::shutdown::signalled(&mut stop) => return,
-        };
-        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
-            m::refused(Direction::Outbound, "max_connections");
-            tracing::warn!(%remote, "outbound connection refused: connection limit reached");
-            net::reset(tcp);
-            continue;
-        };
-        let ctx = ctx.clone();
-        let route = route.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _active = ctx.conns.active();
-            handle(tcp, route, ctx).await;
-        });
-    }
+    let handle = move |app, _remote, ctx| handle(app, route.clone(), ctx);
+    crate::app::accept_loop(listener, Direction::Outbound, ctx, stop, handle).await;
 }
 
 async fn handle(app: TcpStream, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
