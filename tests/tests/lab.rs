@@ -483,17 +483,28 @@ fn man_in_the_middle_gets_nothing() {
     }
     let logs = logged(&a, &[("reason", "untrusted_issuer"), ("expected", &id_b)]);
     assert!(!logs.is_empty(), "the refusal is not in a's logs");
-    let s_out = {
+    let s_output = |lab: &mut MeshLab| {
         let p = lab.host_proc(s_server).expect("proc");
-        p.terminate(Duration::from_secs(5)).expect("stop s_server");
         format!(
             "{}{}",
             std::fs::read_to_string(p.stdout_path()).unwrap_or_default(),
             p.stderr()
         )
     };
+    // a's sidecar counts the refusal as it sends its alert; s_server reports the alert when it
+    // gets to read it, which can be a moment later.
+    let failed_handshake = |out: &str| out.contains("alert") || out.contains("ERROR");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !failed_handshake(&s_output(&mut lab)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.host_proc(s_server)
+        .expect("proc")
+        .terminate(Duration::from_secs(5))
+        .expect("stop s_server");
+    let s_out = s_output(&mut lab);
     assert!(
-        s_out.contains("alert") || s_out.contains("ERROR"),
+        failed_handshake(&s_out),
         "openssl s_server saw no failed handshake: {s_out}"
     );
     eprintln!("mitm (a): refused, untrusted_issuer; a logged: {}", logs[0]);
