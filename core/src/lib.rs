@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod bundle;
 pub mod client;
+pub mod contract;
 pub mod daemon;
 pub mod duration;
 pub mod https;
