@@ -37,9 +37,9 @@ impl Health {
 pub type RouteFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send>>;
 
-/// An extra admin route: given method, path and peer address, returns the (possibly async)
-/// response when it handles the request.
-pub type Route = Arc<dyn Fn(&Method, &str, SocketAddr) -> Option<RouteFuture> + Send + Sync>;
+/// An extra admin route: given method, path and caller, returns the (possibly async) response
+/// when it handles the request.
+pub type Route = Arc<dyn Fn(&Method, &str, Caller) -> Option<RouteFuture> + Send + Sync>;
 
 /// Builds a small text response.
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -64,7 +64,35 @@ pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<B
     r
 }
 
-/// Serves the admin endpoints until `shutdown` turns true.
+/// Who is calling an admin endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A TCP client at this address (IPv4-mapped addresses shown as IPv4).
+    Tcp(SocketAddr),
+    /// A process in this pod, over the local control socket.
+    Local,
+}
+
+impl Caller {
+    /// Whether the caller is on this host's loopback, or on the local socket.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Caller::Tcp(a) => a.ip().is_loopback(),
+            Caller::Local => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Tcp(a) => write!(f, "{a}"),
+            Caller::Local => f.write_str("local socket"),
+        }
+    }
+}
+
+/// Serves the admin endpoints on TCP until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
@@ -87,32 +115,70 @@ pub async fn serve(
         // A dual-stack listener shows IPv4 callers as `::ffff:a.b.c.d`: routes see them as
         // IPv4 (a loopback check must accept 127.0.0.1 either way).
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let metrics = metrics.clone();
-        let health = health.clone();
-        let extra = extra.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let pending = extra
-                    .as_ref()
-                    .and_then(|f| f(req.method(), req.uri().path(), peer));
-                let resp = match pending {
-                    Some(_) => None,
-                    None => Some(route(&req, &metrics, &health)),
-                };
-                async move {
-                    Ok::<_, Infallible>(match (resp, pending) {
-                        (Some(r), _) => r,
-                        (None, Some(fut)) => fut.await,
-                        (None, None) => text(StatusCode::NOT_FOUND, "not found\n"),
-                    })
+        let conn = connection(stream, Caller::Tcp(peer), &metrics, &health, &extra);
+        tokio::spawn(conn);
+    }
+}
+
+/// Serves the admin endpoints on a Unix socket (callers are [`Caller::Local`]) until
+/// `shutdown` turns true.
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    extra: Option<Route>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+            },
+            _ = crate::shutdown::signalled(&mut shutdown) => return,
+        };
+        tokio::spawn(connection(stream, Caller::Local, &metrics, &health, &extra));
+    }
+}
+
+/// One admin connection: extra routes first, then the built-in ones.
+fn connection<IO>(
+    stream: IO,
+    caller: Caller,
+    metrics: &PrometheusHandle,
+    health: &Arc<Health>,
+    extra: &Option<Route>,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (metrics, health, extra) = (metrics.clone(), health.clone(), extra.clone());
+    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let pending = extra
+            .as_ref()
+            .and_then(|f| f(req.method(), req.uri().path(), caller));
+        let resp = match pending {
+            Some(_) => None,
+            None => Some(route(&req, &metrics, &health)),
+        };
+        async move {
+            Ok::<_, Infallible>(match (resp, pending) {
+                (Some(r), _) => r,
+                (None, Some(fut)) => fut.await,
+                (None, None) => text(StatusCode::NOT_FOUND, "not found\n"),
+            })
+        }
+    });
+    async move {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
     }
 }
 

@@ -17,10 +17,11 @@ use moat_core::client::{CaClient, CaClientConfig, KeyAlgorithm};
 use moat_core::manager::{IdentityHandle, IdentityManager, Schedule};
 use moat_core::tls::{self, SpiffeVerifier};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 
 use crate::config::{Config, RunArgs};
 use crate::conns::Registry;
+use crate::limits::Budget;
 use crate::metrics::Direction;
 use crate::policy::Policy;
 use crate::pool::Pool;
@@ -51,11 +52,18 @@ pub(crate) async fn accept_loop<F, Fut>(
             },
             _ = moat_core::shutdown::signalled(&mut stop) => return,
         };
-        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
-            crate::metrics::refused(dir, "max_connections");
-            tracing::warn!(%remote, "{} connection refused: connection limit reached", dir.as_str());
-            net::reset(tcp);
-            continue;
+        let budget = match dir {
+            Direction::Inbound => &ctx.inbound_limit,
+            Direction::Outbound => &ctx.outbound_limit,
+        };
+        let permit = match budget.try_admit(remote.ip()) {
+            Ok(p) => p,
+            Err(refusal) => {
+                crate::metrics::refused(dir, refusal.reason());
+                tracing::warn!(%remote, reason = refusal.reason(), "{} connection refused: connection limit reached", dir.as_str());
+                net::reset(tcp);
+                continue;
+            }
         };
         let active = ctx.conns.active();
         let conn = handle(tcp, remote, ctx.clone());
@@ -79,8 +87,10 @@ pub struct Ctx {
     pub server_tls: Arc<rustls::ServerConfig>,
     /// Outbound mTLS connections to peer sidecars.
     pub pool: Arc<Pool>,
-    /// Connection limit.
-    pub limit: Arc<Semaphore>,
+    /// Inbound connection budget (per source, too).
+    pub inbound_limit: Budget,
+    /// Outbound connection budget, apart so inbound floods cannot take it.
+    pub outbound_limit: Budget,
 }
 
 impl Ctx {
@@ -234,6 +244,10 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     }
     // Kubelet probes of an IPv6 pod reach the admin port over IPv6.
     let admin_ls = bind_captured(cfg.admin_listen, "admin", false)?;
+    let admin_socket = match &cfg.admin_socket {
+        Some(path) => Some(net::listen_unix(path)?),
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -264,7 +278,8 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let conns = Arc::new(Registry::default());
     let ctx = Arc::new(Ctx {
         local_label: Arc::from(cfg.identity.as_str()),
-        limit: Arc::new(Semaphore::new(cfg.max_connections)),
+        inbound_limit: Budget::new(cfg.limits.inbound, Some(cfg.limits.per_source)),
+        outbound_limit: Budget::new(cfg.limits.outbound, None),
         cfg,
         policy: policy.clone(),
         conns: conns.clone(),
@@ -272,12 +287,38 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         pool: pool.clone(),
     });
 
-    spawn_revoker(policy, conns.clone(), admin_stop_rx.clone());
+    spawn_revoker(policy.clone(), conns.clone(), admin_stop_rx.clone());
     spawn_pool_evictor(pool, admin_stop_rx.clone());
 
     let health = Arc::new(Health::default());
     let shutdown_now = Arc::new(Notify::new());
-    let routes = admin_routes::routes(identity.clone(), shutdown_now.clone(), probes);
+    let gateways = net::default_gateways();
+    let access = admin_routes::Access {
+        probes: gateways
+            .iter()
+            .map(|ip| moat_core::netaddr::Cidr::host(*ip))
+            .chain(ctx.cfg.probe_allow.iter().copied())
+            .collect(),
+        metrics: ctx.cfg.metrics_allow.clone(),
+    };
+    tracing::info!(probe_callers = ?access.probes, metrics_callers = ?access.metrics, "admin port access (loopback always)");
+    let routes = admin_routes::routes(
+        identity.clone(),
+        shutdown_now.clone(),
+        probes,
+        access,
+        policy,
+    );
+    if let (Some(path), Some(l)) = (&ctx.cfg.admin_socket, admin_socket) {
+        tokio::spawn(admin::serve_unix(
+            l,
+            metrics.clone(),
+            health.clone(),
+            Some(routes.clone()),
+            admin_stop_rx.clone(),
+        ));
+        tracing::info!(path = %path.display(), "local control socket (POST /shutdown)");
+    }
     let admin_addrs = addresses(&admin_ls);
     for l in admin_ls {
         tokio::spawn(admin::serve(
@@ -289,6 +330,11 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         ));
     }
 
+    if ctx.cfg.inbound_target.is_some() && ctx.cfg.inbound_ports.is_empty() {
+        tracing::warn!(
+            "explicit-route mode without --inbound-ports: peers can reach no app port here"
+        );
+    }
     tracing::info!(identity = %ctx.cfg.identity, ca = %args.ca_url, "waiting for the first certificate");
     tokio::select! {
         _ = identity.ready() => {}
@@ -315,12 +361,16 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     for (l, r) in route_ls {
         tasks.spawn(outbound::serve(l, Some(r), ctx.clone(), stop_rx.clone()));
     }
-    spawn_readiness(identity, health.clone());
+    let (stop_readiness, readiness_stopped) = watch::channel(false);
+    let readiness = spawn_readiness(identity, health.clone(), readiness_stopped);
 
     let immediate = tokio::select! {
         _ = moat_core::shutdown::os_signal() => false,
         _ = shutdown_now.notified() => true,
     };
+    // Stop the readiness task before saying not-ready, or its next tick says ready again.
+    let _ = stop_readiness.send(true);
+    let _ = readiness.await;
     health.set_ready(false);
     let delay = if immediate {
         Duration::ZERO
@@ -348,15 +398,22 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Readiness follows the identity: ready while a valid certificate is held.
-fn spawn_readiness(identity: IdentityHandle, health: Arc<Health>) {
+/// Readiness follows the identity (ready while a valid certificate is held) until `stop`.
+fn spawn_readiness(
+    identity: IdentityHandle,
+    health: Arc<Health>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             health.set_ready(identity.has_valid_cert());
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = moat_core::shutdown::signalled(&mut stop) => return,
+            }
         }
-    });
+    })
 }
 
 fn spawn_revoker(

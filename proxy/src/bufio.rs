@@ -37,7 +37,12 @@ impl<T> BufIo<T> {
         }
     }
 
-    /// The wrapped I/O object.
+    /// The wrapped stream, dropping anything buffered.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
+    /// The wrapped stream.
     pub fn get_ref(&self) -> &T {
         &self.inner
     }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use moat_core::spiffe::{SpiffeId, TrustDomain};
 use moat_core::telemetry::LogFormat;
 
-use moat_core::netaddr::Cidr;
+use moat_core::netaddr::{Cidr, PortRange};
+
+use crate::limits::ConnLimits;
 
 fn duration(s: &str) -> Result<Duration, String> {
     moat_core::duration::parse(s)
@@ -177,9 +179,31 @@ pub struct RunArgs {
     #[arg(long = "route", env = "MOAT_ROUTES", value_delimiter = ';')]
     pub routes: Vec<Route>,
     /// Forward inbound traffic to this IP instead of the original destination (explicit-route
-    /// mode without iptables).
+    /// mode without iptables). Peers reach only `--inbound-ports` there.
     #[arg(long, env = "MOAT_INBOUND_TARGET")]
     pub inbound_target: Option<IpAddr>,
+    /// Explicit-route mode: the only app ports a peer's stream may open on `--inbound-target`
+    /// (comma-separated ports or ranges; none by default, so nothing is reachable). Without
+    /// iptables there is no original destination to pin a stream to, so this list is the
+    /// whole of what peers can reach.
+    #[arg(long, env = "MOAT_INBOUND_PORTS", value_delimiter = ',')]
+    pub inbound_ports: Vec<PortRange>,
+    /// Local control socket for state-changing admin actions (`POST /shutdown`); never served
+    /// on a TCP port. The injector puts it in the pod's shared `moat-run` volume.
+    #[arg(long, env = "MOAT_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// The node's IP (downward API `status.hostIP`): kubelet probes of `/app-health/` are
+    /// accepted from it, from the pod's default gateways and from loopback only.
+    #[arg(long, env = "MOAT_HOST_IP", value_delimiter = ',')]
+    pub host_ip: Vec<IpAddr>,
+    /// More networks allowed to call `/app-health/` (comma-separated CIDRs), for CNIs whose
+    /// kubelet traffic comes from neither the node IP nor the pod's gateway.
+    #[arg(long, env = "MOAT_PROBE_ALLOW", value_delimiter = ',')]
+    pub probe_allow: Vec<Cidr>,
+    /// Networks allowed to scrape `/metrics` (comma-separated CIDRs; default: anyone). The
+    /// namespace policy's `admin.metricsFrom` narrows it further.
+    #[arg(long, env = "MOAT_METRICS_ALLOW", value_delimiter = ',')]
+    pub metrics_allow: Vec<Cidr>,
     /// Original app probes rewritten by the injector (JSON), served on /app-health/.
     #[arg(long, env = "MOAT_APP_PROBES")]
     pub app_probes: Option<String>,
@@ -205,9 +229,22 @@ pub struct RunArgs {
     /// anything whose first bytes could look like HTTP). Comma-separated.
     #[arg(long, env = "MOAT_OPAQUE_PORTS", value_delimiter = ',')]
     pub opaque_ports: Vec<u16>,
-    /// Maximum concurrent proxied connections (inbound and outbound together).
-    #[arg(long, env = "MOAT_MAX_CONNECTIONS", default_value_t = 20_000)]
-    pub max_connections: usize,
+    /// Maximum concurrent proxied connections, inbound and outbound together (each direction
+    /// gets half unless set below). Default: derived from the container's memory limit (cgroup
+    /// `memory.max`) so the limit is reached before the OOM killer; 20000 without a limit.
+    #[arg(long, env = "MOAT_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_connections: Option<u32>,
+    /// Maximum concurrent inbound connections (peers and plaintext callers).
+    #[arg(long, env = "MOAT_MAX_INBOUND_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inbound_connections: Option<u32>,
+    /// Maximum concurrent outbound connections (the app's own calls): an inbound flood can
+    /// never take these.
+    #[arg(long, env = "MOAT_MAX_OUTBOUND_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_outbound_connections: Option<u32>,
+    /// Maximum concurrent inbound connections from one source IP. Default: a quarter of the
+    /// inbound budget (at least 32).
+    #[arg(long, env = "MOAT_MAX_CONNECTIONS_PER_SOURCE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_source: Option<u32>,
     /// Idle pooled connections kept per destination.
     #[arg(long, env = "MOAT_POOL_MAX_IDLE", default_value_t = 64)]
     pub pool_max_idle: usize,
@@ -255,6 +292,16 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Inbound forwarding target override.
     pub inbound_target: Option<IpAddr>,
+    /// Ports peers may open in explicit-route mode.
+    pub inbound_ports: Vec<PortRange>,
+    /// Local control socket.
+    pub admin_socket: Option<PathBuf>,
+    /// Who may call `/app-health/` besides loopback: the node and extra networks.
+    pub probe_allow: Vec<Cidr>,
+    /// Who may scrape `/metrics` (empty: anyone).
+    pub metrics_allow: Vec<Cidr>,
+    /// Connection budgets.
+    pub limits: ConnLimits,
     /// See [`RunArgs::detect_timeout`].
     pub detect_timeout: Duration,
     /// See [`RunArgs::handshake_timeout`].
@@ -269,8 +316,6 @@ pub struct Config {
     pub keepalive: Duration,
     /// See [`RunArgs::opaque_ports`].
     pub opaque_ports: Vec<u16>,
-    /// See [`RunArgs::max_connections`].
-    pub max_connections: usize,
     /// See [`RunArgs::pool_max_idle`].
     pub pool_max_idle: usize,
     /// See [`RunArgs::drain_delay`].
@@ -321,6 +366,22 @@ impl Config {
                 moat_core::duration::format(a.tunnel_idle_timeout)
             ));
         }
+        if a.inbound_target.is_none() && !a.inbound_ports.is_empty() {
+            return Err("--inbound-ports only applies with --inbound-target; with iptables a stream reaches exactly the port its caller dialed".into());
+        }
+        if let Some(p) = own_ports(a, outbound_listen)
+            .into_iter()
+            .find(|p| a.inbound_ports.iter().any(|r| r.contains(*p)))
+        {
+            return Err(format!("--inbound-ports includes port {p}, one of the proxy's own listeners: peers must never reach the proxy itself"));
+        }
+        let probe_allow = a
+            .host_ip
+            .iter()
+            .map(|ip| Cidr::host(*ip))
+            .chain(a.probe_allow.iter().copied())
+            .collect();
+        let limits = ConnLimits::resolve(a, crate::limits::memory_limit());
         Ok(Self {
             identity,
             trust_domain: a.trust_domain.clone(),
@@ -333,6 +394,11 @@ impl Config {
             peer_by_ip,
             routes: a.routes.clone(),
             inbound_target: a.inbound_target,
+            inbound_ports: a.inbound_ports.clone(),
+            admin_socket: a.admin_socket.clone(),
+            probe_allow,
+            metrics_allow: a.metrics_allow.clone(),
+            limits,
             detect_timeout: a.detect_timeout,
             handshake_timeout: a.handshake_timeout,
             connect_timeout: a.connect_timeout,
@@ -340,11 +406,25 @@ impl Config {
             tunnel_idle_timeout: a.tunnel_idle_timeout,
             keepalive: a.keepalive,
             opaque_ports: a.opaque_ports.clone(),
-            max_connections: a.max_connections.max(1),
             pool_max_idle: a.pool_max_idle,
             drain_delay: a.drain_delay,
             shutdown_grace: a.shutdown_grace,
         })
+    }
+
+    /// Whether `port` is one of the proxy's own listener ports (or Moat's standard ones): a
+    /// peer's stream must never be sent there.
+    pub fn is_proxy_port(&self, port: u16) -> bool {
+        moat_core::contract::PROXY_PORTS.contains(&port)
+            || self.inbound_listen.port() == port
+            || self.outbound_listen.is_some_and(|l| l.port() == port)
+            || self.admin_listen.port() == port
+            || self.routes.iter().any(|r| r.listen.port() == port)
+    }
+
+    /// Whether explicit-route mode exposes app port `port` to peers.
+    pub fn exposes(&self, port: u16) -> bool {
+        self.inbound_ports.iter().any(|r| r.contains(port))
     }
 
     /// Whether traffic to app port `port` skips HTTP detection.
@@ -372,9 +452,126 @@ impl Config {
     }
 }
 
+/// Every port this proxy listens on, from its flags.
+fn own_ports(a: &RunArgs, outbound: Option<SocketAddr>) -> Vec<u16> {
+    let mut ports = moat_core::contract::PROXY_PORTS.to_vec();
+    ports.extend([a.inbound_listen.port(), a.admin_listen.port()]);
+    ports.extend(outbound.map(|o| o.port()));
+    ports.extend(a.routes.iter().map(|r| r.listen.port()));
+    ports
+}
+
+/// A validated configuration from `moat-proxy run` flags, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_config(extra: &[&str]) -> Config {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+    let base = [
+        "moat-proxy",
+        "--namespace",
+        "shop",
+        "--service-account",
+        "api",
+        "--trust-bundle-pem",
+        "unused",
+    ];
+    let cli = Cli::try_parse_from(base.iter().chain(extra)).expect("test flags parse");
+    Config::from_args(&cli.run).expect("test flags validate")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_budgets_follow_the_memory_limit_and_the_flags() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let args = |extra: &[&str]| {
+            let base = ["x", "--namespace", "a", "--service-account", "b"];
+            Cli::try_parse_from(base.iter().chain(extra)).unwrap().run
+        };
+        // 256 MiB: (256 - 24) MiB / 64 KiB = 3712 connections, half each way.
+        let l = ConnLimits::resolve(&args(&[]), Some(256 << 20));
+        assert_eq!((l.inbound, l.outbound, l.per_source), (1856, 1856, 464));
+        // No limit: the fixed default.
+        let l = ConnLimits::resolve(&args(&[]), None);
+        assert_eq!((l.inbound, l.outbound), (10_000, 10_000));
+        // A tiny limit still leaves a usable floor.
+        let l = ConnLimits::resolve(&args(&[]), Some(16 << 20));
+        assert_eq!((l.inbound, l.outbound, l.per_source), (32, 32, 32));
+        let l = ConnLimits::resolve(
+            &args(&[
+                "--max-connections",
+                "100",
+                "--max-outbound-connections",
+                "7",
+                "--max-connections-per-source",
+                "500",
+            ]),
+            Some(256 << 20),
+        );
+        assert_eq!((l.inbound, l.outbound, l.per_source), (50, 7, 50));
+        for bad in [
+            &["--max-connections", "1"][..],
+            &["--max-inbound-connections", "0"],
+            &["--max-connections-per-source", "-3"],
+        ] {
+            let base = ["x", "--namespace", "a", "--service-account", "b"];
+            assert!(
+                Cli::try_parse_from(base.iter().chain(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inbound_ports_never_include_the_proxy_itself() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let base = [
+            "x",
+            "--namespace",
+            "a",
+            "--service-account",
+            "b",
+            "--trust-bundle-pem",
+            "p",
+        ];
+        let parse = |extra: &[&str]| {
+            Config::from_args(&Cli::try_parse_from(base.iter().chain(extra)).unwrap().run)
+        };
+        let err = parse(&[
+            "--inbound-target",
+            "127.0.0.1",
+            "--inbound-ports",
+            "8000-16000",
+        ])
+        .unwrap_err();
+        assert!(err.contains("15001"), "{err}");
+        let err = parse(&["--inbound-ports", "8080"]).unwrap_err();
+        assert!(err.contains("--inbound-target"), "{err}");
+        let cfg = parse(&[
+            "--inbound-target",
+            "127.0.0.1",
+            "--inbound-ports",
+            "8080,9000-9001",
+        ])
+        .unwrap();
+        assert!(cfg.exposes(8080) && cfg.exposes(9001) && !cfg.exposes(9002));
+    }
 
     #[test]
     fn parses_routes_and_peer_identities() {

@@ -292,7 +292,10 @@ async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgr
     let _ = crate::forward::copy_bidirectional(&mut c, &mut u, &noop, &noop).await;
 }
 
-/// Answers every request on `client` with 403, naming the rule, keeping the connection usable.
+/// Answers the first request on `client` with 403, naming the rule, then closes the
+/// connection: HTTP/1 with `Connection: close`, HTTP/2 with GOAWAY. The decision covers the
+/// whole connection (caller and port), so keeping it open would only let a denied caller hold
+/// a connection slot for free.
 pub async fn deny<C>(
     client: C,
     proto: Protocol,
@@ -303,24 +306,35 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = Arc::new(ReqMetrics::new(labels.dir, &labels.peer, &labels.local));
+    let answered = Arc::new(tokio::sync::Notify::new());
+    let notify = answered.clone();
     let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
         let start = Instant::now();
-        let resp = synthetic(
+        let mut resp = synthetic(
             StatusCode::FORBIDDEN,
             DENIED_BY,
             &rule,
             format!("moat: denied by policy rule {rule}\n"),
         );
+        if proto != Protocol::Http2 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         metrics.record(Some(resp.status()), start);
+        notify.notify_one();
         async move { Ok::<_, Infallible>(resp) }
     });
     if proto == Protocol::Http2 {
-        http2_server()
-            .serve_connection(TokioIo::new(client), svc)
-            .await
+        let conn = http2_server().serve_connection(TokioIo::new(client), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = answered.notified() => conn.as_mut().graceful_shutdown(),
+        }
+        conn.await
     } else {
-        http1_server(labels.dir)
-            .serve_connection(TokioIo::new(client), svc)
-            .await
+        let mut b = http1_server(labels.dir);
+        b.keep_alive(false);
+        b.serve_connection(TokioIo::new(client), svc).await
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::app::Ctx;
 use crate::bufio::BufIo;
+use crate::config::Config;
 use crate::detect::{self, Protocol};
 use crate::forward::{copy_observed, Observer, Rewind};
 use crate::http::{self, Labels};
@@ -37,19 +38,19 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, stop: watch::Receiver<b
 async fn handle(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     net::tune(&tcp, Some(ctx.cfg.keepalive));
     let orig = net::original_dst(&tcp);
-    let app_port = orig.map(|o| o.port());
     let started = Instant::now();
 
     // A silent caller may be waiting for a server-speaks-first app (MySQL, SMTP...). If
     // plaintext callers may reach this port anyway, connect the app after a short grace so
     // its greeting is not held behind the detection timeout. Peer sidecars always speak first.
-    let unauth_allowed = app_port.is_some_and(|p| ctx.policy().evaluate(None, p).allowed());
+    let early_target = orig.and_then(|_| resolve_target(&ctx.cfg, orig, 0).ok());
+    let unauth_allowed =
+        early_target.is_some_and(|t| ctx.policy().evaluate(None, t.port()).allowed());
     let greeting = async {
-        if !unauth_allowed {
+        let Some(target) = early_target.filter(|_| unauth_allowed) else {
             return std::future::pending().await;
-        }
+        };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let target = app_target(&ctx, orig, app_port.unwrap_or_default());
         match connect_app(&ctx, target).await {
             Ok(app) => match app.readable().await {
                 Ok(()) => Some(app),
@@ -106,13 +107,94 @@ pub async fn peek_protocol(
         .unwrap_or(Protocol::Opaque)
 }
 
-fn app_target(ctx: &Ctx, orig: Option<SocketAddr>, port: u16) -> SocketAddr {
-    let ip: IpAddr = match (ctx.cfg.inbound_target, orig) {
-        (Some(ip), _) => ip,
-        (None, Some(o)) => o.ip(),
-        (None, None) => IpAddr::from([127, 0, 0, 1]),
+/// Why an inbound stream may not go where it asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TargetRefusal {
+    /// Capture mode, but the connection was not redirected: someone dialed the proxy's
+    /// inbound port itself, so there is no app port it could legitimately be for.
+    #[error("the connection was made to the inbound port itself (no original destination) and the proxy is not in explicit-route mode")]
+    NoOriginalDestination,
+    /// The stream named a port other than the one the caller dialed.
+    #[error("the stream asked for port {requested}, but the caller dialed port {dialed}; a stream only reaches the port it was addressed to")]
+    PortMismatch {
+        /// Port in the OPEN frame.
+        requested: u16,
+        /// Port of the original destination.
+        dialed: u16,
+    },
+    /// Explicit-route mode: the port is not in `--inbound-ports`.
+    #[error("port {0} is not exposed to peers (--inbound-ports)")]
+    NotExposed(u16),
+    /// Explicit-route mode: the stream named no port and there is no original destination.
+    #[error("the stream names no port and the connection has no original destination")]
+    NoPort,
+    /// The destination is one of the proxy's own ports.
+    #[error("port {0} is one of the proxy's own ports")]
+    ProxyPort(u16),
+    /// The original destination is a loopback, unspecified or link-local address.
+    #[error("the original destination {0} is not a pod address the mesh serves (loopback, unspecified or link-local)")]
+    NotPodAddress(IpAddr),
+}
+
+impl TargetRefusal {
+    /// Metric reason label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoOriginalDestination => "no_original_destination",
+            Self::PortMismatch { .. } => "port_mismatch",
+            Self::NotExposed(_) => "port_not_exposed",
+            Self::NoPort => "no_destination_port",
+            Self::ProxyPort(_) => "proxy_port",
+            Self::NotPodAddress(_) => "not_pod_address",
+        }
+    }
+}
+
+/// Where an inbound stream goes: the app address for a connection redirected from `orig`
+/// (`None`: not redirected) whose stream asked for port `requested` (0: "the port I dialed").
+///
+/// With iptables (capture mode) a stream reaches exactly what its caller dialed: the pod
+/// address and port of the original destination, never loopback and never the proxy's own
+/// ports. In explicit-route mode (`--inbound-target`) it reaches the target IP on one of the
+/// `--inbound-ports`. Pure, so the rules can be tested alone; policy is then evaluated
+/// against the port returned here, the one actually reached.
+pub fn resolve_target(
+    cfg: &Config,
+    orig: Option<SocketAddr>,
+    requested: u16,
+) -> Result<SocketAddr, TargetRefusal> {
+    if let Some(ip) = cfg.inbound_target {
+        let port = match (requested, orig) {
+            (0, Some(o)) => o.port(),
+            (0, None) => return Err(TargetRefusal::NoPort),
+            (p, _) => p,
+        };
+        if cfg.is_proxy_port(port) {
+            return Err(TargetRefusal::ProxyPort(port));
+        }
+        if !cfg.exposes(port) {
+            return Err(TargetRefusal::NotExposed(port));
+        }
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let Some(o) = orig else {
+        return Err(TargetRefusal::NoOriginalDestination);
     };
-    SocketAddr::new(ip, port)
+    // Link-local: the mesh has no identity for it and no scope to dial it with.
+    let link_local = matches!(o.ip(), IpAddr::V6(v6) if v6.is_unicast_link_local());
+    if o.ip().is_loopback() || o.ip().is_unspecified() || link_local {
+        return Err(TargetRefusal::NotPodAddress(o.ip()));
+    }
+    if requested != 0 && requested != o.port() {
+        return Err(TargetRefusal::PortMismatch {
+            requested,
+            dialed: o.port(),
+        });
+    }
+    if cfg.is_proxy_port(o.port()) {
+        return Err(TargetRefusal::ProxyPort(o.port()));
+    }
+    Ok(o)
 }
 
 async fn connect_app(ctx: &Ctx, target: SocketAddr) -> std::io::Result<TcpStream> {
@@ -136,12 +218,24 @@ async fn plaintext(
     app: Option<TcpStream>,
     ctx: Arc<Ctx>,
 ) {
-    let Some(port) = orig.map(|o| o.port()) else {
+    if orig.is_none() {
         m::refused(Direction::Inbound, "no_original_destination");
-        tracing::warn!(%remote, protocol = proto.label(), "refused plaintext connection made directly to the inbound port (no original destination)");
+        tracing::warn!(%remote, caller = UNAUTHENTICATED, protocol = proto.label(), "refused plaintext connection made directly to the inbound port (no original destination)");
         net::reset(tcp);
         return;
+    }
+    let target = match resolve_target(&ctx.cfg, orig, 0) {
+        Ok(t) => t,
+        Err(e) => {
+            m::refused(Direction::Inbound, e.reason());
+            tracing::warn!(%remote, caller = UNAUTHENTICATED, reason = e.reason(), "refused plaintext connection: {e}");
+            net::reset(tcp);
+            return;
+        }
     };
+    let port = target.port();
+    // Registered before the decision, so a policy published in between revokes it.
+    let guard = ctx.conns.authorize(None, port);
     let policy = ctx.policy();
     let decision = policy.evaluate(None, port);
     m::authz(decision.label(), decision.rule);
@@ -162,7 +256,6 @@ async fn plaintext(
     if decision.label() == "audit_deny" {
         tracing::info!(%remote, caller = UNAUTHENTICATED, port, rule = decision.rule, "audit: would deny");
     }
-    let target = app_target(&ctx, orig, port);
     let app = match app {
         Some(a) => a,
         None => match connect_app(&ctx, target).await {
@@ -175,7 +268,6 @@ async fn plaintext(
             }
         },
     };
-    let guard = ctx.conns.authorize(None, port);
     let cm = ConnMetrics::open(Direction::Inbound);
     let forward = async {
         if proto == Protocol::Http2 {
@@ -217,6 +309,13 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
         return;
     };
     metrics::counter!(m::HANDSHAKES, "direction" => "inbound").increment(1);
+    if orig.is_none() && ctx.cfg.inbound_target.is_none() {
+        let e = TargetRefusal::NoOriginalDestination;
+        m::refused(Direction::Inbound, e.reason());
+        tracing::warn!(%remote, caller = %peer, reason = e.reason(), "refused peer: {e}");
+        net::reset(tls.into_inner().0.into_inner());
+        return;
+    }
     // New streams only while the peer's certificate is valid: a tunnel must not outlive it.
     let expires = crate::pool::leaf_expiry(tls.get_ref().1.peer_certificates());
     let peer_label: Arc<str> = Arc::from(peer.as_str());
@@ -227,7 +326,7 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
             r = tokio::time::timeout(ctx.cfg.tunnel_idle_timeout, tunnel::read_open(&mut tls)) => r,
             _ = moat_core::shutdown::signalled(&mut drain) => return,
         };
-        let port = match next {
+        let target = match next {
             Ok(Ok(Some(_))) if std::time::SystemTime::now() >= expires => {
                 m::refused(Direction::Inbound, "peer_cert_expired");
                 tracing::warn!(%remote, peer = %peer, "refused a stream and closed the tunnel: the peer's certificate has expired");
@@ -235,16 +334,15 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
                     tunnel::write_reset(&mut tls, ResetCode::Closed, "certificate expired").await;
                 return;
             }
-            Ok(Ok(Some(0))) => match orig {
-                Some(o) => o.port(),
-                None => {
-                    tracing::warn!(%remote, peer = %peer, "stream without a port on a connection that was not redirected");
-                    let _ = tunnel::write_reset(&mut tls, ResetCode::Error, "no destination port")
-                        .await;
+            Ok(Ok(Some(requested))) => match resolve_target(&ctx.cfg, orig, requested) {
+                Ok(target) => target,
+                Err(e) => {
+                    m::refused(Direction::Inbound, e.reason());
+                    tracing::warn!(%remote, caller = %peer, requested, reason = e.reason(), "refused a stream and closed the tunnel: {e}");
+                    let _ = tunnel::write_reset(&mut tls, ResetCode::Denied, &e.to_string()).await;
                     return;
                 }
             },
-            Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
                 tracing::debug!(%remote, peer = %peer, error = %e, "tunnel closed");
@@ -259,7 +357,7 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
                 let _ = tx.send(io);
             })),
         );
-        serve_stream(stream, &peer, &peer_label, remote, orig, port, &ctx).await;
+        serve_stream(stream, &peer, &peer_label, remote, target, &ctx).await;
         match rx.await {
             Ok(io) => tls = io,
             Err(_) => return,
@@ -272,10 +370,12 @@ async fn serve_stream(
     peer: &SpiffeId,
     peer_label: &Arc<str>,
     remote: SocketAddr,
-    orig: Option<SocketAddr>,
-    port: u16,
+    target: SocketAddr,
     ctx: &Arc<Ctx>,
 ) {
+    let port = target.port();
+    // Registered before the decision, so a policy published in between revokes it.
+    let guard = ctx.conns.authorize(Some(peer), port);
     let policy = ctx.policy();
     let decision = policy.evaluate(Some(peer), port);
     m::authz(decision.label(), decision.rule);
@@ -309,7 +409,6 @@ async fn serve_stream(
     if decision.label() == "audit_deny" {
         tracing::info!(%remote, caller = %peer, port, rule = decision.rule, "audit: would deny");
     }
-    let target = app_target(ctx, orig, port);
     let app = match connect_app(ctx, target).await {
         Ok(a) => a,
         Err(e) => {
@@ -321,7 +420,6 @@ async fn serve_stream(
             return;
         }
     };
-    let guard = ctx.conns.authorize(Some(peer), port);
     let cm = ConnMetrics::open(Direction::Inbound);
     let started = Instant::now();
     let forward = async {
@@ -400,4 +498,83 @@ pub async fn read_detect<R: AsyncRead + Unpin>(
     tokio::time::timeout(timeout, fut)
         .await
         .unwrap_or(Protocol::Opaque)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_config;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn capture_mode_streams_reach_only_the_dialed_pod_port() {
+        let cfg = test_config(&[]);
+        let orig = Some(addr("10.0.0.7:8080"));
+        assert_eq!(resolve_target(&cfg, orig, 0), Ok(addr("10.0.0.7:8080")));
+        assert_eq!(resolve_target(&cfg, orig, 8080), Ok(addr("10.0.0.7:8080")));
+        // The attack: dial an allowed port, then name another one in OPEN.
+        assert_eq!(
+            resolve_target(&cfg, orig, 9090),
+            Err(TargetRefusal::PortMismatch {
+                requested: 9090,
+                dialed: 8080
+            })
+        );
+        // Straight to :15006 (nothing redirected): no port could be legitimate.
+        for requested in [0, 22, 15020] {
+            assert_eq!(
+                resolve_target(&cfg, None, requested),
+                Err(TargetRefusal::NoOriginalDestination)
+            );
+        }
+        // Never the proxy's own ports, never loopback or link-local.
+        for port in moat_core::contract::PROXY_PORTS {
+            let o = Some(SocketAddr::new("10.0.0.7".parse().unwrap(), port));
+            assert_eq!(
+                resolve_target(&cfg, o, 0),
+                Err(TargetRefusal::ProxyPort(port))
+            );
+        }
+        for ip in [
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "[fe80::1]:8080",
+            "0.0.0.0:8080",
+        ] {
+            let o = addr(ip);
+            assert_eq!(
+                resolve_target(&cfg, Some(o), 0),
+                Err(TargetRefusal::NotPodAddress(o.ip())),
+                "{ip}"
+            );
+        }
+    }
+
+    #[test]
+    fn route_mode_streams_reach_only_exposed_ports() {
+        let cfg = test_config(&[
+            "--inbound-target",
+            "127.0.0.1",
+            "--inbound-ports",
+            "8080,9000-9001",
+            "--admin-listen",
+            "127.0.0.1:19020",
+        ]);
+        assert_eq!(resolve_target(&cfg, None, 8080), Ok(addr("127.0.0.1:8080")));
+        assert_eq!(resolve_target(&cfg, None, 9001), Ok(addr("127.0.0.1:9001")));
+        assert_eq!(
+            resolve_target(&cfg, None, 22),
+            Err(TargetRefusal::NotExposed(22))
+        );
+        assert_eq!(resolve_target(&cfg, None, 0), Err(TargetRefusal::NoPort));
+        for port in [15001, 15006, 15020, 19020] {
+            assert_eq!(
+                resolve_target(&cfg, None, port),
+                Err(TargetRefusal::ProxyPort(port))
+            );
+        }
+    }
 }

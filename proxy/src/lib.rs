@@ -17,6 +17,7 @@ pub mod detect;
 pub mod forward;
 pub mod http;
 pub mod inbound;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod observe;

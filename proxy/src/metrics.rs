@@ -86,6 +86,14 @@ pub fn refused(dir: Direction, reason: &'static str) {
     counter!(REFUSED, "direction" => dir.as_str(), "reason" => reason).increment(1);
 }
 
+/// Admin requests refused because of who asked, by route.
+pub const ADMIN_REFUSED: &str = "moat_proxy_admin_requests_refused_total";
+
+/// Counts an admin request refused for its caller.
+pub fn admin_refused(route: &'static str) {
+    counter!(ADMIN_REFUSED, "route" => route).increment(1);
+}
+
 /// Counts a failed handshake.
 pub fn handshake_failed(dir: Direction, reason: &'static str) {
     counter!(HANDSHAKE_FAILURES, "direction" => dir.as_str(), "reason" => reason).increment(1);

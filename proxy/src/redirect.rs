@@ -341,11 +341,12 @@ pub fn verify(cfg: &RedirectConfig, save: &str) -> Result<(), String> {
 /// Whether to install IPv6 rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Ipv6Mode {
-    /// When the pod has a non-link-local IPv6 address.
+    /// Whenever the pod has IPv6 on an interface other than loopback, link-local included
+    /// (fails if ip6tables is missing then: IPv6 would bypass the proxy).
     Auto,
     /// Always (fails if ip6tables is missing).
     On,
-    /// Never.
+    /// Never: an explicit opt-out, logged; IPv6 TCP then bypasses the proxy.
     Off,
 }
 
@@ -596,13 +597,22 @@ fn select_backend(family: Family, mode: IptablesMode) -> Result<Backend, Redirec
     }
 }
 
-/// Whether the namespace has an IPv6 address other than loopback and link-local, read from
-/// `/proc/net/if_inet6` (`address ifindex prefixlen scope flags ifname`).
-pub fn has_routable_ipv6(if_inet6: &str) -> bool {
-    if_inet6.lines().any(|l| {
+/// Whether IPv6 traffic can reach or leave this namespace: the kernel has IPv6
+/// (`/proc/net/if_inet6` exists, `if_inet6` is its content), it is not disabled for the
+/// namespace (`disable_ipv6` is `/proc/sys/net/ipv6/conf/all/disable_ipv6`), and an interface
+/// other than loopback has an IPv6 address of any scope. Link-local counts: most CNIs leave
+/// the kernel's `fe80::` address on the pod's interface, and TCP over it would otherwise
+/// reach the app (and the app its neighbours) without the sidecar.
+pub fn ipv6_reachable(if_inet6: Option<&str>, disable_ipv6: Option<&str>) -> bool {
+    let Some(addrs) = if_inet6 else {
+        return false;
+    };
+    if disable_ipv6.is_some_and(|d| d.trim() == "1") {
+        return false;
+    }
+    addrs.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        // Scope 0x10 is host (loopback), 0x20 link.
-        f.len() >= 6 && f[5] != "lo" && f[3] != "10" && f[3] != "20"
+        f.len() >= 6 && f[5] != "lo"
     })
 }
 
@@ -669,9 +679,14 @@ fn families(mode: Ipv6Mode) -> Vec<Family> {
     let v6 = match mode {
         Ipv6Mode::On => true,
         Ipv6Mode::Off => false,
-        Ipv6Mode::Auto => std::fs::read_to_string("/proc/net/if_inet6")
-            .map(|s| has_routable_ipv6(&s))
-            .unwrap_or(false),
+        Ipv6Mode::Auto => ipv6_reachable(
+            std::fs::read_to_string("/proc/net/if_inet6")
+                .ok()
+                .as_deref(),
+            std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+                .ok()
+                .as_deref(),
+        ),
     };
     if v6 {
         vec![Family::V4, Family::V6]
@@ -683,6 +698,9 @@ fn families(mode: Ipv6Mode) -> Vec<Family> {
 /// Validates, applies and verifies the redirection; returns what was done.
 pub fn apply(args: &InitArgs) -> Result<(), RedirectError> {
     let fams = families(args.ipv6);
+    if args.ipv6 == Ipv6Mode::Off && families(Ipv6Mode::Auto).contains(&Family::V6) {
+        eprintln!("moat-proxy init: warning: --ipv6 off: this pod has IPv6, and its IPv6 TCP (link-local included) is NOT captured: it bypasses the proxy, mTLS and policy");
+    }
     let cfgs = fams
         .iter()
         .map(|f| args.config(*f))
@@ -931,14 +949,15 @@ COMMIT
     }
 
     #[test]
-    fn ipv6_detection_ignores_loopback_and_link_local() {
-        let only_local = "\
-00000000000000000000000000000001 01 80 10 80       lo
-fe80000000000000a8c1abfffe123456 02 40 20 80     eth0
-";
-        assert!(!has_routable_ipv6(only_local));
-        let global = format!("{only_local}fd000000000000000000000000000001 02 40 00 80     eth0\n");
-        assert!(has_routable_ipv6(&global));
-        assert!(!has_routable_ipv6(""));
+    fn ipv6_detection_counts_link_local_and_ignores_loopback() {
+        let lo = "00000000000000000000000000000001 01 80 10 80       lo\n";
+        let link_local = format!("{lo}fe80000000000000a8c1abfffe123456 02 40 20 80     eth0\n");
+        assert!(ipv6_reachable(Some(&link_local), Some("0\n")));
+        assert!(ipv6_reachable(Some(&link_local), None));
+        let global = format!("{lo}fd000000000000000000000000000001 02 40 00 80     eth0\n");
+        assert!(ipv6_reachable(Some(&global), Some("0")));
+        assert!(!ipv6_reachable(Some(lo), Some("0")), "loopback only");
+        assert!(!ipv6_reachable(Some(&link_local), Some("1")), "disabled");
+        assert!(!ipv6_reachable(None, None), "no IPv6 in the kernel");
     }
 }

@@ -193,11 +193,14 @@ pub struct Routes {
     pub tcp: SocketAddr,
 }
 
-/// Starts the `api` sidecar in front of the apps, with [`API_POLICY`].
-pub fn start_api(ca: &CaFixture) -> anyhow::Result<ProxyFixture> {
+/// Starts the `api` sidecar in front of the apps (exposing exactly their ports), with
+/// [`API_POLICY`].
+pub fn start_api(ca: &CaFixture, apps: &[SocketAddr]) -> anyhow::Result<ProxyFixture> {
+    let ports: Vec<u16> = apps.iter().map(SocketAddr::port).collect();
     ProxyFixture::start(
         ca,
         ProxyOptions::new(NAMESPACE, "api")
+            .expose(&ports)
             .policy(API_POLICY)
             .args(QUICK_STOP),
     )

@@ -20,6 +20,7 @@
 //! by `moat-bench`.
 #![warn(missing_docs)]
 
+pub mod attack;
 pub mod bin;
 pub mod ca;
 pub mod demo;

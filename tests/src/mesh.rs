@@ -29,6 +29,8 @@ pub struct ProxyOptions {
     pub extra_args: Vec<String>,
     /// The inbound listener address (default: a free loopback port).
     pub inbound: Option<SocketAddr>,
+    /// App ports on 127.0.0.1 that peers may open (`--inbound-ports`); none by default.
+    pub expose: Vec<u16>,
 }
 
 impl ProxyOptions {
@@ -41,7 +43,14 @@ impl ProxyOptions {
             policy: None,
             extra_args: Vec::new(),
             inbound: None,
+            expose: Vec::new(),
         }
+    }
+
+    /// Lets peers open these app ports on 127.0.0.1 (the proxy runs in explicit-route mode).
+    pub fn expose(mut self, ports: &[u16]) -> Self {
+        self.expose.extend_from_slice(ports);
+        self
     }
 
     /// Listens for peer sidecars on `addr`, so a client can be configured before this starts.
@@ -127,6 +136,11 @@ impl ProxyFixture {
             "--log-format".into(),
             "json".into(),
         ];
+        if !opts.expose.is_empty() {
+            let ports: Vec<String> = opts.expose.iter().map(u16::to_string).collect();
+            args.push("--inbound-ports".into());
+            args.push(ports.join(","));
+        }
         for r in &opts.routes {
             args.push("--route".into());
             args.push(r.clone());

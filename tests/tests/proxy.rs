@@ -67,7 +67,9 @@ async fn mesh(ca_opts: CaOptions, api_policy_yaml: String) -> Mesh {
     let ca = CaFixture::start(ca_opts).expect("CA starts");
     let api = ProxyFixture::start(
         &ca,
-        ProxyOptions::new("shop", "api").policy(&api_policy_yaml),
+        ProxyOptions::new("shop", "api")
+            .expose(&[http.port(), echo.port(), greeter.port()])
+            .policy(&api_policy_yaml),
     )
     .expect("api proxy starts");
     let (http_route, echo_route, greeter_route) = (free_addr(), free_addr(), free_addr());
@@ -299,10 +301,16 @@ async fn bad_peers_are_refused_and_counted_by_reason() {
     let echo = backend::echo().await;
     let api = ProxyFixture::start(
         &ca,
-        ProxyOptions::new("shop", "api").policy(&api_policy("deny")),
+        ProxyOptions::new("shop", "api")
+            .expose(&[echo.port()])
+            .policy(&api_policy("deny")),
     )
     .unwrap();
-    let rogue_api = ProxyFixture::start(&rogue_ca, ProxyOptions::new("shop", "api")).unwrap();
+    let rogue_api = ProxyFixture::start(
+        &rogue_ca,
+        ProxyOptions::new("shop", "api").expose(&[echo.port()]),
+    )
+    .unwrap();
     let dir = moat_e2e::temp_dir("peers").unwrap();
     let (exp_cert, exp_key) = forge_leaf(&ca, &id("api"), true);
     let (_expired_peer, expired_addr) = openssl_peer(dir.path(), "expired", &exp_cert, &exp_key);
@@ -426,7 +434,9 @@ async fn policy_allows_denies_and_audits() {
     let ca = CaFixture::start(CaOptions::default()).unwrap();
     let api = ProxyFixture::start(
         &ca,
-        ProxyOptions::new("shop", "api").policy(&api_policy("deny")),
+        ProxyOptions::new("shop", "api")
+            .expose(&[http.port(), echo.port()])
+            .policy(&api_policy("deny")),
     )
     .unwrap();
     let (web_http, web_tcp, batch_http, batch_tcp) =
@@ -449,7 +459,8 @@ async fn policy_allows_denies_and_audits() {
     // Allowed.
     assert_eq!(get(web_http, "/").await.unwrap().body, backend::HELLO);
     assert_eq!(tcp_roundtrip(web_tcp, b"hi").await.unwrap(), b"hi");
-    // Denied: HTTP 403 naming the rule, on a connection that stays usable (curl reuses it).
+    // Denied: HTTP 403 naming the rule, and the connection ends (`Connection: close`): a
+    // denied caller cannot hold it open for free. curl has to connect again for the second.
     let url = format!("http://{batch_http}/");
     let (out, err) = curl(&[
         "-sS",
@@ -470,14 +481,18 @@ async fn policy_allows_denies_and_audits() {
             .contains("x-moat-denied-by: default"),
         "{out}"
     );
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
     let connects: Vec<&str> = out
         .lines()
         .filter(|l| l.trim().chars().all(|c| c.is_ascii_digit()) && !l.trim().is_empty())
         .collect();
     assert_eq!(
         connects,
-        vec!["1", "0"],
-        "second request reused the connection: {out}"
+        vec!["1", "1"],
+        "the denied connection was kept open: {out}"
     );
     // Denied: opaque TCP is reset.
     app_connection_is_refused(batch_tcp).await;
@@ -531,7 +546,9 @@ async fn live_policy_edit_closes_revoked_connections_and_keeps_allowed_ones() {
     let ca = CaFixture::start(CaOptions::default()).unwrap();
     let api = ProxyFixture::start(
         &ca,
-        ProxyOptions::new("shop", "api").policy(&api_policy("audit")),
+        ProxyOptions::new("shop", "api")
+            .expose(&[echo.port()])
+            .policy(&api_policy("audit")),
     )
     .unwrap();
     let (web_tcp, batch_tcp) = (free_addr(), free_addr());
@@ -606,7 +623,9 @@ async fn certificate_rotation_under_traffic_fails_no_request() {
     let ca = CaFixture::start(CaOptions::default().short_ttl("6s")).unwrap();
     let api = ProxyFixture::start(
         &ca,
-        ProxyOptions::new("shop", "api").policy(&api_policy("deny")),
+        ProxyOptions::new("shop", "api")
+            .expose(&[http.port()])
+            .policy(&api_policy("deny")),
     )
     .unwrap();
     let route = free_addr();
@@ -667,6 +686,7 @@ async fn pooled_tunnel_retires_before_the_client_certificate_expires() {
     let api = ProxyFixture::start(
         &ca,
         ProxyOptions::new("shop", "api")
+            .expose(&[http.port()])
             .policy(&api_policy("deny"))
             .inbound(api_inbound),
     )
@@ -712,6 +732,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let mut api = ProxyFixture::start(
         &ca,
         ProxyOptions::new("shop", "api")
+            .expose(&[http.port()])
             .policy(&api_policy("deny"))
             .args(["--drain-delay", "500ms", "--shutdown-grace", "10s"]),
     )

@@ -90,6 +90,7 @@ impl System {
         let server = ProxyFixture::start(
             ca,
             ProxyOptions::new("bench", "server")
+                .expose(&[b.http.port(), b.h2c.port(), b.iperf.port()])
                 .policy(&policy)
                 .args(extra.iter().cloned()),
         )

@@ -217,6 +217,65 @@ pub(crate) struct RawPolicy {
     pub default: DefaultAction,
     #[serde(default)]
     pub rules: Rules,
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+}
+
+/// `admin`: who may use the sidecar's admin port beyond what every pod allows.
+#[derive(serde::Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "an admin section (a mapping with metricsFrom)"
+)]
+pub(crate) struct RawAdmin {
+    /// Networks that may scrape `/metrics`.
+    pub metrics_from: CidrList,
+}
+
+/// A non-empty list of CIDRs (a bare IP is a /32 or /128).
+pub(crate) struct CidrList(pub Vec<moat_core::netaddr::Cidr>);
+
+impl<'de> Deserialize<'de> for CidrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CidrList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of networks such as 10.0.0.0/8 or fd00::/8")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CidrList, A::Error> {
+                let mut cidrs = Vec::new();
+                while let Some(CidrEntry(c)) = seq.next_element()? {
+                    cidrs.extend(c);
+                }
+                let r = if cidrs.is_empty() {
+                    Err("metricsFrom is empty, so nobody but the pod itself could scrape /metrics; omit admin to let anyone".to_string())
+                } else {
+                    Ok(())
+                };
+                check(r, || ()).map(|()| CidrList(cidrs))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// One network of a [`CidrList`]; `None` stands in for an entry already reported as invalid.
+struct CidrEntry(Option<moat_core::netaddr::Cidr>);
+
+impl<'de> Deserialize<'de> for CidrEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        validated_str(
+            d,
+            "a network such as 10.0.0.0/8",
+            |s| {
+                s.parse::<moat_core::netaddr::Cidr>()
+                    .map(|c| CidrEntry(Some(c)))
+            },
+            || CidrEntry(None),
+        )
+    }
 }
 
 /// `apiVersion`, checked to be [`API_VERSION`].

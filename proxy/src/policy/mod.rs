@@ -223,6 +223,8 @@ pub struct Policy {
     local_td: TrustDomain,
     default: DefaultAction,
     rules: Box<[Rule]>,
+    /// Networks that may scrape `/metrics` (`None`: the proxy's flags alone decide).
+    metrics_from: Option<Box<[moat_core::netaddr::Cidr]>>,
     /// The exact file contents this policy came from, so the watcher can tell a real change
     /// from a re-read of the same file; `None` for the builtin policy.
     source_text: Option<Box<str>>,
@@ -302,6 +304,7 @@ impl Policy {
             local_td: local_td.clone(),
             default: raw.default,
             rules,
+            metrics_from: raw.admin.map(|a| a.metrics_from.0.into()),
             source_text: Some(yaml.into()),
         })
     }
@@ -318,6 +321,7 @@ impl Policy {
                 ports: None,
                 from: Box::new([Matcher::Authenticated]),
             }]),
+            metrics_from: None,
             source_text: None,
         }
     }
@@ -353,6 +357,14 @@ impl Policy {
             verdict,
             rule: DEFAULT_RULE,
         }
+    }
+
+    /// Whether the policy lets a caller at `ip` scrape `/metrics` (true without an `admin`
+    /// section).
+    pub fn admits_scraper(&self, ip: std::net::IpAddr) -> bool {
+        self.metrics_from
+            .as_deref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(ip)))
     }
 
     /// The action taken when no rule matches.

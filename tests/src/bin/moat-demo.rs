@@ -474,7 +474,7 @@ impl Demo {
         println!(
             "[2/3] apps     orders HTTP API on {orders_addr}, TCP echo on {echo_addr} (plain text; only the sidecars speak TLS)"
         );
-        let api = blocking(|| demo::start_api(ca))?;
+        let api = blocking(|| demo::start_api(ca, &[orders_addr, echo_addr]))?;
         let api_inbound = api.inbound();
         let api_admin = api.admin();
         let api_id = demo::identity(&api)?;
