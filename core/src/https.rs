@@ -111,6 +111,9 @@ pub struct ConnectionArgs {
     /// oldest idle connection is closed to make room; if none is idle, the new one is refused.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_source: u32,
+    /// Deadline for a client to complete the TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
+    pub handshake_timeout: Duration,
     /// After the TLS handshake, deadline for the first byte of the first request.
     #[arg(long, default_value = "5s", value_parser = crate::duration::parse)]
     pub first_byte_timeout: Duration,
@@ -133,6 +136,7 @@ impl ConnectionArgs {
     pub fn apply(&self, limits: Limits) -> Limits {
         Limits {
             max_connections_per_source: self.max_connections_per_source as usize,
+            handshake_timeout: self.handshake_timeout,
             first_byte_timeout: self.first_byte_timeout,
             idle_timeout: self.idle_timeout,
             max_connection_age: self.max_connection_age,
@@ -819,6 +823,14 @@ async fn connection<H: Handler>(
                 drain_until = Some(Instant::now() + grace);
             }
             _ = tokio::time::sleep_until(hard_stop.into()), if drain_until.is_some() => return,
+            // Draining, nothing in progress: the client had a moment to see the GOAWAY (an
+            // HTTP/2 client that never answers its ping would otherwise hold on until the
+            // hard stop).
+            _ = tokio::time::sleep(Duration::from_secs(1)), if drain_until.is_some() => {
+                if conn.idle() {
+                    return;
+                }
+            }
         }
     }
 }

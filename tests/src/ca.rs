@@ -55,6 +55,11 @@ pub struct CaOptions {
     pub log_level: String,
     /// Further `serve` arguments, e.g. `--dns-san ...` or `--shutdown-grace 2s`.
     pub extra_args: Vec<String>,
+    /// Verify tokens offline against the fixture issuer's JWK Set (`--jwks-file`); when
+    /// false the CA uses TokenReview (see [`CaOptions::token_review`]).
+    pub jwks: bool,
+    /// Environment variables of `serve`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for CaOptions {
@@ -70,6 +75,8 @@ impl Default for CaOptions {
             audience: crate::token::DEFAULT_AUDIENCE.into(),
             log_level: "info".into(),
             extra_args: Vec::new(),
+            jwks: true,
+            env: Vec::new(),
         }
     }
 }
@@ -86,6 +93,17 @@ impl CaOptions {
     pub fn unlimited(mut self) -> Self {
         self.rate_limit = Some(1e9);
         self.rate_burst = Some(1e9);
+        self
+    }
+
+    /// Verify tokens with the TokenReview API of `api` instead of the JWK Set.
+    pub fn token_review(mut self, api: &crate::kube_api::FakeApiServer) -> Self {
+        self.jwks = false;
+        self.env.extend(api.env());
+        self.extra_args.extend([
+            "--service-account-dir".to_string(),
+            api.service_account_dir().display().to_string(),
+        ]);
         self
     }
 
@@ -232,10 +250,6 @@ impl CaFixture {
             self.listen.to_string(),
             "--admin-listen".into(),
             self.admin.to_string(),
-            "--jwks-file".into(),
-            self.issuer.jwks_path().display().to_string(),
-            "--token-issuer".into(),
-            self.issuer.name().into(),
             "--token-audience".into(),
             o.audience.clone(),
             "--log-format".into(),
@@ -243,6 +257,14 @@ impl CaFixture {
             "--log-level".into(),
             o.log_level.clone(),
         ];
+        if o.jwks {
+            a.extend([
+                "--jwks-file".into(),
+                self.issuer.jwks_path().display().to_string(),
+                "--token-issuer".into(),
+                self.issuer.name().into(),
+            ]);
+        }
         if let Some(ttl) = &o.cert_ttl {
             a.extend(["--cert-ttl".into(), ttl.clone()]);
         }
@@ -262,6 +284,7 @@ impl CaFixture {
     fn spawn_serve(&mut self) -> anyhow::Result<()> {
         let mut cmd = ca_command(&self.bin);
         cmd.args(self.serve_args());
+        cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn("ca", cmd, &self.dir.path().join("logs"))?;
         self.starts += 1;
         let log_start = proc.stderr().len();

@@ -9,6 +9,9 @@
 //! * [`https`]: a TLS 1.3 HTTP/1.1 client for the CA's API, plus raw request writing for
 //!   malformed traffic.
 //! * [`ca`]: [`CaFixture`], a running `moat-ca` with its own root, ports and token issuer.
+//! * [`kube_api`]: a stand-in for the Kubernetes API server's TokenReview endpoint.
+//! * [`flood`]: an attacker's connection flood (idle TLS connections from many loopback
+//!   addresses) and the file-descriptor limit it needs.
 //! * [`logs`]: capturing the test process' own `tracing` output, reading a child's JSON logs.
 //! * [`tools`]: external tools (`openssl`, `curl`) that a test requires.
 //! * [`lab`]: the mesh lab — pods produced through the real injector and run like a kubelet
@@ -24,7 +27,9 @@ pub mod attack;
 pub mod bin;
 pub mod ca;
 pub mod demo;
+pub mod flood;
 pub mod https;
+pub mod kube_api;
 pub mod lab;
 pub mod logs;
 pub mod mesh;

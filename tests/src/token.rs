@@ -209,6 +209,12 @@ impl TokenSpec {
         self
     }
 
+    /// Not bound to a pod (what `kubectl create token <sa>` gives): no `kubernetes.io.pod`.
+    pub fn unbound(mut self) -> Self {
+        self.pod = None;
+        self
+    }
+
     /// Drops the `kubernetes.io` claims.
     pub fn without_kubernetes_claims(mut self) -> Self {
         self.without_kubernetes_claims = true;
@@ -455,6 +461,15 @@ mod tests {
         let c = issuer.claims(&TokenSpec::new("a", "b").audiences(&["x"]).issuer("y"));
         assert_eq!(c["aud"], json!(["x"]));
         assert_eq!(c["iss"], "y");
+        let c = issuer.claims(&TokenSpec::new("a", "b"));
+        assert_eq!(c["kubernetes.io"]["pod"]["name"], "b-0");
+        assert!(!c["kubernetes.io"]["pod"]["uid"]
+            .as_str()
+            .unwrap()
+            .is_empty());
+        let c = issuer.claims(&TokenSpec::new("a", "b").unbound());
+        assert!(c["kubernetes.io"].get("pod").is_none());
+        assert_eq!(c["kubernetes.io"]["namespace"], "a");
         let c = issuer.claims(&TokenSpec::new("a", "b").without_kubernetes_claims());
         assert!(c.get("kubernetes.io").is_none());
         assert!(unsigned_token(&c).ends_with('.'));

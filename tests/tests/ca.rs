@@ -867,6 +867,11 @@ async fn bad_tokens_are_401_and_issue_nothing() -> TestResult {
             "invalid_token",
             "subject disagrees with kubernetes.io claims",
         ),
+        (
+            ca.mint(&spec().unbound())?,
+            "unbound_token",
+            "valid, but not bound to a pod (kubectl create token)",
+        ),
     ];
     for (token, code, what) in &cases {
         let r = ca.post(Some(token), body.clone()).await?;
@@ -878,6 +883,18 @@ async fn bad_tokens_are_401_and_issue_nothing() -> TestResult {
         .await?
         .api_error()?;
     ensure!(forged.message.contains("signature"), "{forged:?}");
+    let unbound = ca
+        .post(Some(&ca.mint(&spec().unbound())?), body.clone())
+        .await?
+        .api_error()?;
+    ensure!(
+        unbound.message.contains("not bound to a pod"),
+        "the refusal says what is wrong: {unbound:?}"
+    );
+    tally
+        .by_reason
+        .entry("unbound_token".into())
+        .and_modify(|n| *n += 1);
     tally
         .by_reason
         .entry("invalid_token".into())
@@ -1107,6 +1124,12 @@ async fn rate_limit_is_429_with_retry_after() -> TestResult {
     tally.check(&ca, issued_before, 4.0)?;
     let line = &logs::matching(&ca.json_logs(), &[("reason", "rate_limited")])[0].clone();
     ensure!(line["service_account"] == "web" && line["status"] == 429);
+    ensure!(
+        line["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("127.0.0.1:")),
+        "the audit line names the client's address: {line}"
+    );
     Ok(())
 }
 
@@ -1234,6 +1257,16 @@ async fn intermediate_chain_verifies_against_the_root() -> TestResult {
     let root_cert = root_der(&ca)?;
     let (_, root) = X509Certificate::from_der(&root_cert)?;
     ensure!(ic.is_ca() && ic.issuer().as_raw() == root.subject().as_raw());
+    // pathLen 0: it signs leaves, never another CA.
+    let bc = ic
+        .basic_constraints()?
+        .context("the intermediate has basicConstraints")?;
+    ensure!(bc.critical && bc.value.ca, "{bc:?}");
+    ensure!(
+        bc.value.path_len_constraint == Some(0),
+        "intermediate pathLen is {:?}, want 0",
+        bc.value.path_len_constraint
+    );
 
     let svid = ca.client(ca.client_config("shop", "web")?)?.fetch().await?;
     ensure!(svid.chain.len() == 2 && svid.id == id);
