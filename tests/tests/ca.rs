@@ -167,6 +167,12 @@ impl Tally {
                         && l["detail"].as_str().is_some_and(|d| !d.is_empty()),
                     "audit line carries the refusal detail: {l}"
                 );
+                ensure!(
+                    l["client"]
+                        .as_str()
+                        .is_some_and(|c| c.starts_with("127.0.0.1:")),
+                    "audit line names the client's address: {l}"
+                );
             }
         }
         // Each audit line is well-formed JSON with unique keys (one "message").
