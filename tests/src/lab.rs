@@ -1211,11 +1211,19 @@ impl MeshLab {
         for p in &mut self.pods {
             p.apps.clear();
         }
-        let sidecars: Vec<Netns> = self
+        // Each sidecar's local control socket, in the pod's `moat-run` volume.
+        let sidecars: Vec<PathBuf> = self
             .pods
             .iter()
             .filter(|p| p.handle.meshed && p.procs.iter().any(|x| x.name() == "moat-proxy"))
-            .map(|p| p.handle.netns.clone())
+            .map(|p| {
+                self.dir_path
+                    .join("pods")
+                    .join(&p.handle.name)
+                    .join("volumes")
+                    .join("moat-run")
+                    .join("admin.sock")
+            })
             .collect();
         let mut procs: Vec<Proc> = Vec::new();
         for p in &mut self.pods {
@@ -1230,20 +1238,18 @@ impl MeshLab {
             .map(Proc::is_running)
             .filter(|r| *r)
             .count();
-        // Sidecars skip their drain delay when asked on their admin port (what a Job does).
-        for ns in &sidecars {
-            let _ = ns.within(|| {
+        // Sidecars skip their drain delay when asked on their local control socket (what a
+        // Job does); a sidecar without one gets SIGTERM below.
+        for socket in &sidecars {
+            let _ = (|| -> std::io::Result<()> {
                 use std::io::{Read as _, Write as _};
-                let mut s = std::net::TcpStream::connect_timeout(
-                    &SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
-                    Duration::from_millis(500),
-                )?;
+                let mut s = std::os::unix::net::UnixStream::connect(socket)?;
                 s.set_read_timeout(Some(Duration::from_millis(500)))?;
                 s.write_all(b"POST /shutdown HTTP/1.0\r\nContent-Length: 0\r\n\r\n")?;
                 let mut buf = Vec::new();
                 let _ = s.read_to_end(&mut buf);
                 Ok(())
-            });
+            })();
         }
         for p in &mut procs {
             if p.is_running() {

@@ -771,3 +771,39 @@ async fn sigterm_lets_in_flight_requests_finish() {
         .expect("web exited");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_stays_false_for_the_whole_drain_delay() {
+    let ca = CaFixture::start(CaOptions::default()).unwrap();
+    let mut api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api").args(["--drain-delay", "3s"]),
+    )
+    .unwrap();
+    let admin = api.admin();
+    api.proc().signal(moat_e2e::proc::SIGTERM).unwrap();
+    let start = Instant::now();
+    // Not ready once the signal is handled...
+    while moat_e2e::net::http_get(&admin, "/ready", Duration::from_millis(500))
+        .is_ok_and(|r| r.status == 200)
+    {
+        assert!(start.elapsed() < Duration::from_secs(1), "still ready after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...and for the rest of the delay: the readiness task ticks every second in between.
+    let mut looks = 0;
+    while start.elapsed() < Duration::from_millis(2700) {
+        let r = moat_e2e::net::http_get(&admin, "/ready", Duration::from_millis(500))
+            .expect("the admin port stays up while draining");
+        assert_eq!(
+            r.status,
+            503,
+            "/ready said {} {:.1} s into the drain",
+            r.status,
+            start.elapsed().as_secs_f64()
+        );
+        looks += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(looks >= 20, "only {looks} looks");
+}
