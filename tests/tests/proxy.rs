@@ -787,7 +787,10 @@ async fn readiness_stays_false_for_the_whole_drain_delay() {
     while moat_e2e::net::http_get(&admin, "/ready", Duration::from_millis(500))
         .is_ok_and(|r| r.status == 200)
     {
-        assert!(start.elapsed() < Duration::from_secs(1), "still ready after SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "still ready after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // ...and for the rest of the delay: the readiness task ticks every second in between.
