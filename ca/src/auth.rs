@@ -4,6 +4,11 @@
 //! * [`TokenReview`]: asks the Kubernetes API server (production, in-cluster).
 //! * [`Jwks`]: verifies the JWT offline against the cluster's service-account issuer keys
 //!   (RS256 and ES256), checking `exp`, `nbf`, `iss`, `aud` and the `kubernetes.io` claims.
+//!
+//! Either way only tokens bound to a pod are accepted: a token the kubelet projected into a
+//! pod names it (and the API server stops accepting it once that pod is gone), while a token
+//! minted with `kubectl create token` for the bare service account would let anyone holding
+//! it obtain the workload's identity from anywhere for as long as it is valid.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,8 +33,9 @@ pub struct Workload {
     pub pod: Option<String>,
 }
 
-/// Why a token was refused. Every variant maps to HTTP 401.
-#[derive(Debug, thiserror::Error)]
+/// Why a token was refused. Every variant maps to HTTP 401 except [`AuthError::Unavailable`]
+/// and [`AuthError::Overloaded`] (503).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// No usable `Authorization: Bearer` header.
     #[error("missing bearer token: send the projected service-account token as 'Authorization: Bearer <token>'")]
@@ -49,6 +55,17 @@ pub enum AuthError {
     /// The API server said the token is not authenticated.
     #[error("token rejected by the Kubernetes API server: {0}")]
     Rejected(String),
+    /// The token is valid but not bound to a pod.
+    #[error("token is not bound to a pod ({0}): use the projected service-account token the kubelet mounts into the pod, not one created for the bare service account")]
+    Unbound(String),
+    /// Too many tokens to verify: the CA protects the API server from floods.
+    #[error("too many token verifications, retry after {}s: {message}", retry_after.as_secs().max(1))]
+    Overloaded {
+        /// What limit was reached.
+        message: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// The verifier itself could not do its job (API server down...).
     #[error("cannot verify token right now: {0}")]
     Unavailable(String),
@@ -64,7 +81,9 @@ impl AuthError {
             Self::WrongIssuer(_) => "wrong_issuer",
             Self::Invalid(_) => "invalid_token",
             Self::Rejected(_) => "rejected_token",
+            Self::Unbound(_) => "unbound_token",
             Self::Unavailable(_) => "auth_unavailable",
+            Self::Overloaded { .. } => "auth_overloaded",
         }
     }
 }
@@ -76,6 +95,17 @@ pub trait TokenVerifier: Send + Sync + 'static {
         &'a self,
         token: &'a str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Workload, AuthError>> + Send + 'a>>;
+
+    /// Verifies `token` sent by a client at `source`; verifiers that limit clients use it.
+    fn verify_from<'a>(
+        &'a self,
+        token: &'a str,
+        source: Option<std::net::IpAddr>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Workload, AuthError>> + Send + 'a>>
+    {
+        let _ = source;
+        self.verify(token)
+    }
 }
 
 /// Splits `system:serviceaccount:<ns>:<sa>`.
@@ -99,12 +129,20 @@ struct K8sClaims {
 struct K8sInfo {
     namespace: String,
     serviceaccount: NamedRef,
-    pod: Option<NamedRef>,
+    pod: Option<ObjectRef>,
 }
 
 #[derive(Debug, Deserialize)]
 struct NamedRef {
     name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ObjectRef {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    uid: String,
 }
 
 /// Offline JWT verification against the service-account issuer's public keys.
@@ -237,10 +275,19 @@ fn workload_from_claims(c: K8sClaims) -> Result<Workload, AuthError> {
             }
         }
     }
+    let pod = match k.pod {
+        Some(p) if !p.name.is_empty() && !p.uid.is_empty() => p.name,
+        Some(_) => {
+            return Err(AuthError::Unbound(
+                "its kubernetes.io.pod claim lacks the pod's name or uid".into(),
+            ))
+        }
+        None => return Err(AuthError::Unbound("no kubernetes.io.pod claim".into())),
+    };
     Ok(Workload {
         namespace: k.namespace,
         service_account: k.serviceaccount.name,
-        pod: k.pod.map(|p| p.name),
+        pod: Some(pod),
     })
 }
 
@@ -271,6 +318,12 @@ impl TokenReview {
     /// Uses the in-cluster configuration (`KUBERNETES_SERVICE_HOST`/`_PORT` and the mounted
     /// service-account token and CA).
     pub fn in_cluster(audience: String) -> Result<Self, String> {
+        Self::in_cluster_with(audience, std::path::Path::new(SA_DIR))
+    }
+
+    /// Like [`TokenReview::in_cluster`], with the CA's own service-account credentials
+    /// (`token`, `ca.crt`) in `sa_dir`.
+    pub fn in_cluster_with(audience: String, sa_dir: &std::path::Path) -> Result<Self, String> {
         let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
             "KUBERNETES_SERVICE_HOST is not set: not running in a cluster? Use --jwks-file for offline verification".to_string()
         })?;
@@ -278,7 +331,7 @@ impl TokenReview {
             .ok()
             .and_then(|p| p.parse().ok())
             .unwrap_or(443);
-        let ca_file = PathBuf::from(SA_DIR).join("ca.crt");
+        let ca_file = sa_dir.join("ca.crt");
         if !ca_file.exists() {
             return Err(format!(
                 "{} is missing: the CA pod needs its service-account token mounted",
@@ -289,7 +342,7 @@ impl TokenReview {
             host,
             port,
             ca_file,
-            token_file: PathBuf::from(SA_DIR).join("token"),
+            token_file: sa_dir.join("token"),
             audience,
             provider: moat_core::tls::provider(),
         })
@@ -393,15 +446,28 @@ pub fn workload_from_review(
     let username = user.username.unwrap_or_default();
     let (namespace, service_account) = parse_sa_username(&username)
         .ok_or_else(|| AuthError::Rejected(format!("{username:?} is not a service account")))?;
-    let pod = user
-        .extra
-        .as_ref()
-        .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
-        .and_then(|v| v.first().cloned());
+    // The API server only reports these for tokens bound to a pod that still exists.
+    let extra = |key: &str| {
+        user.extra
+            .as_ref()
+            .and_then(|e| e.get(key))
+            .and_then(|v| v.first())
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
+    let (Some(pod), Some(_uid)) = (
+        extra("authentication.kubernetes.io/pod-name"),
+        extra("authentication.kubernetes.io/pod-uid"),
+    ) else {
+        return Err(AuthError::Unbound(
+            "the TokenReview names no pod (authentication.kubernetes.io/pod-name and pod-uid)"
+                .into(),
+        ));
+    };
     Ok(Workload {
         namespace,
         service_account,
-        pod,
+        pod: Some(pod),
     })
 }
 
@@ -469,6 +535,53 @@ mod tests {
             workload_from_review(r, "moat-ca"),
             Err(AuthError::Rejected(_))
         ));
+    }
+
+    #[test]
+    fn a_token_review_without_a_pod_is_unbound() {
+        let answer = |extra: &str| {
+            format!(
+                r#"{{"spec":{{}},"status":{{"authenticated":true,"audiences":["moat-ca"],
+                  "user":{{"username":"system:serviceaccount:shop:web","extra":{{{extra}}}}}}}}}"#
+            )
+        };
+        for extra in [
+            "",
+            r#""authentication.kubernetes.io/credential-id":["JTI=1"]"#,
+            r#""authentication.kubernetes.io/pod-name":["web-0"]"#,
+            r#""authentication.kubernetes.io/pod-name":["web-0"],"authentication.kubernetes.io/pod-uid":[""]"#,
+        ] {
+            let r: Review = serde_json::from_str(&answer(extra)).unwrap();
+            let got = workload_from_review(r, "moat-ca");
+            assert!(
+                matches!(got, Err(AuthError::Unbound(_))),
+                "{extra}: {got:?}"
+            );
+            assert_eq!(got.unwrap_err().reason(), "unbound_token");
+        }
+        let bound = r#""authentication.kubernetes.io/pod-name":["web-0"],"authentication.kubernetes.io/pod-uid":["a1"]"#;
+        let r: Review = serde_json::from_str(&answer(bound)).unwrap();
+        assert_eq!(
+            workload_from_review(r, "moat-ca").unwrap().pod.as_deref(),
+            Some("web-0")
+        );
+    }
+
+    #[test]
+    fn jwt_claims_without_a_pod_are_unbound() {
+        let claims = |pod: &str| -> K8sClaims {
+            serde_json::from_str(&format!(
+                r#"{{"sub":"system:serviceaccount:shop:web","kubernetes.io":{{"namespace":"shop",
+                   "serviceaccount":{{"name":"web","uid":"1"}}{pod}}}}}"#
+            ))
+            .unwrap()
+        };
+        for pod in ["", r#","pod":{"name":"web-0"}"#, r#","pod":{"uid":"2"}"#] {
+            let got = workload_from_claims(claims(pod));
+            assert!(matches!(got, Err(AuthError::Unbound(_))), "{pod}: {got:?}");
+        }
+        let w = workload_from_claims(claims(r#","pod":{"name":"web-0","uid":"2"}"#)).unwrap();
+        assert_eq!(w.pod.as_deref(), Some("web-0"));
     }
 
     #[test]

@@ -176,6 +176,9 @@ pub fn init_intermediate(
         &format!("Moat intermediate CA for {}", root.trust_domain),
         validity,
     )?;
+    // pathLen 0: the intermediate signs leaves only. Were its key stolen, it could not mint
+    // a further CA that verifiers would accept.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.use_authority_key_identifier_extension = true;
     let not_after = SystemTime::now() + validity;
     if not_after > root.not_after {
@@ -474,4 +477,41 @@ fn trust_domain_of(cert: &CertificateDer<'_>) -> Result<TrustDomain, AuthorityEr
         })?;
     TrustDomain::new(san.trim_end_matches('/'))
         .map_err(|e| AuthorityError::Invalid(format!("signing certificate trust domain: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_intermediate_may_sign_leaves_only() {
+        let dir = std::env::temp_dir().join(format!("moat-ca-pathlen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        init_root(&td, &dir.join("root"), Duration::from_secs(86400 * 30)).unwrap();
+        init_intermediate(
+            &dir.join("root"),
+            &dir.join("signing"),
+            Duration::from_secs(86400),
+        )
+        .unwrap();
+        let basic_constraints = |path: &Path| {
+            let pem = std::fs::read(path).unwrap();
+            let der = moat_core::pem::parse_certs(&pem).unwrap().remove(0);
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let bc = cert.basic_constraints().unwrap().unwrap();
+            assert!(bc.critical, "basicConstraints is critical");
+            (bc.value.ca, bc.value.path_len_constraint)
+        };
+        assert_eq!(
+            basic_constraints(&dir.join("signing").join(SECRET_CERT)),
+            (true, Some(0))
+        );
+        // The offline root itself stays unconstrained: it may sign further intermediates.
+        assert_eq!(
+            basic_constraints(&dir.join("root").join(ROOT_CERT)),
+            (true, None)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

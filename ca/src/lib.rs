@@ -6,4 +6,6 @@
 pub mod auth;
 pub mod authority;
 pub mod csr;
+pub mod guard;
+mod ratelimit;
 pub mod server;

@@ -10,8 +10,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use moat_ca::auth::{Jwks, TokenReview, TokenVerifier};
 use moat_ca::authority::{self, Authority};
+use moat_ca::guard::{CacheConfig, Guarded, ReviewLimits};
 use moat_ca::server::{CaService, Limits};
 use moat_core::daemon::{self, DaemonArgs, Lifecycle};
+use moat_core::https::ConnectionArgs;
 use moat_core::spiffe::TrustDomain;
 use moat_core::telemetry;
 use moat_core::tls::CurrentCert;
@@ -116,7 +118,43 @@ struct ServeArgs {
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
     #[command(flatten)]
+    connections: ConnectionArgs,
+    /// Directory of the CA's own service-account credentials (token, ca.crt), used to call
+    /// the TokenReview API.
+    #[arg(long, default_value = moat_ca::auth::SA_DIR, env = "MOAT_CA_SERVICE_ACCOUNT_DIR")]
+    service_account_dir: PathBuf,
+    /// TokenReview: how long a verified token is remembered (never beyond its expiry; 0s: no
+    /// cache).
+    #[arg(long, default_value = "60s", value_parser = moat_core::duration::parse)]
+    token_cache_ttl: Duration,
+    /// TokenReview: how long a refused token is remembered (0s: not at all).
+    #[arg(long, default_value = "10s", value_parser = moat_core::duration::parse)]
+    token_cache_negative_ttl: Duration,
+    /// TokenReview: most tokens remembered.
+    #[arg(long, default_value_t = 10_000)]
+    token_cache_size: usize,
+    /// TokenReview: most reviews per second sent to the Kubernetes API server, all clients
+    /// together; beyond it requests get 503 auth_overloaded with Retry-After.
+    #[arg(long, default_value_t = 50.0, value_parser = parse_rate)]
+    token_review_rate: f64,
+    /// TokenReview: burst above --token-review-rate.
+    #[arg(long, default_value_t = 100.0, value_parser = parse_rate)]
+    token_review_burst: f64,
+    /// TokenReview: most reviews per second for tokens from one client address.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_rate)]
+    token_review_source_rate: f64,
+    /// TokenReview: burst above --token-review-source-rate.
+    #[arg(long, default_value_t = 20.0, value_parser = parse_rate)]
+    token_review_source_burst: f64,
+    #[command(flatten)]
     daemon: DaemonArgs,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
 }
 
 fn parse_dns_san(s: &str) -> Result<(moat_core::SpiffeId, Vec<String>), String> {
@@ -235,10 +273,31 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             jwks
         }
         None => {
-            tracing::info!(audience = %args.token_audience, "verifying tokens with the Kubernetes TokenReview API");
-            Arc::new(
-                TokenReview::in_cluster(args.token_audience.clone()).map_err(anyhow::Error::msg)?,
+            let review = TokenReview::in_cluster_with(
+                args.token_audience.clone(),
+                &args.service_account_dir,
             )
+            .map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                audience = %args.token_audience,
+                cache_ttl = %moat_core::duration::format(args.token_cache_ttl),
+                review_rate = args.token_review_rate,
+                "verifying tokens with the Kubernetes TokenReview API"
+            );
+            Arc::new(Guarded::new(
+                review,
+                CacheConfig {
+                    ttl: args.token_cache_ttl,
+                    negative_ttl: args.token_cache_negative_ttl,
+                    max_entries: args.token_cache_size,
+                },
+                ReviewLimits {
+                    rate: args.token_review_rate,
+                    burst: args.token_review_burst,
+                    per_source_rate: args.token_review_source_rate,
+                    per_source_burst: args.token_review_source_burst,
+                },
+            ))
         }
     };
 
@@ -258,7 +317,10 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         rate_per_identity: args.rate_limit,
         burst_per_identity: args.rate_burst,
         request_timeout: args.request_timeout,
-        max_connections: args.max_connections,
+        server: args.connections.apply(moat_core::https::Limits {
+            max_connections: args.max_connections,
+            ..Limits::default().server
+        }),
         dns_sans: args.dns_sans.iter().cloned().collect(),
     };
     let svc = Arc::new(CaService::new(authority, verifier, limits));

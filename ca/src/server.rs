@@ -5,7 +5,8 @@
 //! outcome is an audit line and a metric.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,6 +23,7 @@ use moat_core::spiffe::SpiffeId;
 use crate::auth::{AuthError, TokenVerifier, Workload};
 use crate::authority::Authority;
 use crate::csr;
+use crate::ratelimit::RateLimiter;
 
 /// Metric names.
 pub mod metric {
@@ -46,8 +48,8 @@ pub struct Limits {
     pub burst_per_identity: f64,
     /// Deadline for answering one request.
     pub request_timeout: Duration,
-    /// Concurrent connections accepted.
-    pub max_connections: usize,
+    /// Connection limits and timeouts of the HTTPS server.
+    pub server: https::Limits,
     /// DNS SANs some identities may request (e.g. the injector's webhook name).
     pub dns_sans: HashMap<SpiffeId, Vec<String>>,
 }
@@ -59,47 +61,14 @@ impl Default for Limits {
             rate_per_identity: 5.0,
             burst_per_identity: 20.0,
             request_timeout: Duration::from_secs(10),
-            max_connections: 4096,
+            server: https::Limits {
+                max_connections: 4096,
+                // Request heads are small: a bearer token and a few headers.
+                max_buf: Some(MAX_REQUEST_BYTES * 2),
+                metrics_prefix: "moat_ca",
+                ..https::Limits::default()
+            },
             dns_sans: HashMap::new(),
-        }
-    }
-}
-
-/// Token-bucket rate limiter keyed by workload identity.
-struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    fn new(rate: f64, burst: f64) -> Self {
-        Self {
-            rate,
-            burst,
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Takes one token; on refusal returns how long until one is available.
-    fn take(&self, key: &str) -> Result<(), Duration> {
-        let now = Instant::now();
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 100_000 {
-            // Full buckets carry no state worth keeping.
-            let (rate, burst) = (self.rate, self.burst);
-            map.retain(|_, (t, last)| *t + now.duration_since(*last).as_secs_f64() * rate < burst);
-        }
-        let (tokens, last) = map.entry(key.to_string()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - *tokens) / self.rate.max(1e-9),
-            ))
         }
     }
 }
@@ -133,10 +102,16 @@ impl Refusal {
 impl From<AuthError> for Refusal {
     fn from(e: AuthError) -> Self {
         let status = match e {
-            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::Unavailable(_) | AuthError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::UNAUTHORIZED,
         };
-        Refusal::new(status, e.reason(), e.to_string())
+        let mut r = Refusal::new(status, e.reason(), e.to_string());
+        if let AuthError::Overloaded { retry_after, .. } = e {
+            r.retry_after = Some(retry_after);
+        }
+        r
     }
 }
 
@@ -176,12 +151,13 @@ impl CaService {
 
     /// Answers one HTTP request.
     pub async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let client = req.extensions().get::<https::ClientAddr>().map(|c| c.0);
         match (req.method(), req.uri().path()) {
             (&Method::POST, CERTIFICATES_PATH) => {
                 let start = Instant::now();
                 let outcome = match tokio::time::timeout(
                     self.limits.request_timeout,
-                    self.issue(req),
+                    self.issue(req, client),
                 )
                 .await
                 {
@@ -198,7 +174,7 @@ impl CaService {
                 metrics::histogram!(metric::LATENCY).record(start.elapsed().as_secs_f64());
                 match outcome {
                     Ok(resp) => resp,
-                    Err(refusal) => self.refuse(refusal),
+                    Err(refusal) => self.refuse(refusal, client),
                 }
             }
             (&Method::GET, TRUST_BUNDLE_PATH) => {
@@ -226,7 +202,7 @@ impl CaService {
         }
     }
 
-    fn refuse(&self, r: Refusal) -> Response<Full<Bytes>> {
+    fn refuse(&self, r: Refusal, client: Option<SocketAddr>) -> Response<Full<Bytes>> {
         metrics::counter!(metric::REFUSED, "reason" => r.code).increment(1);
         let (ns, sa, pod) = match &r.who {
             Some(w) => (
@@ -241,6 +217,7 @@ impl CaService {
             event = "refused",
             reason = r.code,
             status = r.status.as_u16(),
+            client = %client_str(client),
             namespace = ns,
             service_account = sa,
             pod,
@@ -250,7 +227,11 @@ impl CaService {
         error_response(r.status, r.code, &r.message, r.retry_after)
     }
 
-    async fn issue(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Refusal> {
+    async fn issue(
+        &self,
+        req: Request<Incoming>,
+        client: Option<SocketAddr>,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
         let too_big = || {
             Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -269,7 +250,10 @@ impl CaService {
             return Err(too_big());
         }
         let token = bearer(req.headers()).ok_or(AuthError::Missing)?.to_string();
-        let workload = self.verifier.verify(&token).await?;
+        let workload = self
+            .verifier
+            .verify_from(&token, client.map(|c| c.ip()))
+            .await?;
         let id = SpiffeId::workload(
             self.authority.trust_domain(),
             &workload.namespace,
@@ -359,6 +343,7 @@ impl CaService {
         tracing::info!(
             target: "moat_ca::audit",
             event = "issued",
+            client = %client_str(client),
             spiffe_id = %id,
             namespace = %workload.namespace,
             service_account = %workload.service_account,
@@ -385,13 +370,13 @@ impl https::Handler for CaService {
     }
 
     fn limits(&self) -> https::Limits {
-        https::Limits {
-            max_connections: self.limits.max_connections,
-            // Request heads are small: a bearer token and a few headers.
-            max_buf: Some(MAX_REQUEST_BYTES * 2),
-            ..https::Limits::default()
-        }
+        self.limits.server
     }
+}
+
+/// The client's address for audit lines (empty when not known, e.g. in unit tests).
+fn client_str(client: Option<SocketAddr>) -> String {
+    client.map(|c| c.to_string()).unwrap_or_default()
 }
 
 fn bearer(headers: &http::HeaderMap) -> Option<&str> {
@@ -431,17 +416,6 @@ fn error_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rate_limiter_allows_burst_then_refuses() {
-        let l = RateLimiter::new(1.0, 3.0);
-        for _ in 0..3 {
-            assert!(l.take("a").is_ok());
-        }
-        let wait = l.take("a").unwrap_err();
-        assert!(wait > Duration::from_millis(500) && wait <= Duration::from_secs(1));
-        assert!(l.take("b").is_ok(), "limits are per identity");
-    }
 
     #[test]
     fn bearer_parsing_is_strict() {

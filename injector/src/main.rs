@@ -86,6 +86,12 @@ struct ServeArgs {
     /// How often the webhook caBundle is checked (with --tls-from-ca).
     #[arg(long, default_value = "30s", value_parser = moat_core::duration::parse)]
     ca_bundle_sync_interval: Duration,
+    /// Most connections open at once. At the limit the oldest connection without a request in
+    /// progress is closed to make room; when all are busy, new ones are refused.
+    #[arg(long, default_value_t = moat_injector::webhook::MAX_CONNECTIONS, value_parser = parse_max_connections)]
+    max_connections: usize,
+    #[command(flatten)]
+    connections: moat_core::https::ConnectionArgs,
     #[command(flatten)]
     daemon: DaemonArgs,
 }
@@ -97,6 +103,13 @@ struct InjectArgs {
     file: String,
     #[command(flatten)]
     config: ConfigArgs,
+}
+
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a positive number of connections")),
+    }
 }
 
 fn parse_object_name(s: &str) -> Result<String, String> {
@@ -215,7 +228,11 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (serving, Box::new(|| true))
     };
 
-    let webhook_state = Arc::new(Webhook::new(cfg, args.failure_mode));
+    let limits = args.connections.apply(moat_core::https::Limits {
+        max_connections: args.max_connections,
+        ..moat_injector::webhook::default_limits()
+    });
+    let webhook_state = Arc::new(Webhook::new(cfg, args.failure_mode).with_limits(limits));
     spawn_bundle_reload(
         webhook_state.clone(),
         args.config.trust_bundle.clone(),

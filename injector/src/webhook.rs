@@ -26,6 +26,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub struct Webhook {
     config: ArcSwap<InjectConfig>,
     failure: FailureMode,
+    limits: https::Limits,
 }
 
 impl Webhook {
@@ -34,7 +35,14 @@ impl Webhook {
         Self {
             config: ArcSwap::from_pointee(config),
             failure,
+            limits: default_limits(),
         }
+    }
+
+    /// The same webhook served within `limits` (connections, timeouts).
+    pub fn with_limits(mut self, limits: https::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Replaces the configuration (e.g. after the trust bundle changed).
@@ -111,10 +119,16 @@ impl https::Handler for Webhook {
     }
 
     fn limits(&self) -> https::Limits {
-        https::Limits {
-            max_connections: MAX_CONNECTIONS,
-            ..https::Limits::default()
-        }
+        self.limits
+    }
+}
+
+/// The webhook's server limits unless configured otherwise.
+pub fn default_limits() -> https::Limits {
+    https::Limits {
+        max_connections: MAX_CONNECTIONS,
+        metrics_prefix: "moat_injector",
+        ..https::Limits::default()
     }
 }
 
