@@ -529,7 +529,7 @@ pub fn has_moat_parts(pod: &Value) -> bool {
         .iter()
         .filter_map(|p| pod.pointer(p).and_then(Value::as_array))
         .flatten()
-        .any(|c| is_moat_container(c));
+        .any(is_moat_container);
     annotated || named
 }
 

@@ -39,7 +39,7 @@ enum Cmd {
     /// Serve the mutating admission webhook (POST /inject) over HTTPS.
     Serve(Box<ServeArgs>),
     /// Inject manifests offline (GitOps): read YAML, write injected YAML to stdout.
-    Inject(InjectArgs),
+    Inject(Box<InjectArgs>),
 }
 
 #[derive(Args)]
@@ -122,7 +122,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Serve(args) => serve(*args),
-        Cmd::Inject(args) => inject(args),
+        Cmd::Inject(args) => inject(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -122,6 +122,12 @@ fn transport_checks() {
     assert_eq!(r.status, 415);
     let r = wh.answer(&http::Method::GET, "/inject", json_ct, Ok(&ok));
     assert_eq!((r.status, error_of(&r).0), (405, "method_not_allowed"));
+    assert_eq!(
+        wh.answer(&post, "/inject/opt-in", json_ct, Ok(&ok)).status,
+        200
+    );
+    let r = wh.answer(&post, "/inject/other", json_ct, Ok(&ok));
+    assert_eq!((r.status, error_of(&r).0), (404, "not_found"));
     let r = wh.answer(&post, "/mutate", json_ct, Ok(&ok));
     assert_eq!((r.status, error_of(&r).0), (404, "not_found"));
     let r = wh.answer(

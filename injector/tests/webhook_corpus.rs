@@ -1335,9 +1335,9 @@ fn reinvocation_after_another_webhook_reinjects_the_final_pod_once() {
         .as_array_mut()
         .expect("init")
     {
-        c["env"]
-            .as_array_mut()
-            .map(|e| e.push(json!({"name": "TZ", "value": "UTC"})));
+        if let Some(e) = c["env"].as_array_mut() {
+            e.push(json!({"name": "TZ", "value": "UTC"}));
+        }
     }
     let (again, patch, resp) = inject_one(&changed, &cfg);
     assert!(

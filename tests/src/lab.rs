@@ -235,8 +235,9 @@ pub fn client_pod(name: &str, service_account: &str) -> Pod {
     }
 }
 
-/// `pod` labelled `moat.dev/inject: disabled`: the injector admits it unchanged, so it runs
-/// outside the mesh (no sidecar, no redirection).
+/// `pod` labelled `moat.dev/inject: disabled`: the injector (allowed to by
+/// `--allow-opt-out`) admits it unchanged, so it runs outside the mesh (no sidecar, no
+/// redirection).
 pub fn unmeshed(mut pod: Pod) -> Pod {
     pod.metadata
         .labels
@@ -678,7 +679,10 @@ impl MeshLab {
             .arg("--mesh-networks")
             .arg(&lab.cidr)
             .args(["--trust-domain", TRUST_DOMAIN, "--proxy-image", PROXY_IMAGE])
-            .args(["--failure-mode", "closed", "--log-format", "json"]);
+            .args(["--failure-mode", "closed", "--log-format", "json"])
+            // The lab's namespace enforces the mesh; its unmeshed pods (`unmeshed`) are an
+            // opt-out the platform allows there, as a cluster would for legacy workloads.
+            .args(["--allow-opt-out", &format!("{NAMESPACE}=inject-disabled")]);
         let mut injector = Proc::spawn("moat-injector", cmd, &webhook_dir)?;
         let waited = wait_http_ok(
             &node,
