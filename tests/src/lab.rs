@@ -1113,7 +1113,8 @@ impl MeshLab {
         dir: &Path,
     ) -> anyhow::Result<()> {
         if v.empty_dir.is_some() {
-            return Ok(());
+            // As the kubelet creates them: writable by every container's user.
+            return chmod(dir, 0o777);
         }
         if let Some(cm) = &v.config_map {
             let items = cm
