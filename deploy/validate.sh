@@ -179,8 +179,10 @@ for w in mwc.get("webhooks", []):
     check(w.get("failurePolicy") in ("Fail", "Ignore") and 1 <= w.get("timeoutSeconds", 10) <= 10,
           f"{n}: explicit failurePolicy and timeoutSeconds <= 10")
     check(w.get("reinvocationPolicy") == "IfNeeded", f"{n}: reinvocationPolicy IfNeeded")
+    # /inject enforces the mesh; only the pod opt-in webhook may use /inject/opt-in.
+    path = "/inject/opt-in" if n == "object.inject.moat.dev" else "/inject"
     check(w.get("clientConfig", {}).get("service") == {"namespace": "moat-system", "name": "moat-injector",
-                                                       "path": "/inject", "port": 443}, f"{n}: clientConfig.service")
+                                                       "path": path, "port": 443}, f"{n}: clientConfig.service")
     check("caBundle" not in w.get("clientConfig", {}), f"{n}: caBundle must be left to the injector")
     check(w.get("rules") and all(r["operations"] == ["CREATE"] and r["resources"] == ["pods"] for r in w["rules"]),
           f"{n}: rules CREATE pods only")
@@ -189,6 +191,11 @@ for w in mwc.get("webhooks", []):
               and excluded <= set(e["values"]) for e in exprs), f"{n}: must exclude system namespaces")
 names = [w["name"] for w in mwc.get("webhooks", [])]
 check("namespace.inject.moat.dev" in names, "namespace opt-in webhook missing")
+for w in mwc.get("webhooks", []):
+    if w["name"] == "namespace.inject.moat.dev":
+        # A pod label must not keep the enforcing webhook away (tenants write pod labels).
+        check("objectSelector" not in w, "namespace.inject.moat.dev: no objectSelector (pods cannot opt out)")
+check("--failure-mode=closed" in inj_args, "moat-injector must run with --failure-mode=closed")
 
 if errors:
     print("\n".join("  - " + e for e in errors), file=sys.stderr)

@@ -662,6 +662,10 @@ fn start_injector(bin: &Path, dir: &Path, log_level: &str) -> anyhow::Result<(Pr
         }
     }
     cmd.arg("serve")
+        // kubewarden/privileged_init_container.json is refused (net_admin) in an enforcing
+        // namespace unless allowed: allowed here so every corpus pod is still injected and the
+        // workload stays comparable with earlier reports.
+        .args(["--allow-opt-out", "net-admin"])
         .arg("--listen")
         .arg(addr.to_string())
         .arg("--admin-listen")

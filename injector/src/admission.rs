@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 
 use crate::annotations::warning;
 use crate::config::{FailureMode, InjectConfig};
-use crate::inject::{self, Decision, InjectError};
+use crate::enforce::Violation;
+use crate::inject::{self, Context, Decision, InjectError, Scope};
 use crate::metrics;
 
 /// Largest request body accepted (1 MiB; a Pod is far smaller).
@@ -108,23 +109,29 @@ impl BadRequest {
     }
 }
 
-/// The injection function [`review_with`] calls (normally [`inject::inject`]).
-pub type Injector = fn(&Value, Option<&str>, &InjectConfig) -> Result<inject::Outcome, InjectError>;
+/// The injection function [`review_with`] calls (normally [`inject::inject_in`]).
+pub type Injector = fn(&Value, &Context, &InjectConfig) -> Result<inject::Outcome, InjectError>;
 
-/// Answers one AdmissionReview body.
+/// Answers one AdmissionReview body for a mesh-enforcing namespace ([`Scope::Enforcing`]).
 pub fn review(body: &[u8], cfg: &InjectConfig, failure: FailureMode) -> Reply {
-    review_with(body, cfg, failure, inject::inject)
+    review_in(body, cfg, failure, Scope::Enforcing)
 }
 
-/// [`review`] with another injection function (used to test the failure modes).
+/// Answers one AdmissionReview body under the rules of `scope`.
+pub fn review_in(body: &[u8], cfg: &InjectConfig, failure: FailureMode, scope: Scope) -> Reply {
+    review_with(body, cfg, failure, scope, inject::inject_in)
+}
+
+/// [`review_in`] with another injection function (used to test the failure modes).
 pub fn review_with(
     body: &[u8],
     cfg: &InjectConfig,
     failure: FailureMode,
+    scope: Scope,
     injector: Injector,
 ) -> Reply {
     let start = Instant::now();
-    let (reply, result) = match review_inner(body, cfg, failure, injector) {
+    let (reply, result) = match review_inner(body, cfg, failure, scope, injector) {
         Ok(r) => r,
         Err(bad) => {
             tracing::warn!(error = bad.label(), message = %bad, "bad admission request");
@@ -140,6 +147,7 @@ fn review_inner(
     body: &[u8],
     cfg: &InjectConfig,
     failure: FailureMode,
+    scope: Scope,
     injector: Injector,
 ) -> Result<(Reply, &'static str), BadRequest> {
     let mut raw: Value =
@@ -165,11 +173,25 @@ fn review_inner(
         Ok(req) => req,
         Err(e) => {
             metrics::error("undecodable_request");
-            tracing::warn!(%uid, error = %e, "admission request not understood; admitted unchanged");
-            let w = warning(format!(
-                "moat-injector: request not understood, pod admitted without sidecar: {e}"
-            ));
-            return Ok((bare_allow(&uid, vec![w]), "error"));
+            tracing::warn!(%uid, error = %e, failure_mode = ?failure, "admission request not understood");
+            let reply = match failure {
+                FailureMode::Open => bare_allow(
+                    &uid,
+                    vec![warning(format!(
+                        "moat-injector: request not understood, pod admitted without sidecar: {e}"
+                    ))],
+                ),
+                FailureMode::Closed => {
+                    let mut r = AdmissionResponse::invalid(format!(
+                        "moat-injector cannot read the admission request (pod refused, --failure-mode closed): {e}"
+                    ));
+                    r.uid = uid.clone();
+                    r.result.code = 500;
+                    r.result.reason = "InternalError".into();
+                    encode(r)
+                }
+            };
+            return Ok((reply, "error"));
         }
     };
     // The pod is moved out rather than copied: nothing reads the raw review after this.
@@ -177,7 +199,7 @@ fn review_inner(
         .get_mut("request")
         .and_then(|r| r.get_mut("object"))
         .map(Value::take);
-    Ok(decide(&req, object, cfg, failure, injector))
+    Ok(decide(&req, object, cfg, failure, scope, injector))
 }
 
 /// The typed request, accepting and rejecting exactly what decoding the whole review as
@@ -293,6 +315,7 @@ fn decide(
     object: Option<Value>,
     cfg: &InjectConfig,
     failure: FailureMode,
+    scope: Scope,
     injector: Injector,
 ) -> (Reply, &'static str) {
     let allow = AdmissionResponse::from(req);
@@ -316,9 +339,14 @@ fn decide(
         return skip("subresource", Vec::new());
     }
     let Some(object) = object.filter(Value::is_object) else {
-        metrics::error("missing_object");
-        let w = warning("moat-injector: CREATE without an object; pod admitted unchanged");
-        return (encode(with_warnings(allow, vec![w])), "error");
+        return unreadable(
+            req,
+            &req.name,
+            req.namespace.as_deref().unwrap_or(""),
+            "missing_object",
+            "CREATE without an object".into(),
+            failure,
+        );
     };
     let namespace = object
         .pointer("/metadata/namespace")
@@ -341,12 +369,15 @@ fn decide(
         .unwrap_or_else(|| req.name.clone());
     let ns_label = namespace.as_deref().unwrap_or("");
 
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        injector(&object, namespace.as_deref(), cfg)
-    }))
-    .unwrap_or_else(|_| Err(InjectError::Result("panic while injecting".into())));
+    let ctx = Context {
+        namespace: namespace.as_deref(),
+        scope,
+    };
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| injector(&object, &ctx, cfg)))
+        .unwrap_or_else(|_| Err(InjectError::Result("panic while injecting".into())));
     match outcome {
         Ok(o) => match o.decision {
+            Decision::Refuse(violations) => refuse(req, &name, ns_label, &violations, o.warnings),
             Decision::Skip(reason) => {
                 tracing::info!(uid = %req.uid, namespace = ns_label, pod = %name, reason = reason.label(), warnings = ?o.warnings, dry_run = req.dry_run, "pod not injected");
                 skip(reason.label(), o.warnings)
@@ -385,16 +416,81 @@ fn decide(
                 }
             }
         },
-        Err(InjectError::Decode(e)) => {
-            metrics::error("undecodable_object");
-            tracing::warn!(uid = %req.uid, namespace = ns_label, pod = %name, error = %e, "pod not understood; admitted unchanged");
-            let w = warning(format!(
-                "moat-injector: pod not understood, admitted without sidecar: {e}"
-            ));
-            (encode(with_warnings(allow, vec![w])), "error")
-        }
+        Err(InjectError::Decode(e)) => unreadable(
+            req,
+            &name,
+            ns_label,
+            "undecodable_object",
+            format!("pod not understood: {e}"),
+            failure,
+        ),
         Err(e) => internal(req, &name, ns_label, e, failure),
     }
+}
+
+/// A pod refused in an enforcing namespace: every violation is named with its field and fix,
+/// counted and logged.
+fn refuse(
+    req: &AdmissionRequest<ObjectShape>,
+    name: &str,
+    namespace: &str,
+    violations: &[Violation],
+    warnings: Vec<String>,
+) -> (Reply, &'static str) {
+    let mut reasons: Vec<&'static str> = violations.iter().map(|v| v.what.label()).collect();
+    reasons.dedup();
+    for r in &reasons {
+        metrics::refused(r);
+    }
+    let mut keys: Vec<&'static str> = violations.iter().map(|v| v.what.key()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let what: Vec<&str> = violations.iter().map(|v| v.message.as_str()).collect();
+    tracing::warn!(uid = %req.uid, namespace, pod = %name, reasons = ?reasons, violations = ?what, dry_run = req.dry_run, "pod refused: it would not be (fully) in the mesh");
+    let message = format!(
+        "moat-injector: namespace {} enforces the Moat mesh (label moat.dev/inject=enabled) and this pod would escape it: {}. Fix the pod, or ask the platform team to allow it (moat-injector --allow-opt-out={}={})",
+        if namespace.is_empty() { "?" } else { namespace },
+        what.join("; "),
+        if namespace.is_empty() { "NAMESPACE" } else { namespace },
+        keys.join(",")
+    );
+    let mut resp = with_warnings(AdmissionResponse::from(req), warnings).deny(message);
+    resp.result.code = 403;
+    resp.result.reason = "Forbidden".into();
+    (encode(resp), "refused")
+}
+
+/// A request or pod the injector cannot read: admitted unchanged with a warning (`open`) or
+/// refused (`closed`): with `closed`, nothing reaches an enforcing namespace unmeshed because
+/// the injector did not understand it.
+fn unreadable(
+    req: &AdmissionRequest<ObjectShape>,
+    name: &str,
+    namespace: &str,
+    label: &'static str,
+    what: String,
+    failure: FailureMode,
+) -> (Reply, &'static str) {
+    metrics::error(label);
+    tracing::warn!(uid = %req.uid, namespace, pod = %name, error = %what, failure_mode = ?failure, "pod not readable by the injector");
+    let resp = AdmissionResponse::from(req);
+    let resp = match failure {
+        FailureMode::Open => with_warnings(
+            resp,
+            vec![warning(format!(
+                "moat-injector: {what}; pod admitted without sidecar"
+            ))],
+        ),
+        FailureMode::Closed => {
+            let mut r = resp.deny(format!(
+                "moat-injector cannot inject the pod (refused, --failure-mode closed): {what}"
+            ));
+            r.result.code = 500;
+            r.result.reason = "InternalError".into();
+            r
+        }
+    };
+    (encode(resp), "error")
 }
 
 /// An injector failure: admit unchanged with a warning (`open`) or refuse (`closed`).

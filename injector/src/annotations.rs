@@ -134,6 +134,8 @@ pub struct Tuning {
     pub skip_outbound_ports: Vec<PortRange>,
     /// Outbound CIDRs left alone by the redirection.
     pub skip_outbound_cidrs: Vec<Cidr>,
+    /// Outbound ports left alone for one network only (DNS to the cluster DNS).
+    pub skip_outbound_endpoints: Vec<(Cidr, PortRange)>,
     /// Sidecar resources.
     pub resources: ProxyResources,
     /// Sidecar log filter.
@@ -152,7 +154,7 @@ fn extend_new<T: PartialEq>(list: &mut Vec<T>, more: Vec<T>) {
 }
 
 /// Reads the tuning annotations; invalid values are ignored with a warning. The outbound skips
-/// add to the configuration's (`--api-server-ip`, DNS).
+/// add to the configuration's (`--api-server-ip`; DNS is an endpoint exclusion).
 pub fn tuning(
     annotations: Option<&BTreeMap<String, String>>,
     cfg: &InjectConfig,
@@ -162,8 +164,9 @@ pub fn tuning(
     let a = annotations.unwrap_or(&empty);
     let mut t = Tuning {
         skip_inbound_ports: Vec::new(),
-        skip_outbound_ports: cfg.skip_outbound_ports.clone(),
+        skip_outbound_ports: Vec::new(),
         skip_outbound_cidrs: cfg.skip_outbound_cidrs.clone(),
+        skip_outbound_endpoints: cfg.skip_outbound_endpoints.clone(),
         resources: ProxyResources::default(),
         log_level: DEFAULT_LOG_LEVEL.into(),
         sidecar_mode: cfg.sidecar_mode,
@@ -297,7 +300,8 @@ mod tests {
             mesh_networks: vec![],
             sidecar_mode: SidecarMode::Native,
             skip_outbound_cidrs: vec![],
-            skip_outbound_ports: vec![],
+            skip_outbound_endpoints: vec![],
+            enforcement: Default::default(),
         }
     }
 
@@ -364,24 +368,23 @@ mod tests {
     fn outbound_skips_add_to_the_configured_ones() {
         let mut c = cfg();
         c.skip_outbound_cidrs = syntax::parse_cidrs("10.96.0.1").unwrap();
-        c.skip_outbound_ports = syntax::parse_ports("53").unwrap();
         let mut w = Vec::new();
         let t = tuning(None, &c, &mut w);
-        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "53");
+        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "");
         assert_eq!(syntax::format_list(&t.skip_outbound_cidrs), "10.96.0.1/32");
         let a = map(&[
             (SKIP_OUTBOUND_PORTS, "5432,53"),
             (SKIP_OUTBOUND_CIDRS, "fd00::/8,10.96.0.1/32"),
         ]);
         let t = tuning(Some(&a), &c, &mut w);
-        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "53,5432");
+        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "5432,53");
         assert_eq!(
             syntax::format_list(&t.skip_outbound_cidrs),
             "10.96.0.1/32,fd00::/8"
         );
         let bad = map(&[(SKIP_OUTBOUND_PORTS, "dns")]);
         let t = tuning(Some(&bad), &c, &mut w);
-        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "53");
+        assert_eq!(syntax::format_list(&t.skip_outbound_ports), "");
         assert_eq!(w.len(), 1, "{w:?}");
     }
 

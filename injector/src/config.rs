@@ -4,9 +4,11 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use moat_core::contract;
 use moat_core::TrustBundle;
 use moat_core::TrustDomain;
 
+use crate::enforce::{Enforcement, EnforcementArgs};
 use crate::syntax::{self, Cidr, CidrList, PortRange};
 
 /// This injector's version, recorded in the `moat.dev/injected` annotation.
@@ -19,17 +21,26 @@ pub const DEFAULT_CA_URL: &str = "https://moat-ca.moat-system.svc:8443";
 /// Default trust bundle file.
 pub const DEFAULT_TRUST_BUNDLE: &str = "/var/run/moat/trust/bundle.pem";
 
-/// uid and gid of the sidecar proxy; the redirection rules exempt them.
-pub const PROXY_UID: i64 = 7777;
-/// Proxy admin port: `/ready`, `/live`, `/app-health/...`; never redirected.
-pub const ADMIN_PORT: i32 = 15020;
-/// Proxy inbound listener.
-pub const INBOUND_PORT: i32 = 15006;
-/// Proxy outbound listener.
-pub const OUTBOUND_PORT: i32 = 15001;
-/// DNS port: outbound TCP to it is not captured unless `--capture-dns-tcp` (cluster DNS is
-/// not in the mesh).
+// The pod contract, in the integer types of the Kubernetes API (lossless widening).
+/// uid of the sidecar proxy ([`contract::PROXY_UID`]); the redirection rules exempt it.
+pub const PROXY_UID: i64 = contract::PROXY_UID as i64;
+/// gid of the sidecar proxy ([`contract::PROXY_GID`]); the redirection rules exempt it.
+pub const PROXY_GID: i64 = contract::PROXY_GID as i64;
+/// Proxy admin port ([`contract::ADMIN_PORT`]): `/ready`, `/live`, `/app-health/...`; never
+/// redirected.
+pub const ADMIN_PORT: i32 = contract::ADMIN_PORT as i32;
+/// Proxy inbound listener ([`contract::INBOUND_PORT`]).
+pub const INBOUND_PORT: i32 = contract::INBOUND_PORT as i32;
+/// Proxy outbound listener ([`contract::OUTBOUND_PORT`]).
+pub const OUTBOUND_PORT: i32 = contract::OUTBOUND_PORT as i32;
+/// The shared run directory ([`contract::RUN_DIR`]): read-write in the sidecar (its admin
+/// socket), read-only in the app containers.
+pub const RUN_DIR: &str = contract::RUN_DIR;
+/// DNS port: outbound TCP to the cluster DNS addresses is not captured unless
+/// `--capture-dns-tcp` (cluster DNS is not in the mesh).
 pub const DNS_PORT: u16 = 53;
+/// Where the injector finds its own resolver, the default cluster DNS address.
+pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Name of the admin port on the sidecar.
 pub const ADMIN_PORT_NAME: &str = "moat-admin";
 
@@ -41,7 +52,8 @@ pub const PROXY_CONTAINER: &str = "moat-proxy";
 pub const TOKEN_VOLUME: &str = "moat-token";
 /// Optional authorization policy ConfigMap volume.
 pub const POLICY_VOLUME: &str = "moat-policy";
-/// Writable `/run` of the init container (xtables lock).
+/// The pod's shared in-memory volume: `/run` of the init container (xtables lock), the
+/// sidecar's run directory (admin socket) and, read-only, the app containers'.
 pub const RUN_VOLUME: &str = "moat-run";
 /// Where the token volume is mounted.
 pub const TOKEN_DIR: &str = "/var/run/secrets/moat";
@@ -149,10 +161,21 @@ pub struct ConfigArgs {
     /// captured it would be refused (egress fails closed) or sent to mTLS (mesh networks).
     #[arg(long)]
     pub capture_api_server: bool,
-    /// Capture outbound TCP port 53 (DNS over TCP) too. By default it is excluded from
-    /// redirection: cluster DNS (kube-system) is not in the mesh.
+    /// Capture outbound TCP port 53 to the cluster DNS addresses too. By default DNS over TCP
+    /// to those addresses (and only to them) is excluded from redirection: cluster DNS
+    /// (kube-system) is not in the mesh.
     #[arg(long)]
     pub capture_dns_tcp: bool,
+    /// Cluster DNS Service address whose TCP port 53 is not captured (repeatable). Default: the
+    /// nameservers of --resolv-conf that are IP addresses (in a pod: the cluster DNS Service).
+    #[arg(long, value_name = "IP", action = clap::ArgAction::Append)]
+    pub cluster_dns_ip: Vec<IpAddr>,
+    /// resolv.conf whose nameservers are the default --cluster-dns-ip.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_RESOLV_CONF)]
+    pub resolv_conf: PathBuf,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub enforcement: EnforcementArgs,
 }
 
 fn parse_image(s: &str) -> Result<String, String> {
@@ -215,13 +238,36 @@ impl ConfigArgs {
         }
     }
 
-    /// Outbound ports no injected pod captures: 53 (DNS over TCP), unless `--capture-dns-tcp`.
-    pub fn skip_outbound_ports(&self) -> Vec<PortRange> {
-        if self.capture_dns_tcp {
-            Vec::new()
-        } else {
-            vec![PortRange::single(DNS_PORT)]
+    /// The cluster DNS addresses: `--cluster-dns-ip`, else the IP nameservers of
+    /// `--resolv-conf` (loopback ones are a local stub resolver, not the cluster's: ignored).
+    pub fn cluster_dns(&self) -> Vec<IpAddr> {
+        if !self.cluster_dns_ip.is_empty() {
+            return self.cluster_dns_ip.clone();
         }
+        let text = match std::fs::read_to_string(&self.resolv_conf) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(path = %self.resolv_conf.display(), error = %e, "cannot read resolv.conf; no cluster DNS address known (set --cluster-dns-ip), DNS over TCP will be captured");
+                return Vec::new();
+            }
+        };
+        let ips = nameservers(&text);
+        if ips.is_empty() {
+            tracing::warn!(path = %self.resolv_conf.display(), "no usable nameserver IP in resolv.conf; DNS over TCP will be captured (set --cluster-dns-ip)");
+        }
+        ips
+    }
+
+    /// Outbound endpoints no injected pod captures: TCP port 53 of each cluster DNS address,
+    /// unless `--capture-dns-tcp`. Only those destinations: port 53 elsewhere is captured.
+    pub fn skip_outbound_endpoints(&self) -> Vec<(Cidr, PortRange)> {
+        if self.capture_dns_tcp {
+            return Vec::new();
+        }
+        self.cluster_dns()
+            .into_iter()
+            .map(|ip| (Cidr::host(ip), PortRange::single(DNS_PORT)))
+            .collect()
     }
 
     /// Reads the trust bundle and builds the configuration.
@@ -235,9 +281,29 @@ impl ConfigArgs {
             mesh_networks: self.mesh_networks.0.clone(),
             sidecar_mode: self.sidecar_mode,
             skip_outbound_cidrs: self.skip_outbound_cidrs(),
-            skip_outbound_ports: self.skip_outbound_ports(),
+            skip_outbound_endpoints: self.skip_outbound_endpoints(),
+            enforcement: self.enforcement.policy(),
         })
     }
+}
+
+/// The IP nameservers of a resolv.conf, loopback ones left out (a stub resolver such as
+/// systemd-resolved's 127.0.0.53 is never the cluster DNS, and loopback is not captured).
+pub fn nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for line in resolv_conf.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        // An IPv6 nameserver may carry a zone (`fe80::1%eth0`): not a cluster address.
+        if let Some(ip) = words.next().and_then(|w| w.parse::<IpAddr>().ok()) {
+            if !ip.is_loopback() && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    out
 }
 
 /// Reads and validates a PEM trust bundle, returning it normalised.
@@ -276,8 +342,10 @@ pub struct InjectConfig {
     pub sidecar_mode: SidecarMode,
     /// Outbound networks every pod leaves uncaptured (before its own annotation's).
     pub skip_outbound_cidrs: Vec<Cidr>,
-    /// Outbound ports every pod leaves uncaptured (before its own annotation's).
-    pub skip_outbound_ports: Vec<PortRange>,
+    /// Outbound (network, ports) every pod leaves uncaptured: DNS to the cluster DNS.
+    pub skip_outbound_endpoints: Vec<(Cidr, PortRange)>,
+    /// What enforcing namespaces allow tenants to opt out of.
+    pub enforcement: Enforcement,
 }
 
 impl InjectConfig {
@@ -307,7 +375,53 @@ mod tests {
         assert_eq!(cli.cfg.trust_bundle, PathBuf::from(DEFAULT_TRUST_BUNDLE));
         assert_eq!(cli.cfg.mesh_networks.to_string(), "10.0.0.0/8");
         assert_eq!(cli.cfg.sidecar_mode, SidecarMode::Native);
-        assert_eq!(cli.cfg.skip_outbound_ports(), [PortRange::single(53)]);
+        assert_eq!(cli.cfg.resolv_conf, PathBuf::from("/etc/resolv.conf"));
+        assert_eq!(cli.cfg.enforcement.policy(), Enforcement::default());
+    }
+
+    #[test]
+    fn dns_is_excluded_only_for_the_cluster_dns_addresses() {
+        let endpoints = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            cli.cfg
+                .skip_outbound_endpoints()
+                .iter()
+                .map(|(c, p)| format!("{c}={p}"))
+                .collect::<Vec<_>>()
+        };
+        let dir = std::env::temp_dir().join(format!("moat-resolv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            "search shop.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\nnameserver 127.0.0.53\nnameserver fd00:10:96::a\noptions ndots:5\n",
+        )
+        .unwrap();
+        let r = resolv.to_str().unwrap();
+        assert_eq!(
+            endpoints(&["x", "--resolv-conf", r]),
+            ["10.96.0.10/32=53", "fd00:10:96::a/128=53"]
+        );
+        assert_eq!(
+            endpoints(&[
+                "x",
+                "--resolv-conf",
+                r,
+                "--cluster-dns-ip",
+                "10.0.0.10",
+                "--cluster-dns-ip",
+                "10.0.0.11"
+            ]),
+            ["10.0.0.10/32=53", "10.0.0.11/32=53"]
+        );
+        assert!(endpoints(&["x", "--resolv-conf", r, "--capture-dns-tcp"]).is_empty());
+        assert!(endpoints(&["x", "--resolv-conf", "/nonexistent/resolv.conf"]).is_empty());
+        assert!(Cli::try_parse_from(["x", "--cluster-dns-ip", "kube-dns"]).is_err());
+        assert_eq!(
+            nameservers("nameserver 127.0.0.11\nnameserver ::1\n"),
+            Vec::<IpAddr>::new()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -323,8 +437,6 @@ mod tests {
         assert_eq!(skipped(&["x", ip, "10.96.0.1", "--capture-api-server"]), "");
         assert_eq!(skipped(&["x", ip, "kubernetes.default.svc"]), "");
         assert_eq!(skipped(&["x", ip, ""]), "");
-        let cli = Cli::try_parse_from(["x", "--capture-dns-tcp"]).unwrap();
-        assert!(cli.cfg.skip_outbound_ports().is_empty());
     }
 
     #[test]

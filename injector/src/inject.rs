@@ -16,13 +16,17 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize as _;
 use serde_json::Value;
 
+use json_patch::{AddOperation, PatchOperation};
+use moat_core::contract;
+
 use crate::annotations::{self, warning, PodChoice, Tuning};
 use crate::config::{
     InjectConfig, SidecarMode, ADMIN_PORT, ADMIN_PORT_NAME, IGNORED_NAMESPACES, INBOUND_PORT,
     INIT_CONTAINER, OUTBOUND_PORT, POLICY_CONFIGMAP, POLICY_DIR, POLICY_FILE, POLICY_VOLUME,
-    PROXY_CONTAINER, PROXY_UID, RUN_VOLUME, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS,
-    TOKEN_FILE, TOKEN_VOLUME, VERSION,
+    PROXY_CONTAINER, PROXY_GID, PROXY_UID, RUN_DIR, RUN_VOLUME, TOKEN_AUDIENCE, TOKEN_DIR,
+    TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME, VERSION,
 };
+use crate::enforce::{self, OptOut, Violation};
 use crate::patch::{PatchBuildError, PatchBuilder};
 use crate::probes::{self, AppProbe};
 use crate::syntax;
@@ -30,16 +34,29 @@ use crate::syntax;
 /// Annotation kubectl uses to pick the container of `logs`/`exec`.
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 
-/// Containers of other meshes: a pod that has one is left alone (two sidecars would fight over
-/// the same traffic).
-const OTHER_MESH_CONTAINERS: [&str; 6] = [
-    "istio-proxy",
-    "istio-init",
-    "istio-validation",
-    "linkerd-proxy",
-    "linkerd-init",
-    "linkerd-network-validator",
-];
+/// Which rules apply to a pod, from where it comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The webhook, for a namespace labelled `moat.dev/inject=enabled`: opt-outs and conflicts
+    /// are refused unless the platform allowed them, Moat's parts already in the pod are
+    /// never trusted.
+    Enforcing,
+    /// The webhook, for a pod that opted in from a namespace without the label: opt-outs and
+    /// conflicts leave it uninjected (with a warning); Moat's parts are never trusted.
+    OptIn,
+    /// `inject -f`: as [`Scope::OptIn`], except that a manifest marked as injected is left as
+    /// it is (the webhook checks it again when its pods are created).
+    Offline,
+}
+
+/// Where a pod is injected.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The pod's namespace when known.
+    pub namespace: Option<&'a str>,
+    /// The rules that apply.
+    pub scope: Scope,
+}
 
 /// Why a pod is admitted without injection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,13 +127,31 @@ pub struct Injection {
     pub status: InjectionStatus,
 }
 
-/// Inject or skip.
+/// Inject, skip or refuse.
 #[derive(Debug, Clone)]
 pub enum Decision {
     /// Patch the pod.
     Inject(Box<Injection>),
     /// Leave the pod alone.
     Skip(SkipReason),
+    /// Refuse the pod (enforcing namespaces only): what it must not do, each naming the field.
+    Refuse(Vec<Violation>),
+}
+
+impl SkipReason {
+    /// The skip an allowed (or, outside enforcing namespaces, tolerated) opt-out leads to;
+    /// `None` for those that do not prevent injection.
+    pub fn of(what: OptOut) -> Option<SkipReason> {
+        match what {
+            OptOut::InjectDisabled => Some(SkipReason::OptedOut),
+            OptOut::Windows => Some(SkipReason::WindowsPod),
+            OptOut::OtherMesh => Some(SkipReason::OtherMesh),
+            OptOut::ProxyUid => Some(SkipReason::ProxyUidConflict),
+            OptOut::PortConflict => Some(SkipReason::PortConflict),
+            OptOut::NameConflict => Some(SkipReason::NameConflict),
+            OptOut::NetAdmin | OptOut::Exclusions => None,
+        }
+    }
 }
 
 /// The decision plus the warnings for the user.
@@ -154,19 +189,142 @@ impl InjectError {
 }
 
 /// Decides and builds the injection for `pod` (a Pod, or a pod template: `metadata` and
-/// `spec`). `namespace` is the pod's namespace when known.
+/// `spec`) as `inject -f` does ([`Scope::Offline`]). `namespace` is the pod's namespace when
+/// known.
 pub fn inject(
     pod: &Value,
     namespace: Option<&str>,
     cfg: &InjectConfig,
 ) -> Result<Outcome, InjectError> {
+    inject_in(
+        pod,
+        &Context {
+            namespace,
+            scope: Scope::Offline,
+        },
+        cfg,
+    )
+}
+
+/// Decides and builds the injection for `pod` in `ctx`. In the webhook's scopes, anything only
+/// the injector writes (status annotation, `moat-init`/`moat-proxy`, Moat's volumes) is first
+/// removed and the pod injected afresh: a pod the injector already injected with the same
+/// configuration (an API server re-invocation) gets no patch, anything else is replaced.
+pub fn inject_in(pod: &Value, ctx: &Context, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
+    if ctx.scope == Scope::Offline || !enforce::has_moat_parts(pod) {
+        return decide(pod, ctx, cfg);
+    }
+    let stripped = enforce::strip(pod);
+    let mut outcome = decide(&stripped, ctx, cfg)?;
+    match &mut outcome.decision {
+        Decision::Inject(injection) if injection.patched == *pod => {
+            outcome.decision = Decision::Skip(SkipReason::AlreadyInjected);
+        }
+        Decision::Inject(injection) => {
+            if moat_parts(pod) != moat_parts(&injection.patched) {
+                outcome.warnings.push(warning(
+                    "moat-injector: Moat's containers, volumes or annotation in the pod were replaced by the injector's own",
+                ));
+            }
+            injection.patch = rebase(pod, &injection.patched);
+        }
+        // A pod whose only containers carry Moat's names would otherwise run them unmeshed.
+        Decision::Skip(SkipReason::NoContainers) if ctx.scope == Scope::Enforcing => {
+            outcome.decision = Decision::Refuse(vec![Violation {
+                what: OptOut::NameConflict,
+                message: format!("spec.containers: {INIT_CONTAINER} and {PROXY_CONTAINER} are reserved for Moat; rename the containers"),
+            }]);
+        }
+        _ => {}
+    }
+    Ok(outcome)
+}
+
+/// What the injector writes into a pod, to tell a re-invocation from a forgery.
+fn moat_parts(pod: &Value) -> (Value, Vec<Value>, Vec<Value>) {
+    let named = |p: &str, names: &[&str]| -> Vec<Value> {
+        pod.pointer(p)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                c.get("name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| names.contains(&n))
+            })
+            .cloned()
+            .collect()
+    };
+    let containers = [INIT_CONTAINER, PROXY_CONTAINER];
+    let mut cs = named("/spec/initContainers", &containers);
+    cs.extend(named("/spec/containers", &containers));
+    (
+        pod.pointer("/metadata/annotations")
+            .and_then(|a| a.get(annotations::INJECTED))
+            .cloned()
+            .unwrap_or(Value::Null),
+        cs,
+        named("/spec/volumes", &[TOKEN_VOLUME, POLICY_VOLUME, RUN_VOLUME]),
+    )
+}
+
+/// A patch turning `original` into `target` where only `spec` and `metadata` differ: each
+/// differing member is replaced whole (`add` replaces an existing member), which always
+/// applies to the object the API server sent.
+fn rebase(original: &Value, target: &Value) -> json_patch::Patch {
+    let mut ops = Vec::new();
+    for key in ["metadata", "spec"] {
+        if let Some(v) = target.get(key).filter(|v| original.get(key) != Some(*v)) {
+            if let Ok(path) = json_patch::jsonptr::PointerBuf::parse(format!("/{key}")) {
+                ops.push(PatchOperation::Add(AddOperation {
+                    path,
+                    value: v.clone(),
+                }));
+            }
+        }
+    }
+    json_patch::Patch(ops)
+}
+
+fn decide(pod: &Value, ctx: &Context, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
     // Decoded from the borrowed tree: a copy of `pod` would be freed straight away.
     let typed = Pod::deserialize(pod).map_err(|e| InjectError::Decode(e.to_string()))?;
     let mut warnings = Vec::new();
     let Some(spec) = typed.spec.as_ref().filter(|s| !s.containers.is_empty()) else {
         return Ok(skip(SkipReason::NoContainers, warnings));
     };
-    if let Some(reason) = skip_reason(&typed, spec, namespace, &mut warnings) {
+    if let Some(reason) = skip_reason(&typed, spec, ctx, &mut warnings) {
+        return Ok(skip(reason, warnings));
+    }
+    let found = enforce::violations(&typed, spec, &cfg.enforcement);
+    if ctx.scope == Scope::Enforcing {
+        let (allowed, refused): (Vec<Violation>, Vec<Violation>) = found
+            .into_iter()
+            .partition(|v| cfg.enforcement.allows(ctx.namespace, v.what));
+        if !refused.is_empty() {
+            return Ok(Outcome {
+                decision: Decision::Refuse(refused),
+                warnings,
+            });
+        }
+        for v in &allowed {
+            warnings.push(warning(format!(
+                "allowed by the platform ({}): {}",
+                v.what.key(),
+                v.message
+            )));
+        }
+        if let Some(reason) = allowed.iter().find_map(|v| SkipReason::of(v.what)) {
+            return Ok(skip(reason, warnings));
+        }
+    } else if let Some((v, reason)) = found
+        .iter()
+        .find_map(|v| SkipReason::of(v.what).map(|r| (v, r)))
+    {
+        // The pod opted itself in: whatever keeps it out only concerns its own author.
+        if v.what != OptOut::InjectDisabled {
+            warnings.push(warning(format!("not injected: {}", v.message)));
+        }
         return Ok(skip(reason, warnings));
     }
     let tuning = annotations::tuning(typed.metadata.annotations.as_ref(), cfg, &mut warnings);
@@ -200,6 +358,28 @@ pub fn inject(
                 )?;
             }
         }
+    }
+
+    // The sidecar's admin socket lives in the run directory; read-only, an app can connect()
+    // to it (classic-mode Jobs stop their sidecar with POST /shutdown) but not replace it.
+    for (i, c) in spec.containers.iter().enumerate() {
+        let taken = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path.trim_end_matches('/') == RUN_DIR);
+        if taken {
+            warnings.push(warning(format!(
+                "container {} already mounts {RUN_DIR}: it cannot reach the sidecar's admin socket",
+                syntax::shorten(&c.name, 30)
+            )));
+            continue;
+        }
+        let index = i.to_string();
+        b.append(
+            &["spec", "containers", &index, "volumeMounts"],
+            vec![to_value(&run_mount(true))?],
+        )?;
     }
 
     let init = to_value(&init_container(cfg, &tuning))?;
@@ -269,11 +449,13 @@ fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, InjectError> {
     serde_json::to_value(v).map_err(|e| InjectError::Result(e.to_string()))
 }
 
-/// The reason not to inject this pod, if any (pushing a warning for the surprising ones).
+/// The reason not to inject this pod that holds whatever the namespace enforces, if any
+/// (pushing a warning for the surprising ones). Opt-outs and conflicts are
+/// [`enforce::violations`].
 pub fn skip_reason(
     pod: &Pod,
     spec: &PodSpec,
-    namespace: Option<&str>,
+    ctx: &Context,
     warnings: &mut Vec<String>,
 ) -> Option<SkipReason> {
     let meta = &pod.metadata;
@@ -281,83 +463,30 @@ pub fn skip_reason(
         return Some(SkipReason::HostNetwork);
     }
     let choice = annotations::pod_choice(meta.labels.as_ref(), meta.annotations.as_ref(), warnings);
-    if choice == PodChoice::Disabled {
-        return Some(SkipReason::OptedOut);
-    }
-    let user_containers = || {
-        spec.containers
+    if ctx.scope == Scope::Offline {
+        if choice == PodChoice::Disabled {
+            return Some(SkipReason::OptedOut);
+        }
+        let injected_annotation = meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(annotations::INJECTED));
+        let moat_container = spec
+            .containers
             .iter()
             .chain(spec.init_containers.iter().flatten())
-    };
-    let injected_annotation = meta
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(annotations::INJECTED));
-    if injected_annotation
-        || user_containers().any(|c| c.name == INIT_CONTAINER || c.name == PROXY_CONTAINER)
-    {
-        return Some(SkipReason::AlreadyInjected);
+            .any(|c| c.name == INIT_CONTAINER || c.name == PROXY_CONTAINER);
+        if injected_annotation || moat_container {
+            return Some(SkipReason::AlreadyInjected);
+        }
     }
-    if let Some(ns) = namespace.filter(|ns| IGNORED_NAMESPACES.contains(ns)) {
+    if let Some(ns) = ctx.namespace.filter(|ns| IGNORED_NAMESPACES.contains(ns)) {
         if choice == PodChoice::Enabled {
             warnings.push(warning(format!(
                 "moat-injector never injects pods in namespace {ns}"
             )));
         }
         return Some(SkipReason::SystemNamespace);
-    }
-    if spec.os.as_ref().is_some_and(|os| os.name == "windows") {
-        warnings.push(warning("moat-injector does not inject Windows pods"));
-        return Some(SkipReason::WindowsPod);
-    }
-    if let Some(c) = user_containers().find(|c| OTHER_MESH_CONTAINERS.contains(&c.name.as_str())) {
-        warnings.push(warning(format!(
-            "not injected: container {} belongs to another service mesh",
-            syntax::shorten(&c.name, 40)
-        )));
-        return Some(SkipReason::OtherMesh);
-    }
-    let pod_sc = spec.security_context.as_ref();
-    for c in user_containers() {
-        let sc = c.security_context.as_ref();
-        let uid = sc
-            .and_then(|s| s.run_as_user)
-            .or(pod_sc.and_then(|s| s.run_as_user));
-        let gid = sc
-            .and_then(|s| s.run_as_group)
-            .or(pod_sc.and_then(|s| s.run_as_group));
-        if uid == Some(PROXY_UID) || gid == Some(PROXY_UID) {
-            warnings.push(warning(format!(
-                "not injected: container {} runs as uid/gid {PROXY_UID}, its traffic would bypass the mesh",
-                syntax::shorten(&c.name, 30)
-            )));
-            return Some(SkipReason::ProxyUidConflict);
-        }
-        if let Some(p) = c
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| [ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT].contains(&p.container_port))
-        {
-            warnings.push(warning(format!(
-                "not injected: container {} uses port {}, reserved for moat-proxy",
-                syntax::shorten(&c.name, 30),
-                p.container_port
-            )));
-            return Some(SkipReason::PortConflict);
-        }
-    }
-    if let Some(v) = spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| [TOKEN_VOLUME, POLICY_VOLUME, RUN_VOLUME].contains(&v.name.as_str()))
-    {
-        warnings.push(warning(format!(
-            "not injected: volume name {} is reserved for Moat",
-            v.name
-        )));
-        return Some(SkipReason::NameConflict);
     }
     None
 }
@@ -410,7 +539,7 @@ pub fn init_args(tuning: &Tuning) -> Vec<String> {
         "--proxy-uid",
         &PROXY_UID.to_string(),
         "--proxy-gid",
-        &PROXY_UID.to_string(),
+        &PROXY_GID.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -427,7 +556,30 @@ pub fn init_args(tuning: &Tuning) -> Vec<String> {
         args.push("--exclude-outbound-cidrs".into());
         args.push(syntax::format_list(&tuning.skip_outbound_cidrs));
     }
+    if !tuning.skip_outbound_endpoints.is_empty() {
+        args.push("--exclude-outbound-endpoints".into());
+        args.push(format_endpoints(&tuning.skip_outbound_endpoints));
+    }
     args
+}
+
+/// `CIDR=PORTS,...` as `moat-proxy init --exclude-outbound-endpoints` reads it.
+pub fn format_endpoints(endpoints: &[(syntax::Cidr, syntax::PortRange)]) -> String {
+    endpoints
+        .iter()
+        .map(|(c, p)| format!("{c}={p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The mount of the run directory: read-write in the sidecar, read-only in the apps.
+fn run_mount(read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: RUN_VOLUME.into(),
+        mount_path: RUN_DIR.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
 }
 
 /// The `moat-init` container: programs the pod's nat table as root with NET_ADMIN and
@@ -494,6 +646,9 @@ pub fn proxy_container(
         field_ref("MOAT_POD_NAMESPACE", "metadata.namespace"),
         field_ref("MOAT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         field_ref("MOAT_POD_IP", "status.podIP"),
+        // The kubelet probes from the node: the proxy accepts /app-health only from it.
+        field_ref(contract::ENV_HOST_IP, "status.hostIP"),
+        literal(contract::ENV_ADMIN_SOCKET, contract::ADMIN_SOCKET),
         literal("MOAT_TRUST_DOMAIN", cfg.trust_domain.as_str()),
         literal("MOAT_CA_URL", &cfg.ca_url),
         literal("MOAT_TOKEN_FILE", TOKEN_FILE),
@@ -527,7 +682,7 @@ pub fn proxy_container(
         liveness_probe: Some(admin_probe("/live", 10, 3)),
         security_context: Some(SecurityContext {
             run_as_user: Some(PROXY_UID),
-            run_as_group: Some(PROXY_UID),
+            run_as_group: Some(PROXY_GID),
             run_as_non_root: Some(true),
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
@@ -552,6 +707,7 @@ pub fn proxy_container(
                 read_only: Some(true),
                 ..Default::default()
             },
+            run_mount(false),
         ]),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()

@@ -6,6 +6,8 @@
 //! * [`webhook`]: the HTTPS server (`POST /inject`);
 //! * [`admission`]: AdmissionReview in, AdmissionReview out;
 //! * [`inject`]: the decision and the patch;
+//! * [`enforce`]: what enforcing namespaces refuse, what the platform allows, and the removal
+//!   of Moat's parts before (re-)injection;
 //! * [`patch`]: JSON Patch and JSON Pointer helpers;
 //! * [`annotations`]: the `moat.dev/` per-pod settings;
 //! * [`probes`]: app probe rewriting;
@@ -22,6 +24,7 @@ pub mod admission;
 pub mod annotations;
 pub mod cert;
 pub mod config;
+pub mod enforce;
 pub mod inject;
 pub mod kube;
 pub mod metrics;

@@ -39,7 +39,7 @@ enum Cmd {
     /// Serve the mutating admission webhook (POST /inject) over HTTPS.
     Serve(Box<ServeArgs>),
     /// Inject manifests offline (GitOps): read YAML, write injected YAML to stdout.
-    Inject(InjectArgs),
+    Inject(Box<InjectArgs>),
 }
 
 #[derive(Args)]
@@ -74,8 +74,9 @@ struct ServeArgs {
     /// MutatingWebhookConfiguration whose caBundle is kept in sync (with --tls-from-ca).
     #[arg(long, default_value = "moat-injector", value_parser = parse_object_name)]
     webhook_config_name: String,
-    /// On an internal error: open admits the pod unmodified with a warning, closed refuses it.
-    #[arg(long, value_enum, default_value_t = FailureMode::Open)]
+    /// When the injector fails on a pod (an internal error, or a request or pod it cannot
+    /// read): closed refuses the pod, open admits it unmodified with a warning.
+    #[arg(long, value_enum, default_value_t = FailureMode::Closed)]
     failure_mode: FailureMode,
     /// Projected service-account token (audience moat-ca), with --tls-from-ca.
     #[arg(long, default_value = TOKEN_FILE)]
@@ -121,7 +122,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Serve(args) => serve(*args),
-        Cmd::Inject(args) => inject(args),
+        Cmd::Inject(args) => inject(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -275,7 +276,11 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         sidecar_mode = args.config.sidecar_mode.as_str(),
         proxy_image = %args.config.proxy_image,
         skip_outbound_cidrs = %format_list(&injected.skip_outbound_cidrs),
-        skip_outbound_ports = %format_list(&injected.skip_outbound_ports),
+        skip_outbound_endpoints = %moat_injector::inject::format_endpoints(&injected.skip_outbound_endpoints),
+        allow_opt_out = %injected.enforcement.describe(),
+        allow_skip_inbound_ports = %format_list(&injected.enforcement.skip_inbound_ports),
+        allow_skip_outbound_ports = %format_list(&injected.enforcement.skip_outbound_ports),
+        allow_skip_outbound_cidrs = %format_list(&injected.enforcement.skip_outbound_cidrs),
         version = config::VERSION,
         "moat-injector serving POST /inject"
     );

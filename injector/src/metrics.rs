@@ -1,12 +1,15 @@
 //! The injector's Prometheus metrics (served on the admin listener's `/metrics`).
 
 /// Histogram: time to answer one AdmissionReview, by `result` (`injected`, `skipped`,
-/// `error`, `bad_request`).
+/// `refused`, `error`, `bad_request`).
 pub const ADMISSION_DURATION: &str = "moat_injector_admission_duration_seconds";
 /// Counter: pods injected.
 pub const INJECTIONS: &str = "moat_injector_injections_total";
 /// Counter: requests admitted without injection, by `reason`.
 pub const SKIPS: &str = "moat_injector_skips_total";
+/// Counter: pods refused in enforcing namespaces, by `reason` (one per distinct reason of the
+/// pod: `opted_out`, `net_admin`, ... see `enforce::OptOut::label`).
+pub const REFUSALS: &str = "moat_injector_refusals_total";
 /// Counter: requests that could not be handled normally, by `reason`.
 pub const ERRORS: &str = "moat_injector_errors_total";
 /// Counter: caBundle updates of the webhook configuration, by `result`.
@@ -26,6 +29,10 @@ pub fn describe() {
         SKIPS,
         "Admission requests answered without injection, by reason."
     );
+    metrics::describe_counter!(
+        REFUSALS,
+        "Pods refused in mesh-enforcing namespaces (opt-outs and conflicts), by reason."
+    );
     metrics::describe_counter!(ERRORS, "Admission requests that failed, by reason.");
     metrics::describe_counter!(
         CA_BUNDLE_SYNCS,
@@ -37,6 +44,11 @@ pub fn describe() {
 /// Counts a skip.
 pub fn skipped(reason: &'static str) {
     metrics::counter!(SKIPS, "reason" => reason).increment(1);
+}
+
+/// Counts a refusal.
+pub fn refused(reason: &'static str) {
+    metrics::counter!(REFUSALS, "reason" => reason).increment(1);
 }
 
 /// Counts an error.

@@ -168,6 +168,14 @@ fn inject_document(
                     outcome.warnings,
                 ));
             }
+            // Offline injection enforces nothing (the webhook does, when the pods are created).
+            Decision::Refuse(violations) => {
+                let why: Vec<&str> = violations.iter().map(|v| v.message.as_str()).collect();
+                reports.push(report(
+                    format!("unchanged: refused: {}", why.join("; ")),
+                    outcome.warnings,
+                ));
+            }
             Decision::Inject(injection) => {
                 let full = patch::prefixed(&injection.patch, &prefix).map_err(|e| {
                     OfflineError::Internal {

@@ -114,6 +114,9 @@ pub fn rewrite(
                 )));
                 continue;
             };
+            if i32::from(port) == ADMIN_PORT {
+                continue; // already the proxy's (a probe the proxy would send to itself)
+            }
             out.insert(
                 key,
                 AppProbe::Http {
@@ -147,6 +150,9 @@ pub fn rewrite(
                 )));
                 continue;
             };
+            if i32::from(port) == ADMIN_PORT {
+                continue;
+            }
             out.insert(key, AppProbe::Tcp { port });
             let mut tcp = path.clone();
             tcp.push("tcpSocket");

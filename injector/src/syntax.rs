@@ -3,7 +3,7 @@
 //! these parsers first, so the init container never fails on a value the injector accepted.
 
 pub use moat_core::netaddr::{
-    format_list, parse_cidrs, parse_ports, shorten, Cidr, CidrList, PortRange,
+    format_list, parse_cidrs, parse_ports, shorten, Cidr, CidrList, PortList, PortRange,
 };
 
 /// Parses a Kubernetes resource quantity (`500m`, `1`, `0.5`, `256Mi`, `1G`, `1e3`) and returns

@@ -1,4 +1,4 @@
-//! The HTTPS webhook: `POST /inject` only, served by [`moat_core::https`] (TLS 1.3 with a
+//! The HTTPS webhook: `POST /inject` and `POST /inject/opt-in` only, served by [`moat_core::https`] (TLS 1.3 with a
 //! hot-swappable serving certificate, HTTP/1.1 and HTTP/2). Transport checks (path, method,
 //! content type, body size) happen here; everything about the AdmissionReview is in
 //! [`crate::admission`].
@@ -15,9 +15,25 @@ use moat_core::https;
 
 use crate::admission::{self, BadRequest, Reply, MAX_BODY};
 use crate::config::{FailureMode, InjectConfig};
+use crate::inject::Scope;
 
-/// The webhook path.
+/// The webhook path for namespaces labelled `moat.dev/inject=enabled`: the mesh is enforced
+/// ([`Scope::Enforcing`]). Which path is called is decided by the API server from the
+/// namespace's real labels (the webhook configuration's `namespaceSelector`), so no pod can
+/// choose it; any other caller of `/inject` also gets enforcement, the safe default.
 pub const PATH: &str = "/inject";
+/// The webhook path for pods that opted in (pod label) from a namespace without the label
+/// ([`Scope::OptIn`]).
+pub const PATH_OPT_IN: &str = "/inject/opt-in";
+
+/// The scope of a webhook path, if it is one.
+pub fn scope_of(path: &str) -> Option<Scope> {
+    match path {
+        PATH => Some(Scope::Enforcing),
+        PATH_OPT_IN => Some(Scope::OptIn),
+        _ => None,
+    }
+}
 /// Most connections served at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 
@@ -63,9 +79,9 @@ impl Webhook {
         content_type: Option<&str>,
         body: Result<&[u8], BadRequest>,
     ) -> Reply {
-        if path != PATH {
+        let Some(scope) = scope_of(path) else {
             return BadRequest::NotFound(path.chars().take(100).collect()).reply();
-        }
+        };
         if method != Method::POST {
             return BadRequest::MethodNotAllowed(method.to_string()).reply();
         }
@@ -77,7 +93,7 @@ impl Webhook {
                 .reply();
         }
         match body {
-            Ok(body) => admission::review(body, &self.config.load(), self.failure),
+            Ok(body) => admission::review_in(body, &self.config.load(), self.failure, scope),
             Err(e) => e.reply(),
         }
     }
@@ -94,7 +110,7 @@ impl Webhook {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let routed = parts.uri.path() == PATH && parts.method == Method::POST;
+        let routed = scope_of(parts.uri.path()).is_some() && parts.method == Method::POST;
         let bytes = if routed {
             read_body(body, declared_len).await
         } else {

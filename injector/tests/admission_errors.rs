@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use moat_injector::admission::{self, review_with, MAX_BODY};
 use moat_injector::config::{FailureMode, InjectConfig, SidecarMode};
-use moat_injector::inject::{InjectError, Outcome};
+use moat_injector::inject::{Context, InjectError, Outcome, Scope};
 use moat_injector::webhook::Webhook;
 use serde_json::{json, Value};
 
@@ -122,6 +122,12 @@ fn transport_checks() {
     assert_eq!(r.status, 415);
     let r = wh.answer(&http::Method::GET, "/inject", json_ct, Ok(&ok));
     assert_eq!((r.status, error_of(&r).0), (405, "method_not_allowed"));
+    assert_eq!(
+        wh.answer(&post, "/inject/opt-in", json_ct, Ok(&ok)).status,
+        200
+    );
+    let r = wh.answer(&post, "/inject/other", json_ct, Ok(&ok));
+    assert_eq!((r.status, error_of(&r).0), (404, "not_found"));
     let r = wh.answer(&post, "/mutate", json_ct, Ok(&ok));
     assert_eq!((r.status, error_of(&r).0), (404, "not_found"));
     let r = wh.answer(
@@ -134,11 +140,11 @@ fn transport_checks() {
     assert!(error_of(&r).1.contains(&MAX_BODY.to_string()));
 }
 
-fn failing(_: &Value, _: Option<&str>, _: &InjectConfig) -> Result<Outcome, InjectError> {
+fn failing(_: &Value, _: &Context, _: &InjectConfig) -> Result<Outcome, InjectError> {
     Err(InjectError::Result("simulated bug".into()))
 }
 
-fn panicking(_: &Value, _: Option<&str>, _: &InjectConfig) -> Result<Outcome, InjectError> {
+fn panicking(_: &Value, _: &Context, _: &InjectConfig) -> Result<Outcome, InjectError> {
     panic!("simulated panic")
 }
 
@@ -147,7 +153,13 @@ fn internal_failure_open_admits_unmodified_with_a_warning() {
     let cfg = config(SidecarMode::Native);
     let r = pod_review();
     for injector in [failing as admission::Injector, panicking] {
-        let reply = review_with(&body(&r), &cfg, FailureMode::Open, injector);
+        let reply = review_with(
+            &body(&r),
+            &cfg,
+            FailureMode::Open,
+            Scope::Enforcing,
+            injector,
+        );
         let resp = check_envelope(&r, &reply);
         assert_eq!(resp.response["allowed"], true);
         assert!(resp.patch.is_none());
@@ -164,7 +176,13 @@ fn internal_failure_closed_refuses_the_pod() {
     let cfg = config(SidecarMode::Native);
     let r = pod_review();
     for injector in [failing as admission::Injector, panicking] {
-        let reply = review_with(&body(&r), &cfg, FailureMode::Closed, injector);
+        let reply = review_with(
+            &body(&r),
+            &cfg,
+            FailureMode::Closed,
+            Scope::Enforcing,
+            injector,
+        );
         let resp = check_envelope(&r, &reply);
         assert_eq!(resp.response["allowed"], false);
         assert!(resp.patch.is_none());
@@ -179,17 +197,47 @@ fn internal_failure_closed_refuses_the_pod() {
     }
 }
 
+/// A pod, a request or a CREATE the injector cannot read reaches no namespace unmeshed with
+/// `--failure-mode closed`; with `open` it is admitted unchanged with a warning.
 #[test]
-fn decoding_failures_are_not_internal_failures() {
-    // Even with --failure-mode closed, a pod the Kubernetes types cannot read is admitted (it
-    // is not the injector failing), with a warning.
+fn unreadable_requests_honour_the_failure_mode() {
     let cfg = config(SidecarMode::Native);
-    let mut r = pod_review();
-    r["request"]["object"]["spec"]["containers"] = json!("not a list");
-    let reply = admission::review(&body(&r), &cfg, FailureMode::Closed);
-    let resp = check_envelope(&r, &reply);
-    assert_eq!(resp.response["allowed"], true);
-    assert!(resp.warnings().contains("pod not understood"));
+    let mut undecodable_pod = pod_review();
+    undecodable_pod["request"]["object"]["spec"]["containers"] = json!("not a list");
+    let mut undecodable_request = pod_review();
+    undecodable_request["request"]["operation"] = json!("EXPLODE");
+    let mut no_object = pod_review();
+    no_object["request"]["object"] = Value::Null;
+    let mut not_an_object = pod_review();
+    not_an_object["request"]["object"] = json!("pod");
+    for (what, r, text) in [
+        ("undecodable pod", &undecodable_pod, "pod not understood"),
+        ("undecodable request", &undecodable_request, "request"),
+        ("no object", &no_object, "CREATE without an object"),
+        ("object not a map", &not_an_object, ""),
+    ] {
+        let closed = check_envelope(r, &admission::review(&body(r), &cfg, FailureMode::Closed));
+        assert_eq!(
+            closed.response["allowed"], false,
+            "{what}: {}",
+            closed.response
+        );
+        assert!(closed.patch.is_none(), "{what}");
+        assert_eq!(closed.response["status"]["code"], 500, "{what}");
+        let msg = closed.response["status"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains("--failure-mode closed") && msg.contains(text),
+            "{what}: {msg}"
+        );
+        let open = check_envelope(r, &admission::review(&body(r), &cfg, FailureMode::Open));
+        assert_eq!(open.response["allowed"], true, "{what}");
+        assert!(open.patch.is_none(), "{what}");
+        assert!(
+            open.warnings().contains("without sidecar"),
+            "{what}: {}",
+            open.warnings()
+        );
+    }
 }
 
 #[test]

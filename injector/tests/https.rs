@@ -307,3 +307,417 @@ fn refuses_to_start_without_a_usable_certificate() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
 }
+
+/// Posts `review` to `path` of a running server; returns the checked response.
+fn review_at(server: &Server, ca: &Path, dir: &Path, path: &str, review: &Value) -> Response {
+    let file = dir.join("attack.json");
+    std::fs::write(&file, serde_json::to_vec(review).expect("json")).expect("write");
+    let url = format!("https://{}{path}", server.webhook);
+    let data = format!("@{}", file.display());
+    let (status, body) = curl(&[
+        "--cacert",
+        ca.to_str().expect("utf-8"),
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &data,
+        &url,
+    ]);
+    assert_eq!(status, 200, "{body}");
+    let reply = moat_injector::admission::Reply {
+        status,
+        body: serde_json::from_str(&body).expect("JSON answer"),
+    };
+    check_envelope(review, &reply)
+}
+
+fn attack_pod(metadata: Value, spec: Value) -> Value {
+    let mut m = metadata;
+    m["name"] = json!("tenant");
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": m, "spec": spec})
+}
+
+fn web() -> Value {
+    json!({"name": "web", "image": "nginx", "ports": [{"containerPort": 8080}]})
+}
+
+/// A server with its CA, in a directory kept for the test's duration.
+fn attack_server(extra: &[&str]) -> (TempDir, Pki, Server) {
+    let dir = TempDir::new("attack");
+    let (pki, cert, key) = make_pki(&dir.0, "one");
+    std::fs::write(&pki.cert, cert).expect("write");
+    std::fs::write(&pki.key, key).expect("write");
+    let bundle = dir.0.join("bundle.pem");
+    std::fs::write(&bundle, &test_ca().0).expect("write");
+    let mut args = vec![
+        "--cluster-dns-ip",
+        "10.96.0.10",
+        "--api-server-ip",
+        "10.96.0.1",
+    ];
+    args.extend_from_slice(extra);
+    let server = start(&pki, &bundle, &args);
+    (dir, pki, server)
+}
+
+/// Every route a tenant had to keep a pod out of the mesh in an enforcing namespace, sent
+/// through the real webhook binary over HTTPS with its default flags: each is refused with a
+/// message naming the field, or (Moat's own parts) never trusted.
+#[test]
+fn tenant_opt_out_routes_are_refused_in_enforcing_namespaces() {
+    let (dir, pki, server) = attack_server(&[]);
+    let refused: Vec<(&str, Value, &str)> = vec![
+        (
+            "opt-out label",
+            attack_pod(json!({"labels": {"moat.dev/inject": "disabled"}}), json!({"containers": [web()]})),
+            "metadata.labels[moat.dev/inject]=disabled",
+        ),
+        (
+            "opt-out annotation",
+            attack_pod(json!({"annotations": {"moat.dev/inject": "disabled"}}), json!({"containers": [web()]})),
+            "metadata.annotations[moat.dev/inject]=disabled",
+        ),
+        (
+            "another mesh's container name",
+            attack_pod(json!({}), json!({"containers": [web(), {"name": "istio-proxy", "image": "nginx"}]})),
+            "spec.containers[istio-proxy]: container belongs to another service mesh",
+        ),
+        (
+            "only containers named like Moat's",
+            attack_pod(json!({}), json!({"containers": [{"name": "moat-proxy", "image": "nginx"}]})),
+            "moat-init and moat-proxy are reserved for Moat",
+        ),
+        (
+            "runAsUser 7777",
+            attack_pod(json!({}), json!({"containers": [{"name": "web", "image": "nginx", "securityContext": {"runAsUser": 7777}}]})),
+            "spec.containers[web].securityContext.runAsUser=7777",
+        ),
+        (
+            "runAsGroup 7777 (container)",
+            attack_pod(json!({}), json!({"containers": [{"name": "web", "image": "nginx", "securityContext": {"runAsUser": 1000, "runAsGroup": 7777}}]})),
+            "spec.containers[web].securityContext.runAsGroup=7777",
+        ),
+        (
+            "runAsGroup 7777 (pod)",
+            attack_pod(json!({}), json!({"securityContext": {"runAsGroup": 7777}, "containers": [web()]})),
+            "spec.securityContext.runAsGroup=7777",
+        ),
+        (
+            "runAsUser 7777 in an init container",
+            attack_pod(json!({}), json!({"initContainers": [{"name": "setup", "image": "busybox", "securityContext": {"runAsUser": 7777}}], "containers": [web()]})),
+            "spec.initContainers[setup].securityContext.runAsUser=7777",
+        ),
+        (
+            "fsGroup 7777",
+            attack_pod(json!({}), json!({"securityContext": {"fsGroup": 7777}, "containers": [web()]})),
+            "spec.securityContext.fsGroup=7777",
+        ),
+        (
+            "declared port 15020",
+            attack_pod(json!({}), json!({"containers": [{"name": "web", "image": "nginx", "ports": [{"containerPort": 15020}]}]})),
+            "spec.containers[web].ports: container port 15020 is reserved",
+        ),
+        (
+            "volume named moat-run",
+            attack_pod(json!({}), json!({"containers": [web()], "volumes": [{"name": "moat-run", "emptyDir": {}}]})),
+            "spec.volumes[moat-run]",
+        ),
+        (
+            "skip every outbound network",
+            attack_pod(json!({"annotations": {"moat.dev/skip-outbound-cidrs": "0.0.0.0/0,::/0"}}), json!({"containers": [web()]})),
+            "metadata.annotations[moat.dev/skip-outbound-cidrs]: 0.0.0.0/0,::/0 not in the platform's allow list",
+        ),
+        (
+            "skip every outbound port",
+            attack_pod(json!({"annotations": {"moat.dev/skip-outbound-ports": "1-65535"}}), json!({"containers": [web()]})),
+            "metadata.annotations[moat.dev/skip-outbound-ports]: 1:65535 not in",
+        ),
+        (
+            "skip every inbound port",
+            attack_pod(json!({"annotations": {"moat.dev/skip-inbound-ports": "1-65535"}}), json!({"containers": [web()]})),
+            "metadata.annotations[moat.dev/skip-inbound-ports]: 1:65535 not in",
+        ),
+        (
+            "NET_ADMIN in the app",
+            attack_pod(json!({}), json!({"containers": [{"name": "web", "image": "nginx", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}]})),
+            "spec.containers[web].securityContext.capabilities.add NET_ADMIN",
+        ),
+        (
+            "NET_RAW in an init container",
+            attack_pod(json!({}), json!({"initContainers": [{"name": "setup", "image": "busybox", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}}], "containers": [web()]})),
+            "spec.initContainers[setup].securityContext.capabilities.add NET_RAW",
+        ),
+        (
+            "privileged app",
+            attack_pod(json!({}), json!({"containers": [{"name": "web", "image": "nginx", "securityContext": {"privileged": true}}]})),
+            "spec.containers[web].securityContext.privileged=true",
+        ),
+        (
+            "Windows pod",
+            attack_pod(json!({}), json!({"os": {"name": "windows"}, "containers": [web()]})),
+            "spec.os.name=windows",
+        ),
+    ];
+    for (what, pod, field) in &refused {
+        let review = review_of(what, pod, "shop");
+        let resp = review_at(&server, &pki.ca, &dir.0, "/inject", &review);
+        assert_eq!(
+            resp.response["allowed"], false,
+            "{what}: admitted: {}",
+            resp.response
+        );
+        assert!(resp.patch.is_none(), "{what}");
+        assert_eq!(resp.response["status"]["code"], 403, "{what}");
+        let msg = resp.response["status"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains(field), "{what}: {msg}");
+        assert!(
+            msg.contains("namespace shop enforces the Moat mesh")
+                && msg.contains("--allow-opt-out=shop="),
+            "{what}: {msg}"
+        );
+    }
+
+    // Moat's own parts are never trusted: a forged status annotation, a fake moat-proxy next
+    // to the app, or both, get the real sidecar.
+    for (what, pod) in [
+        (
+            "forged status annotation",
+            attack_pod(
+                json!({"annotations": {"moat.dev/injected": "{\"version\":\"0.1.0\",\"mode\":\"native\",\"containers\":[\"moat-init\",\"moat-proxy\"],\"volumes\":[],\"probes\":[]}"}}),
+                json!({"containers": [web()]}),
+            ),
+        ),
+        (
+            "fake moat-proxy container",
+            attack_pod(
+                json!({}),
+                json!({"containers": [web(), {"name": "moat-proxy", "image": "evil", "args": ["sleep", "inf"]}]}),
+            ),
+        ),
+        (
+            "fake moat-init doing nothing",
+            attack_pod(
+                json!({"annotations": {"moat.dev/injected": "{}"}}),
+                json!({"initContainers": [{"name": "moat-init", "image": "busybox", "args": ["true"]}], "containers": [web()]}),
+            ),
+        ),
+    ] {
+        let review = review_of(what, &pod, "shop");
+        let resp = review_at(&server, &pki.ca, &dir.0, "/inject", &review);
+        assert_eq!(resp.response["allowed"], true, "{what}: {}", resp.response);
+        let patch = resp
+            .patch
+            .unwrap_or_else(|| panic!("{what}: admitted unmodified"));
+        let result = apply_rust(&pod, &patch);
+        let init = &result["spec"]["initContainers"];
+        assert_eq!(init[0]["name"], "moat-init", "{what}");
+        assert_eq!(
+            init[0]["image"], "ghcr.io/moat-mesh/moat-proxy:0.1.0",
+            "{what}"
+        );
+        assert_eq!(init[0]["args"][0], "init", "{what}");
+        assert_eq!(init[1]["name"], "moat-proxy", "{what}");
+        assert_eq!(init[1]["args"], json!(["run"]), "{what}");
+        let all: Vec<&Value> = result["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(init.as_array().into_iter().flatten())
+            .collect();
+        assert_eq!(
+            all.iter().filter(|c| c["name"] == "moat-proxy").count(),
+            1,
+            "{what}"
+        );
+        assert_eq!(
+            all.iter().filter(|c| c["name"] == "moat-init").count(),
+            1,
+            "{what}"
+        );
+        // DNS over TCP is uncaptured only to the cluster DNS, not port 53 everywhere.
+        let args: Vec<&str> = init[0]["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--exclude-outbound-endpoints", "10.96.0.10/32=53"]),
+            "{args:?}"
+        );
+        assert!(!args.contains(&"--exclude-outbound-ports"), "{args:?}");
+        // The injected pod sent again (API server re-invocation) is left as it is.
+        let again = review_of("again", &result, "shop");
+        let resp = review_at(&server, &pki.ca, &dir.0, "/inject", &again);
+        assert_eq!(resp.response["allowed"], true);
+        assert!(resp.patch.is_none(), "{what}: re-invocation patched again");
+    }
+
+    // Fail-open paths are closed by default: an undecodable pod, a CREATE without an object,
+    // an undecodable request.
+    let mut undecodable = review_of(
+        "u",
+        &attack_pod(json!({}), json!({"containers": [web()]})),
+        "shop",
+    );
+    undecodable["request"]["object"]["spec"]["containers"] = json!("web");
+    let mut no_object = review_of(
+        "n",
+        &attack_pod(json!({}), json!({"containers": [web()]})),
+        "shop",
+    );
+    no_object["request"]["object"] = Value::Null;
+    let mut bad_request = review_of(
+        "b",
+        &attack_pod(json!({}), json!({"containers": [web()]})),
+        "shop",
+    );
+    bad_request["request"]["operation"] = json!("SMUGGLE");
+    for (what, review) in [
+        ("undecodable pod", &undecodable),
+        ("no object", &no_object),
+        ("undecodable request", &bad_request),
+    ] {
+        let resp = review_at(&server, &pki.ca, &dir.0, "/inject", review);
+        assert_eq!(resp.response["allowed"], false, "{what}: {}", resp.response);
+        assert_eq!(resp.response["status"]["code"], 500, "{what}");
+    }
+
+    // Outside enforcing namespaces (pod opt-in, /inject/opt-in) the pod's own opt-out holds.
+    let pod = attack_pod(
+        json!({"labels": {"moat.dev/inject": "enabled"}, "annotations": {"moat.dev/inject": "disabled"}}),
+        json!({"containers": [web()]}),
+    );
+    let resp = review_at(
+        &server,
+        &pki.ca,
+        &dir.0,
+        "/inject/opt-in",
+        &review_of("o", &pod, "dev"),
+    );
+    assert_eq!(resp.response["allowed"], true);
+    assert!(resp.patch.is_none());
+
+    let (status, metrics) = curl(&[&format!("http://{}/metrics", server.admin)]);
+    assert_eq!(status, 200);
+    for m in [
+        "moat_injector_refusals_total{reason=\"opted_out\"} 2",
+        "moat_injector_refusals_total{reason=\"proxy_uid_conflict\"} 5",
+        "moat_injector_refusals_total{reason=\"net_admin\"} 3",
+        "moat_injector_refusals_total{reason=\"exclusion_not_allowed\"} 3",
+        "moat_injector_refusals_total{reason=\"name_conflict\"} 2",
+        "moat_injector_admission_duration_seconds_bucket{result=\"refused\"",
+        "moat_injector_errors_total{reason=\"missing_object\"} 1",
+    ] {
+        assert!(metrics.contains(m), "{m} missing from:\n{metrics}");
+    }
+}
+
+/// What the platform team allows (by flag, per namespace or everywhere) is admitted, with a
+/// warning naming the allowance; everything else stays refused.
+#[test]
+fn platform_allowances_admit_named_opt_outs_with_a_warning() {
+    let (dir, pki, server) = attack_server(&[
+        "--allow-opt-out",
+        "legacy=inject-disabled,proxy-uid",
+        "--allow-opt-out",
+        "net-admin",
+        "--allow-skip-outbound-cidrs",
+        "192.168.0.0/16",
+        "--allow-skip-inbound-ports",
+        "22",
+    ]);
+    let opted_out = attack_pod(
+        json!({"labels": {"moat.dev/inject": "disabled"}}),
+        json!({"containers": [web()]}),
+    );
+    // Allowed in legacy: admitted without the mesh, with a warning.
+    let resp = review_at(
+        &server,
+        &pki.ca,
+        &dir.0,
+        "/inject",
+        &review_of("a", &opted_out, "legacy"),
+    );
+    assert_eq!(resp.response["allowed"], true, "{}", resp.response);
+    assert!(resp.patch.is_none());
+    assert!(
+        resp.warnings()
+            .contains("allowed by the platform (inject-disabled)"),
+        "{}",
+        resp.warnings()
+    );
+    // Not in shop.
+    let resp = review_at(
+        &server,
+        &pki.ca,
+        &dir.0,
+        "/inject",
+        &review_of("b", &opted_out, "shop"),
+    );
+    assert_eq!(resp.response["allowed"], false);
+    // NET_ADMIN allowed everywhere: injected anyway, with a warning.
+    let admin = attack_pod(
+        json!({}),
+        json!({"containers": [{"name": "web", "image": "nginx", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}]}),
+    );
+    let resp = review_at(
+        &server,
+        &pki.ca,
+        &dir.0,
+        "/inject",
+        &review_of("c", &admin, "shop"),
+    );
+    assert_eq!(resp.response["allowed"], true);
+    assert!(
+        resp.patch.is_some(),
+        "NET_ADMIN allowed must still be injected"
+    );
+    assert!(
+        resp.warnings()
+            .contains("allowed by the platform (net-admin)"),
+        "{}",
+        resp.warnings()
+    );
+    // Exclusions inside the allow lists are honoured; outside them refused.
+    let inside = attack_pod(
+        json!({"annotations": {"moat.dev/skip-outbound-cidrs": "192.168.10.0/24", "moat.dev/skip-inbound-ports": "22"}}),
+        json!({"containers": [web()]}),
+    );
+    let resp = review_at(
+        &server,
+        &pki.ca,
+        &dir.0,
+        "/inject",
+        &review_of("d", &inside, "shop"),
+    );
+    let patch = resp.patch.expect("injected");
+    let result = apply_rust(&inside, &patch);
+    let args = result["spec"]["initContainers"][0]["args"].to_string();
+    assert!(
+        args.contains("\"--exclude-outbound-cidrs\",\"10.96.0.1/32,192.168.10.0/24\""),
+        "{args}"
+    );
+    assert!(
+        args.contains("\"--exclude-inbound-ports\",\"22\""),
+        "{args}"
+    );
+    let outside = attack_pod(
+        json!({"annotations": {"moat.dev/skip-outbound-cidrs": "192.0.0.0/8"}}),
+        json!({"containers": [web()]}),
+    );
+    let resp = review_at(
+        &server,
+        &pki.ca,
+        &dir.0,
+        "/inject",
+        &review_of("e", &outside, "shop"),
+    );
+    assert_eq!(resp.response["allowed"], false);
+    let msg = resp.response["status"]["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("--allow-skip-outbound-cidrs: 192.168.0.0/16"),
+        "{msg}"
+    );
+}

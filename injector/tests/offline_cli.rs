@@ -25,6 +25,8 @@ fn inject(file: &str, bundle: &Path, extra: &[&str], stdin: Option<&str>) -> Out
     let mut cmd = Command::new(BIN);
     cmd.args(["inject", "-f", file, "--trust-bundle"])
         .arg(bundle)
+        // As in a pod whose resolv.conf names the cluster DNS Service (not this machine's).
+        .args(["--cluster-dns-ip", "10.96.0.10"])
         .args(extra)
         .env_remove("MOAT_PROXY_IMAGE")
         .env_remove("MOAT_TRUST_DOMAIN")
@@ -206,6 +208,20 @@ fn offline_uses_the_webhook_injection() {
         panic!("not injected");
     };
     assert_eq!(offline, injection.patched);
+
+    // A pod created from the injected template is left as it is by the webhook, even in an
+    // enforcing namespace where Moat's parts are never trusted: they are exactly its own.
+    let mut pod = offline.clone();
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    pod["metadata"]["generateName"] = json!("ready-live-");
+    let review = review_of("from-template", &pod, "shop");
+    let resp = check_envelope(&review, &call(&review, &cfg));
+    assert_eq!(resp.response["allowed"], true, "{}", resp.response);
+    assert!(
+        resp.patch.is_none(),
+        "the webhook re-injected an offline-injected pod"
+    );
 }
 
 #[test]
@@ -301,10 +317,10 @@ spec:
     assert_eq!(
         tail,
         [
-            "--exclude-outbound-ports",
-            "53",
             "--exclude-outbound-cidrs",
-            "10.96.0.1/32"
+            "10.96.0.1/32",
+            "--exclude-outbound-endpoints",
+            "10.96.0.10/32=53"
         ],
         "{init_args}"
     );

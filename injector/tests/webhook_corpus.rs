@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use moat_injector::config::{InjectConfig, SidecarMode};
-use moat_injector::inject::{self, Decision, SkipReason};
+use moat_injector::enforce;
+use moat_injector::inject::{self, Context, Decision, Scope, SkipReason};
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -21,12 +22,31 @@ enum Expect {
     Skip(SkipReason),
     /// No patch, decided before looking at the pod (label used for coverage).
     Untouched(&'static str),
+    /// Refused (enforcing namespaces); the refusal reasons (metric labels), in order.
+    Refuse(&'static [&'static str]),
+}
+
+/// What a case expected outside enforcing namespaces becomes in one: the opt-outs and
+/// conflicts that left a pod uninjected are refused.
+fn enforced(expect: &Expect) -> Expect {
+    match expect {
+        Expect::Skip(SkipReason::OptedOut) => Expect::Refuse(&["opted_out"]),
+        Expect::Skip(SkipReason::WindowsPod) => Expect::Refuse(&["windows_pod"]),
+        Expect::Skip(SkipReason::OtherMesh) => Expect::Refuse(&["other_mesh"]),
+        Expect::Skip(SkipReason::ProxyUidConflict) => Expect::Refuse(&["proxy_uid_conflict"]),
+        Expect::Skip(SkipReason::PortConflict) => Expect::Refuse(&["port_conflict"]),
+        Expect::Skip(SkipReason::NameConflict) => Expect::Refuse(&["name_conflict"]),
+        other => other.clone(),
+    }
 }
 
 struct Case {
     name: String,
     review: Value,
+    /// Outside enforcing namespaces (`/inject/opt-in`).
     expect: Expect,
+    /// In an enforcing namespace (`/inject`), when not simply `enforced(&expect)`.
+    enforcing: Option<Expect>,
     /// A warning containing this text must be returned.
     warning: Option<&'static str>,
 }
@@ -36,6 +56,7 @@ fn case(name: &str, review: Value, expect: Expect) -> Case {
         name: name.into(),
         review,
         expect,
+        enforcing: None,
         warning: None,
     }
 }
@@ -143,6 +164,10 @@ fn corpus_cases() -> Vec<Case> {
         if expect == Expect::Untouched("not_pod") {
             c.warning = Some("only mutates Pods; apps/v1 Deployment left unchanged");
         }
+        if file == "privileged_init_container.json" {
+            // A privileged init container could rewrite the pod's nat table after moat-init.
+            c.enforcing = Some(Expect::Refuse(&["net_admin"]));
+        }
         cases.push(c);
     }
     cases
@@ -246,6 +271,10 @@ fn own_cases() -> Vec<Case> {
         Expect::Inject,
         Some("moat.dev/log-leve ignored: unknown moat.dev annotation"),
     );
+    if let Some(c) = v.last_mut() {
+        // 10.96.0.1/32 is not in the (empty) allow list of the test configuration.
+        c.enforcing = Some(Expect::Refuse(&["exclusion_not_allowed"]));
+    }
     add_pod(
         &mut v,
         "own/classic-by-annotation",
@@ -303,21 +332,45 @@ fn own_cases() -> Vec<Case> {
         json!({"containers": app()}),
         skip(SkipReason::OptedOut),
     );
-    add_pod(
+    // Moat's parts are never trusted on CREATE: a forged status annotation or a container
+    // named like Moat's is replaced by a real injection.
+    add(
         &mut v,
-        "own/already-injected-annotation",
-        "ai",
-        json!({"annotations": {"moat.dev/injected": "{\"version\":\"0.0.9\"}"}}),
-        json!({"containers": app()}),
-        skip(SkipReason::AlreadyInjected),
+        "own/forged-injected-annotation",
+        pod(
+            "ai",
+            json!({"annotations": {"moat.dev/injected": "{\"version\":\"0.0.9\"}"}}),
+            json!({"containers": app()}),
+        ),
+        "default",
+        Expect::Inject,
+        Some("were replaced by the injector's own"),
     );
-    add_pod(
+    add(
         &mut v,
-        "own/already-injected-container",
-        "ac",
-        json!({}),
-        json!({"containers": [{"name": "app", "image": "a"}, {"name": "moat-proxy", "image": "p"}]}),
-        skip(SkipReason::AlreadyInjected),
+        "own/forged-proxy-container",
+        pod(
+            "ac",
+            json!({}),
+            json!({"containers": [{"name": "app", "image": "a"}, {"name": "moat-proxy", "image": "p"}]}),
+        ),
+        "default",
+        Expect::Inject,
+        Some("were replaced by the injector's own"),
+    );
+    add(
+        &mut v,
+        "own/run-dir-taken",
+        pod(
+            "rd",
+            json!({}),
+            json!({"containers": [{"name": "app", "image": "a", "volumeMounts": [{"name": "own", "mountPath": "/run/moat/"}]},
+                                  {"name": "b", "image": "b"}],
+                   "volumes": [{"name": "own", "emptyDir": {}}]}),
+        ),
+        "default",
+        Expect::Inject,
+        Some("container app already mounts /run/moat"),
     );
     add(
         &mut v,
@@ -341,7 +394,7 @@ fn own_cases() -> Vec<Case> {
         ),
         "default",
         skip(SkipReason::WindowsPod),
-        Some("does not inject Windows pods"),
+        Some("spec.os.name=windows: Windows pods cannot be meshed"),
     );
     add(
         &mut v,
@@ -353,7 +406,7 @@ fn own_cases() -> Vec<Case> {
         ),
         "default",
         skip(SkipReason::ProxyUidConflict),
-        Some("runs as uid/gid 7777"),
+        Some("would run as the proxy's uid/gid"),
     );
     add(
         &mut v,
@@ -365,7 +418,7 @@ fn own_cases() -> Vec<Case> {
         ),
         "default",
         skip(SkipReason::ProxyUidConflict),
-        Some("runs as uid/gid 7777"),
+        Some("would run as the proxy's uid/gid"),
     );
     add(
         &mut v,
@@ -377,7 +430,7 @@ fn own_cases() -> Vec<Case> {
         ),
         "default",
         skip(SkipReason::PortConflict),
-        Some("uses port 15001, reserved for moat-proxy"),
+        Some("container port 15001 is reserved for moat-proxy"),
     );
     add(
         &mut v,
@@ -389,7 +442,7 @@ fn own_cases() -> Vec<Case> {
         ),
         "default",
         skip(SkipReason::NameConflict),
-        Some("volume name moat-token is reserved"),
+        Some("spec.volumes[moat-token]: the volume name is reserved for Moat"),
     );
     add_pod(
         &mut v,
@@ -414,7 +467,7 @@ fn own_cases() -> Vec<Case> {
         json!({"apiVersion": "apps/v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {"containers": app()}}),
         "default",
         Expect::Untouched("undecodable_object"),
-        Some("pod not understood, admitted without sidecar"),
+        Some("moat-injector: pod not understood"),
     );
     if let Some(Case { review, .. }) = v.last_mut() {
         // The request says Pod (as the API server would); the object does not decode.
@@ -472,6 +525,8 @@ fn check_injected(
     mode: SidecarMode,
     cfg: &InjectConfig,
 ) {
+    // What a pod held of Moat's before (forged, or a manifest injected offline) is replaced.
+    let original = &enforce::strip(original);
     let spec = &result["spec"];
     let orig_init = names(&original["spec"]["initContainers"]);
     let orig_containers = names(&original["spec"]["containers"]);
@@ -593,6 +648,42 @@ fn check_injected(
         "/etc/moat/policy/policy.yaml"
     );
     assert_eq!(env_of(&proxy, "MOAT_MESH_NETWORKS")["value"], "10.0.0.0/8");
+    assert_eq!(
+        env_of(&proxy, "MOAT_HOST_IP")["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    assert_eq!(
+        env_of(&proxy, "MOAT_ADMIN_SOCKET")["value"],
+        "/run/moat/admin.sock"
+    );
+    assert!(
+        proxy["volumeMounts"]
+            .as_array()
+            .is_some_and(|m| m.contains(&json!({"name": "moat-run", "mountPath": "/run/moat"}))),
+        "{name}: proxy run dir"
+    );
+    // Every app container reaches the admin socket, read-only (unless /run/moat is taken).
+    for (i, c) in original["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let taken =
+            c["volumeMounts"].as_array().into_iter().flatten().any(|m| {
+                m["mountPath"].as_str().map(|p| p.trim_end_matches('/')) == Some("/run/moat")
+            });
+        let mounts = result["spec"]["containers"][i]["volumeMounts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ours = json!({"name": "moat-run", "mountPath": "/run/moat", "readOnly": true});
+        assert_eq!(
+            mounts.contains(&ours),
+            !taken,
+            "{name}: container {i} run dir mount"
+        );
+    }
     let mounts = &proxy["volumeMounts"];
     assert!(
         mounts.as_array().is_some_and(|m| m.contains(
@@ -610,6 +701,27 @@ fn check_injected(
     // The init container.
     assert_eq!(init["name"], "moat-init");
     assert_eq!(init["args"][0], "init", "{name}");
+    // DNS over TCP is left alone only towards the cluster DNS, never port 53 everywhere.
+    let args: Vec<&str> = init["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--exclude-outbound-endpoints");
+    assert_eq!(
+        at.map(|i| args[i + 1]),
+        Some("10.96.0.10/32=53"),
+        "{name}: {args:?}"
+    );
+    if let Some(i) = args.iter().position(|a| *a == "--exclude-outbound-ports") {
+        assert!(
+            !args[i + 1].split(',').any(|p| p == "53"),
+            "{name}: {args:?}"
+        );
+    }
     let isc = &init["securityContext"];
     assert_eq!(
         isc["capabilities"],
@@ -642,7 +754,10 @@ fn check_injected(
     // Original labels and annotations preserved.
     for key in ["labels", "annotations"] {
         if let Some(m) = original["metadata"][key].as_object() {
-            for (k, v) in m {
+            for (k, v) in m
+                .iter()
+                .filter(|(k, _)| *k != "kubectl.kubernetes.io/default-container")
+            {
                 assert_eq!(&result["metadata"][key][k], v, "{name}: {key} {k} changed");
             }
         }
@@ -719,7 +834,7 @@ fn check_injected(
     );
 }
 
-fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
+fn run_corpus(mode: SidecarMode, scope: Scope) -> BTreeSet<String> {
     let cfg = config(mode);
     let mut cases = corpus_cases();
     cases.extend(own_cases());
@@ -727,8 +842,47 @@ fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
     let mut python_cases = BTreeMap::new();
     let mut rust_results = BTreeMap::new();
     for c in &cases {
-        let reply = call(&c.review, &cfg);
+        let reply = call_in(&c.review, &cfg, scope);
         let resp = check_envelope(&c.review, &reply);
+        let expect = match scope {
+            Scope::Enforcing => c.enforcing.clone().unwrap_or_else(|| enforced(&c.expect)),
+            _ => c.expect.clone(),
+        };
+        if let Expect::Refuse(reasons) = &expect {
+            assert_eq!(
+                resp.response["allowed"], false,
+                "{}: {}",
+                c.name, reply.body
+            );
+            assert!(resp.patch.is_none(), "{}", c.name);
+            assert_eq!(resp.response["status"]["code"], 403, "{}", c.name);
+            let msg = resp.response["status"]["message"].as_str().unwrap_or("");
+            assert!(
+                msg.contains("--allow-opt-out=default="),
+                "{}: {msg}",
+                c.name
+            );
+            let object = object_of(&c.review);
+            let ctx = Context {
+                namespace: namespace_of(&c.review),
+                scope,
+            };
+            match inject::inject_in(object, &ctx, &cfg)
+                .expect("decision")
+                .decision
+            {
+                Decision::Refuse(v) => {
+                    let mut labels: Vec<&str> = v.iter().map(|v| v.what.label()).collect();
+                    labels.dedup();
+                    assert_eq!(labels, *reasons, "{}: {msg}", c.name);
+                }
+                other => panic!("{}: {other:?}, expected a refusal", c.name),
+            }
+            for r in *reasons {
+                covered.insert(format!("refused:{r}"));
+            }
+            continue;
+        }
         assert_eq!(resp.response["allowed"], true, "{}: {}", c.name, reply.body);
         if let Some(w) = c.warning {
             assert!(
@@ -739,7 +893,8 @@ fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
             );
         }
         let object = object_of(&c.review);
-        match &c.expect {
+        match &expect {
+            Expect::Refuse(_) => unreachable!("handled above"),
             Expect::Inject => {
                 let patch = resp
                     .patch
@@ -751,11 +906,14 @@ fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
             }
             Expect::Skip(reason) => {
                 assert!(resp.patch.is_none(), "{}: unexpected patch", c.name);
-                let outcome =
-                    inject::inject(object, namespace_of(&c.review), &cfg).expect("decision");
+                let ctx = Context {
+                    namespace: namespace_of(&c.review),
+                    scope,
+                };
+                let outcome = inject::inject_in(object, &ctx, &cfg).expect("decision");
                 match outcome.decision {
                     Decision::Skip(r) => assert_eq!(r, *reason, "{}", c.name),
-                    Decision::Inject(_) => panic!("{}: injected, expected {reason:?}", c.name),
+                    other => panic!("{}: {other:?}, expected {reason:?}", c.name),
                 }
                 covered.insert(reason.label().to_string());
             }
@@ -778,9 +936,24 @@ fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
         let original = &python_cases[name].0;
         check_injected(name, original, rust, mode, &cfg);
 
-        // Idempotent: the injected pod gets no second patch.
+        // Idempotent: the injected pod, sent again (an API server re-invocation), gets no
+        // second patch.
         let again = review_of(&format!("{name}-again"), rust, "default");
-        let resp = check_envelope(&again, &call(&again, &cfg));
+        let resp = check_envelope(&again, &call_in(&again, &cfg, scope));
+        assert_eq!(resp.response["allowed"], true, "{name}: {}", resp.response);
+        let ctx = Context {
+            namespace: Some("default"),
+            scope,
+        };
+        match inject::inject_in(rust, &ctx, &cfg)
+            .expect("decision")
+            .decision
+        {
+            Decision::Skip(SkipReason::AlreadyInjected) => {
+                covered.insert("already_injected".to_string());
+            }
+            other => panic!("{name}: re-invocation gave {other:?}"),
+        }
         assert!(
             resp.patch.is_none(),
             "{name}: re-injection produced a patch"
@@ -805,7 +978,7 @@ fn run_corpus(mode: SidecarMode) -> BTreeSet<String> {
 
 #[test]
 fn corpus_and_edge_cases_native() {
-    let covered = run_corpus(SidecarMode::Native);
+    let covered = run_corpus(SidecarMode::Native, Scope::OptIn);
     // Every skip rule and every untouched path is exercised.
     let all_reasons = [
         SkipReason::NoContainers,
@@ -850,7 +1023,33 @@ fn corpus_and_edge_cases_native() {
 
 #[test]
 fn corpus_and_edge_cases_classic() {
-    run_corpus(SidecarMode::Classic);
+    run_corpus(SidecarMode::Classic, Scope::OptIn);
+}
+
+#[test]
+fn corpus_and_edge_cases_enforcing_native() {
+    let covered = run_corpus(SidecarMode::Native, Scope::Enforcing);
+    for r in [
+        "opted_out",
+        "windows_pod",
+        "other_mesh",
+        "proxy_uid_conflict",
+        "port_conflict",
+        "name_conflict",
+        "net_admin",
+        "exclusion_not_allowed",
+    ] {
+        assert!(
+            covered.contains(&format!("refused:{r}")),
+            "no case refused for {r}: {covered:?}"
+        );
+    }
+    assert!(covered.contains("injected"));
+}
+
+#[test]
+fn corpus_and_edge_cases_enforcing_classic() {
+    run_corpus(SidecarMode::Classic, Scope::Enforcing);
 }
 
 fn inject_one(object: &Value, cfg: &InjectConfig) -> (Value, Value, Response) {
@@ -891,6 +1090,7 @@ fn minimal_pod_gets_its_parents_created_first() {
     assert_eq!(
         paths(&patch),
         [
+            "add /spec/containers/0/volumeMounts",
             "add /spec/initContainers",
             "add /spec/volumes",
             "add /metadata/annotations"
@@ -912,6 +1112,7 @@ fn keys_are_escaped_and_user_arrays_never_replaced() {
     assert_eq!(
         paths(&patch),
         [
+            "add /spec/containers/0/volumeMounts",
             "add /spec/initContainers/0",
             "add /spec/initContainers/1",
             "add /spec/volumes/-",
@@ -986,7 +1187,14 @@ fn env_values_are_literal() {
 
 #[test]
 fn annotations_tune_the_sidecar_and_init_args() {
-    let cfg = config(SidecarMode::Native);
+    let mut cfg = config(SidecarMode::Native);
+    // The exclusions asked for are inside the platform's allow lists.
+    cfg.enforcement.skip_inbound_ports =
+        moat_injector::syntax::parse_ports("22,9000-9100").expect("ports");
+    cfg.enforcement.skip_outbound_ports =
+        moat_injector::syntax::parse_ports("5432").expect("ports");
+    cfg.enforcement.skip_outbound_cidrs =
+        moat_injector::syntax::parse_cidrs("10.96.0.0/12,fd00::/8").expect("cidrs");
     let object = pod(
         "t",
         json!({"annotations": {
@@ -1018,9 +1226,11 @@ fn annotations_tune_the_sidecar_and_init_args() {
             "--exclude-inbound-ports",
             "22,9000:9010",
             "--exclude-outbound-ports",
-            "53,5432",
+            "5432",
             "--exclude-outbound-cidrs",
-            "10.96.0.1/32,fd00::/8"
+            "10.96.0.1/32,fd00::/8",
+            "--exclude-outbound-endpoints",
+            "10.96.0.10/32=53"
         ])
     );
     let proxy = &result["spec"]["initContainers"][1];
@@ -1102,4 +1312,67 @@ fn validators_are_not_vacuous() {
         ),
     );
     assert!(std::panic::catch_unwind(|| apply_python(&cases)).is_err());
+}
+
+#[test]
+fn reinvocation_after_another_webhook_reinjects_the_final_pod_once() {
+    let cfg = config(SidecarMode::Native);
+    let object = pod(
+        "ri",
+        json!({}),
+        json!({"containers": [{"name": "app", "image": "nginx", "ports": [{"containerPort": 8080}],
+                               "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}}}]}),
+    );
+    let (injected, _, _) = inject_one(&object, &cfg);
+    // A later webhook adds a container with a probe and an env var to every container
+    // (ours included); the API server then calls the injector again.
+    let mut changed = injected.clone();
+    changed["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers")
+        .push(json!({"name": "agent", "image": "agent", "livenessProbe": {"tcpSocket": {"port": 9000}}}));
+    for c in changed["spec"]["initContainers"]
+        .as_array_mut()
+        .expect("init")
+    {
+        if let Some(e) = c["env"].as_array_mut() {
+            e.push(json!({"name": "TZ", "value": "UTC"}));
+        }
+    }
+    let (again, patch, resp) = inject_one(&changed, &cfg);
+    assert!(
+        resp.warnings().contains("were replaced"),
+        "{}",
+        resp.warnings()
+    );
+    // The spec, and the status annotation (one more probe rewritten).
+    assert_eq!(paths(&patch), ["add /metadata", "add /spec"]);
+    let init = names(&again["spec"]["initContainers"]);
+    assert_eq!(init, ["moat-init", "moat-proxy"]);
+    let agent = &again["spec"]["containers"][1];
+    assert_eq!(
+        agent["livenessProbe"]["httpGet"]["path"],
+        "/app-health/agent/liveness"
+    );
+    assert_eq!(
+        agent["volumeMounts"],
+        json!([{"name": "moat-run", "mountPath": "/run/moat", "readOnly": true}])
+    );
+    let probes: Value = serde_json::from_str(
+        env_of(&again["spec"]["initContainers"][1], "MOAT_APP_PROBES")["value"]
+            .as_str()
+            .expect("value"),
+    )
+    .expect("json");
+    assert_eq!(
+        probes,
+        json!({"app/readiness": {"kind": "http", "port": 8080, "path": "/ready", "scheme": "HTTP", "headers": []},
+               "agent/liveness": {"kind": "tcp", "port": 9000}})
+    );
+    check_injected("reinvoked", &changed, &again, SidecarMode::Native, &cfg);
+    // And a third call changes nothing.
+    let review = review_of("third", &again, "default");
+    assert!(check_envelope(&review, &call(&review, &cfg))
+        .patch
+        .is_none());
 }

@@ -24,7 +24,7 @@ use crate::conns::Registry;
 use crate::limits::Budget;
 use crate::metrics::Direction;
 use crate::policy::Policy;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolSettings};
 use crate::{admin_routes, inbound, net, outbound, probes};
 
 /// Accepts connections on `listener` until `stop` turns true and runs `handle` for each in its
@@ -271,9 +271,12 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
         bundle.clone(),
         cfg.trust_domain.clone(),
         provider.clone(),
-        cfg.connect_timeout.max(cfg.handshake_timeout),
-        cfg.pool_idle_timeout,
-        cfg.pool_max_idle,
+        PoolSettings {
+            connect_timeout: cfg.connect_timeout.max(cfg.handshake_timeout),
+            idle_timeout: cfg.pool_idle_timeout,
+            max_idle_per_key: cfg.pool_max_idle,
+            keepalive: cfg.keepalive,
+        },
     ));
     let conns = Arc::new(Registry::default());
     let ctx = Arc::new(Ctx {

@@ -17,6 +17,18 @@ pub struct Observer<'a> {
     pub http: Http1Observer,
     /// Where results go.
     pub sink: &'a mut (dyn Sink + Send),
+    /// Resolves when the proxy starts draining: the copy then ends as soon as the connection
+    /// is between requests, instead of holding an idle keep-alive connection to the end of
+    /// the grace period.
+    pub drain: Option<Drain>,
+}
+
+/// A future that resolves when draining starts.
+pub type Drain = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The drain future for `signal` (see [`Observer::drain`]).
+pub fn drain(mut signal: tokio::sync::watch::Receiver<bool>) -> Drain {
+    Box::pin(async move { moat_core::shutdown::signalled(&mut signal).await })
 }
 
 const MIN_BUF: usize = 1024;
@@ -135,6 +147,7 @@ where
     let mut ba = Dir::new();
     let mut ab_done = false;
     let mut ba_done = false;
+    let mut draining = false;
     std::future::poll_fn(|cx| {
         if !ab_done {
             let watch = |bytes: &[u8]| {
@@ -163,10 +176,20 @@ where
             }
         }
         if ab_done && ba_done {
-            Poll::Ready(Ok((ab.total, ba.total)))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok((ab.total, ba.total)));
         }
+        if let Some(o) = obs.as_mut() {
+            if !draining {
+                if let Some(d) = o.drain.as_mut() {
+                    draining = d.as_mut().poll(cx).is_ready();
+                }
+            }
+            // Nothing in flight and nothing buffered on its way: close between requests.
+            if draining && o.http.is_idle() && ab.pos == ab.end && ba.pos == ba.end {
+                return Poll::Ready(Ok((ab.total, ba.total)));
+            }
+        }
+        Poll::Pending
     })
     .await
 }

@@ -274,7 +274,8 @@ async fn plaintext(
             let _ = http::proxy(tcp, app, proto, labels, ctx.conns.drain_signal()).await;
         } else {
             let (mut tcp, mut app) = (tcp, app);
-            let _ = forward_observed(&mut tcp, &mut app, proto, &labels, &cm).await;
+            let drain = ctx.conns.drain_signal();
+            let _ = forward_observed(&mut tcp, &mut app, proto, &labels, &cm, drain).await;
         }
     };
     tokio::select! {
@@ -441,7 +442,10 @@ async fn serve_stream(
             let _ = http::proxy(client, app, proto, labels, ctx.conns.drain_signal()).await;
         } else {
             let mut app = app;
-            if let Err(e) = forward_observed(&mut client, &mut app, proto, &labels, &cm).await {
+            let drain = ctx.conns.drain_signal();
+            if let Err(e) =
+                forward_observed(&mut client, &mut app, proto, &labels, &cm, drain).await
+            {
                 tracing::debug!(caller = %peer, error = %e, "inbound stream ended with error");
                 net::reset(app);
             }
@@ -453,13 +457,15 @@ async fn serve_stream(
     }
 }
 
-/// Copies both ways; HTTP/1 requests are observed in passing and measured.
+/// Copies both ways; HTTP/1 requests are observed in passing and measured, and an HTTP/1
+/// connection ends between requests once draining starts.
 async fn forward_observed<C, A>(
     client: &mut C,
     app: &mut A,
     proto: Protocol,
     labels: &Labels,
     cm: &ConnMetrics,
+    drain: watch::Receiver<bool>,
 ) -> std::io::Result<(u64, u64)>
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -470,6 +476,7 @@ where
     let observer = sink.as_mut().map(|sink| Observer {
         http: Http1Observer::new(),
         sink,
+        drain: Some(crate::forward::drain(drain)),
     });
     copy_observed(client, app, &cm.rx, &cm.tx, observer).await
 }

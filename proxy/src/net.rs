@@ -111,6 +111,28 @@ fn gateways_v6(table: &str) -> Vec<std::net::IpAddr> {
         .collect()
 }
 
+/// Binds the local control socket at `path`, replacing a stale socket left by an earlier run,
+/// and lets every uid of the pod connect: the directory (the pod's own volume) is the
+/// boundary, so an app container running as another user can still stop its sidecar.
+pub fn listen_unix(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?,
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket; refusing to replace it (--admin-socket)",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {} (--admin-socket)", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(l)
+}
+
 #[cfg(test)]
 mod gateway_tests {
     use super::*;
@@ -134,26 +156,4 @@ fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000
         );
         assert!(gateways_v4("").is_empty());
     }
-}
-
-/// Binds the local control socket at `path`, replacing a stale socket left by an earlier run,
-/// and lets every uid of the pod connect: the directory (the pod's own volume) is the
-/// boundary, so an app container running as another user can still stop its sidecar.
-pub fn listen_unix(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use anyhow::Context as _;
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?,
-        Ok(_) => anyhow::bail!(
-            "{} exists and is not a socket; refusing to replace it (--admin-socket)",
-            path.display()
-        ),
-        Err(_) => {}
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on {} (--admin-socket)", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    Ok(l)
 }

@@ -118,6 +118,18 @@ impl Http1Observer {
         }
     }
 
+    /// Whether the connection is between exchanges: every request answered in full and no
+    /// new one begun, so closing it now loses nothing (a keep-alive client retries on a new
+    /// connection).
+    pub fn is_idle(&self) -> bool {
+        !self.done
+            && self.pending.is_empty()
+            && self.req.body == Body::Idle
+            && self.req.head.is_empty()
+            && self.resp.body == Body::Idle
+            && self.resp.head.is_empty()
+    }
+
     /// Whether the observer has stepped aside.
     pub fn is_done(&self) -> bool {
         self.done

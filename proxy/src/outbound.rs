@@ -174,6 +174,7 @@ async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
     let observer = req_metrics.as_mut().map(|sink| Observer {
         http: Http1Observer::new(),
         sink,
+        drain: Some(crate::forward::drain(ctx.conns.drain_signal())),
     });
     if let Err(e) = copy_observed(&mut app, &mut up, &cm.rx, &cm.tx, observer).await {
         if let Some(reset) = e

@@ -98,9 +98,20 @@ pub struct Pool {
     provider: Arc<CryptoProvider>,
     configs: Mutex<HashMap<Option<SpiffeId>, Arc<rustls::ClientConfig>>>,
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    max_idle_per_key: usize,
+    settings: PoolSettings,
+}
+
+/// How the pool dials and keeps connections.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// Deadline for TCP connect plus the mTLS handshake.
+    pub connect_timeout: Duration,
+    /// How long an idle connection is kept.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per destination.
+    pub max_idle_per_key: usize,
+    /// TCP keepalive idle time on connections to peers (`--tcp-keepalive`).
+    pub keepalive: Duration,
 }
 
 impl Pool {
@@ -110,9 +121,7 @@ impl Pool {
         bundle: Arc<ArcSwap<TrustBundle>>,
         trust_domain: TrustDomain,
         provider: Arc<CryptoProvider>,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        max_idle_per_key: usize,
+        settings: PoolSettings,
     ) -> Self {
         Self {
             cert,
@@ -121,9 +130,7 @@ impl Pool {
             provider,
             configs: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
-            connect_timeout,
-            idle_timeout,
-            max_idle_per_key,
+            settings,
         }
     }
 
@@ -170,7 +177,7 @@ impl Pool {
         while let Some(idle) = list.pop() {
             // A pooled connection is only as good as the certificate it was authenticated
             // with: short-lived certificates must keep working as revocation.
-            if idle.since.elapsed() < self.idle_timeout
+            if idle.since.elapsed() < self.settings.idle_timeout
                 && SystemTime::now() + EXPIRY_MARGIN < idle.expires
                 && !is_stale(&idle.conn)
             {
@@ -194,7 +201,7 @@ impl Pool {
             let tcp = TcpStream::connect(addr)
                 .await
                 .map_err(|source| DialError::Connect { addr, source })?;
-            crate::net::tune(&tcp, Some(Duration::from_secs(60)));
+            crate::net::tune(&tcp, Some(self.settings.keepalive));
             // SNI is off; the name only satisfies the API. Identity is checked by the verifier.
             let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
             tokio_rustls::TlsConnector::from(cfg)
@@ -206,7 +213,7 @@ impl Pool {
                     source,
                 })
         };
-        let conn = tokio::time::timeout(self.connect_timeout, fut)
+        let conn = tokio::time::timeout(self.settings.connect_timeout, fut)
             .await
             .map_err(|_| DialError::Timeout(addr))??;
         metrics::histogram!(m::CONNECT_DURATION, "direction" => "outbound")
@@ -237,7 +244,7 @@ impl Pool {
         }
         let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = map.entry(key).or_default();
-        if list.len() < self.max_idle_per_key {
+        if list.len() < self.settings.max_idle_per_key {
             list.push(Idle {
                 conn,
                 peer,
@@ -250,7 +257,7 @@ impl Pool {
     /// Drops idle connections past their idle timeout.
     pub fn evict_expired(&self) {
         let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let ttl = self.idle_timeout;
+        let ttl = self.settings.idle_timeout;
         map.retain(|_, list| {
             let now = SystemTime::now();
             list.retain(|i| i.since.elapsed() < ttl && now < i.expires);

@@ -5,7 +5,8 @@
 //!   admin port 15020) alone and REDIRECTs every other TCP connection to the inbound listener.
 //! * Outbound: OUTPUT jumps to `MOAT_OUTBOUND`, which leaves alone the proxy's own traffic
 //!   (uid and gid 7777: the loop breaker), loopback (`-o lo`, `127.0.0.0/8` or `::1`), excluded
-//!   CIDRs and excluded ports, and REDIRECTs every other TCP connection to the outbound listener.
+//!   CIDRs, excluded endpoints (a port to a network only: DNS to the cluster DNS Service) and
+//!   excluded ports, and REDIRECTs every other TCP connection to the outbound listener.
 //!
 //! The rules are generated as `iptables-restore` input by the pure [`rules`] and applied in
 //! one `iptables-restore --noflush` transaction per address family ([`plan`] adds the deletion
@@ -17,7 +18,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-pub use moat_core::netaddr::{Cidr, CidrList, PortList, PortRange};
+pub use moat_core::netaddr::{Cidr, CidrList, List, PortList, PortRange};
 
 /// Chain holding the inbound rules (jumped to from PREROUTING).
 pub const INBOUND_CHAIN: &str = "MOAT_INBOUND";
@@ -73,6 +74,43 @@ pub enum RedirectError {
     },
 }
 
+/// Outbound destination ports left alone for one network only, written `CIDR=PORT` or
+/// `CIDR=FIRST-LAST` (e.g. `10.96.0.10/32=53`: DNS to the cluster DNS Service, and nowhere
+/// else).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Destination network.
+    pub cidr: Cidr,
+    /// Destination ports.
+    pub ports: PortRange,
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (cidr, ports) = s.trim().split_once('=').ok_or_else(|| {
+            format!(
+                "{:?} is not CIDR=PORT or CIDR=FIRST-LAST (e.g. 10.96.0.10/32=53)",
+                moat_core::netaddr::shorten(s.trim(), 45)
+            )
+        })?;
+        Ok(Self {
+            cidr: cidr.parse()?,
+            ports: ports.parse()?,
+        })
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.cidr, self.ports)
+    }
+}
+
+/// A comma-separated list of [`Endpoint`]s, e.g. `10.96.0.10/32=53,fd00::a/128=53`.
+pub type EndpointList = List<Endpoint>;
+
 /// Address family of a rule set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -121,6 +159,8 @@ pub struct RedirectConfig {
     pub exclude_outbound_ports: Vec<PortRange>,
     /// Outbound destinations left alone (only those of `family` are used).
     pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// Outbound ports left alone for one network only (only those of `family` are used).
+    pub exclude_outbound_endpoints: Vec<Endpoint>,
 }
 
 impl RedirectConfig {
@@ -135,6 +175,7 @@ impl RedirectConfig {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            exclude_outbound_endpoints: Vec::new(),
         }
     }
 }
@@ -228,6 +269,18 @@ fn chain_rules(cfg: &RedirectConfig) -> Vec<String> {
             .filter(|c| Family::of(c) == cfg.family),
     ) {
         r.push(format!("-A {OUTBOUND_CHAIN} -d {cidr} -j RETURN"));
+    }
+    for e in dedup(
+        cfg.exclude_outbound_endpoints
+            .iter()
+            .copied()
+            .filter(|e| Family::of(&e.cidr) == cfg.family),
+    ) {
+        // Written as iptables-save prints it (the implicit `-m tcp`), so `verify` matches.
+        r.push(format!(
+            "-A {OUTBOUND_CHAIN} -d {} -p tcp -m tcp --dport {} -j RETURN",
+            e.cidr, e.ports
+        ));
     }
     for batch in multiport_batches(&dedup(cfg.exclude_outbound_ports.iter().copied())) {
         r.push(format!(
@@ -385,6 +438,11 @@ pub struct InitArgs {
     /// Outbound destination CIDRs not redirected, e.g. `10.96.0.1/32,fd00::/8`. Repeatable.
     #[arg(long, value_name = "LIST", action = clap::ArgAction::Append)]
     pub exclude_outbound_cidrs: Vec<CidrList>,
+    /// Outbound ports not redirected for one destination network only, e.g.
+    /// `10.96.0.10/32=53,fd00:10:96::a/128=53` (DNS to the cluster DNS Service). IPv4 networks
+    /// go to the iptables rules, IPv6 ones to ip6tables. Repeatable.
+    #[arg(long, value_name = "LIST", action = clap::ArgAction::Append)]
+    pub exclude_outbound_endpoints: Vec<EndpointList>,
     /// Install IPv6 rules too: auto (when the pod has IPv6), on or off.
     #[arg(long, value_enum, default_value_t = Ipv6Mode::Auto)]
     pub ipv6: Ipv6Mode,
@@ -435,6 +493,11 @@ impl InitArgs {
                 .collect(),
             exclude_outbound_cidrs: self
                 .exclude_outbound_cidrs
+                .iter()
+                .flat_map(|l| l.0.iter().copied())
+                .collect(),
+            exclude_outbound_endpoints: self
+                .exclude_outbound_endpoints
                 .iter()
                 .flat_map(|l| l.0.iter().copied())
                 .collect(),
@@ -662,6 +725,13 @@ fn describe(cfg: &RedirectConfig) -> String {
             .map(|c| c.to_string())
             .collect(),
     );
+    let endpoints = list(
+        cfg.exclude_outbound_endpoints
+            .iter()
+            .filter(|e| Family::of(&e.cidr) == cfg.family)
+            .map(|e| e.to_string())
+            .collect(),
+    );
     let ports = list(
         cfg.exclude_outbound_ports
             .iter()
@@ -669,7 +739,7 @@ fn describe(cfg: &RedirectConfig) -> String {
             .collect(),
     );
     format!(
-        "inbound TCP -> :{} (except ports {inbound}); outbound TCP -> :{} (except uid {}, gid {}, lo, loopback, CIDRs {cidrs}, ports {ports})",
+        "inbound TCP -> :{} (except ports {inbound}); outbound TCP -> :{} (except uid {}, gid {}, lo, loopback, CIDRs {cidrs}, endpoints {endpoints}, ports {ports})",
         cfg.inbound_port, cfg.outbound_port, cfg.proxy_uid, cfg.proxy_gid
     )
 }
@@ -842,6 +912,57 @@ COMMIT
     }
 
     #[test]
+    fn endpoint_exclusions_go_to_their_own_family_only() {
+        let mut c = cfg(Family::V4);
+        c.exclude_outbound_endpoints = EndpointList::from_str(
+            "10.96.0.10=53, fd00:10:96::a/128=53,10.96.0.10/32=53,192.168.0.0/16=8000-8010",
+        )
+        .unwrap()
+        .0;
+        let v4 = rules(&c);
+        assert!(
+            v4.contains(
+                "-A MOAT_OUTBOUND -d 127.0.0.0/8 -j RETURN\n\
+                 -A MOAT_OUTBOUND -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j RETURN\n\
+                 -A MOAT_OUTBOUND -d 192.168.0.0/16 -p tcp -m tcp --dport 8000:8010 -j RETURN\n\
+                 -A MOAT_OUTBOUND -p tcp -j REDIRECT --to-ports 15001\n"
+            ),
+            "{v4}"
+        );
+        assert!(!v4.contains("fd00"), "{v4}");
+        // Port 53 is excluded only with a destination, never on its own.
+        assert!(!v4.contains("--dports 53"), "{v4}");
+        c.family = Family::V6;
+        let v6 = rules(&c);
+        assert!(
+            v6.contains(
+                "-A MOAT_OUTBOUND -d fd00:10:96::a/128 -p tcp -m tcp --dport 53 -j RETURN\n"
+            ),
+            "{v6}"
+        );
+        assert!(
+            !v6.contains("10.96.0.10") && !v6.contains("192.168"),
+            "{v6}"
+        );
+        let saved = rules(&c).replace("*nat\n", "*nat\n:OUTPUT ACCEPT [0:0]\n");
+        assert_eq!(verify(&c, &saved), Ok(()));
+        for bad in [
+            "10.96.0.10",
+            "10.96.0.10=",
+            "=53",
+            "10.96.0.10/33=53",
+            "10.96.0.10=0",
+            "10.0.0.1=9-8",
+        ] {
+            assert!(Endpoint::from_str(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            Endpoint::from_str(" 10.96.0.10 = 53 ").map(|e| e.to_string()),
+            Ok("10.96.0.10/32=53".to_string())
+        );
+    }
+
+    #[test]
     fn long_port_lists_are_split_into_multiport_batches() {
         let mut c = cfg(Family::V4);
         c.exclude_outbound_ports = (1..=20)
@@ -926,17 +1047,24 @@ COMMIT
             "443",
             "--exclude-outbound-cidrs",
             "10.0.0.0/8",
+            "--exclude-outbound-endpoints",
+            "10.96.0.10/32=53,fd00::a/128=53",
+            "--exclude-outbound-endpoints",
+            "10.96.0.11/32=53",
             "--ipv6",
             "off",
         ])
         .unwrap();
         let c = ok.init.config(Family::V4).unwrap();
         assert_eq!(c.exclude_inbound_ports.len(), 3);
+        assert_eq!(c.exclude_outbound_endpoints.len(), 3);
         for bad in [
             vec!["x", "--inbound-port", "0"],
             vec!["x", "--outbound-port", "70000"],
             vec!["x", "--exclude-inbound-ports", "22,abc"],
             vec!["x", "--exclude-outbound-cidrs", "10.0.0.0/40"],
+            vec!["x", "--exclude-outbound-endpoints", "10.96.0.10/32"],
+            vec!["x", "--exclude-outbound-endpoints", "10.96.0.10/32=dns"],
             vec!["x", "--ipv6", "maybe"],
             vec!["x", "--iptables-mode", "ebpf"],
         ] {

@@ -135,12 +135,31 @@ impl Attacker {
                     Ok(0) | Err(_) => break,
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
+                // The server keeps the connection for the next stream: stop at its FIN/RESET.
+                if stream_ended(&got) {
+                    break;
+                }
             }
         })
         .await;
         let _ = read; // a server that keeps the stream open: judge what arrived so far
         Ok(parse_frames(&got))
     }
+}
+
+/// Whether `b` holds a complete FIN or RESET frame.
+fn stream_ended(mut b: &[u8]) -> bool {
+    while b.len() >= 4 {
+        let len = u32::from_be_bytes([0, b[1], b[2], b[3]]) as usize;
+        if b.len() < 4 + len {
+            return false;
+        }
+        if b[0] == FIN || b[0] == RESET {
+            return true;
+        }
+        b = &b[4 + len..];
+    }
+    false
 }
 
 /// Decodes the server's frames into the attacker's view.

@@ -350,7 +350,8 @@ pub fn request_count(rate: u32, duration: Duration) -> usize {
 }
 
 /// Sends `count` requests `GET /orders/<n>` (n counting up from `first_id + 1`) on one
-/// keep-alive connection to `addr`, `rate` per second; reconnects after an error. An answer
+/// keep-alive connection to `addr`, `rate` per second; reconnects after an error or a
+/// `Connection: close` (the sidecar closes a denied caller's connection). An answer
 /// counts as ok when it is 200 with order `n`.
 pub async fn http_load(addr: SocketAddr, rate: u32, count: usize, first_id: u64) -> HttpLoad {
     let mut out = HttpLoad::default();
@@ -383,6 +384,13 @@ pub async fn http_load(addr: SocketAddr, rate: u32, count: usize, first_id: u64)
         match tokio::time::timeout(IO_TIMEOUT, get(send, &format!("/orders/{id}"))).await {
             Ok(Ok((status, headers, body))) => {
                 out.latencies.push(started.elapsed());
+                // As any HTTP/1.1 client: the server said this connection ends (a denial does).
+                let closing = headers
+                    .get(http::header::CONNECTION)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                if closing {
+                    conn = None;
+                }
                 *out.statuses.entry(status.as_u16()).or_default() += 1;
                 if let Some(v) = headers.get(HEADER_DENIED_BY) {
                     out.denied_by

@@ -235,8 +235,9 @@ pub fn client_pod(name: &str, service_account: &str) -> Pod {
     }
 }
 
-/// `pod` labelled `moat.dev/inject: disabled`: the injector admits it unchanged, so it runs
-/// outside the mesh (no sidecar, no redirection).
+/// `pod` labelled `moat.dev/inject: disabled`: the injector (allowed to by
+/// `--allow-opt-out`) admits it unchanged, so it runs outside the mesh (no sidecar, no
+/// redirection).
 pub fn unmeshed(mut pod: Pod) -> Pod {
     pod.metadata
         .labels
@@ -678,7 +679,10 @@ impl MeshLab {
             .arg("--mesh-networks")
             .arg(&lab.cidr)
             .args(["--trust-domain", TRUST_DOMAIN, "--proxy-image", PROXY_IMAGE])
-            .args(["--failure-mode", "closed", "--log-format", "json"]);
+            .args(["--failure-mode", "closed", "--log-format", "json"])
+            // The lab's namespace enforces the mesh; its unmeshed pods (`unmeshed`) are an
+            // opt-out the platform allows there, as a cluster would for legacy workloads.
+            .args(["--allow-opt-out", &format!("{NAMESPACE}=inject-disabled")]);
         let mut injector = Proc::spawn("moat-injector", cmd, &webhook_dir)?;
         let waited = wait_http_ok(
             &node,
@@ -1109,7 +1113,8 @@ impl MeshLab {
         dir: &Path,
     ) -> anyhow::Result<()> {
         if v.empty_dir.is_some() {
-            return Ok(());
+            // As the kubelet creates them: writable by every container's user.
+            return chmod(dir, 0o777);
         }
         if let Some(cm) = &v.config_map {
             let items = cm
@@ -1211,11 +1216,19 @@ impl MeshLab {
         for p in &mut self.pods {
             p.apps.clear();
         }
-        let sidecars: Vec<Netns> = self
+        // Each sidecar's local control socket, in the pod's `moat-run` volume.
+        let sidecars: Vec<PathBuf> = self
             .pods
             .iter()
             .filter(|p| p.handle.meshed && p.procs.iter().any(|x| x.name() == "moat-proxy"))
-            .map(|p| p.handle.netns.clone())
+            .map(|p| {
+                self.dir_path
+                    .join("pods")
+                    .join(&p.handle.name)
+                    .join("volumes")
+                    .join("moat-run")
+                    .join("admin.sock")
+            })
             .collect();
         let mut procs: Vec<Proc> = Vec::new();
         for p in &mut self.pods {
@@ -1230,20 +1243,18 @@ impl MeshLab {
             .map(Proc::is_running)
             .filter(|r| *r)
             .count();
-        // Sidecars skip their drain delay when asked on their admin port (what a Job does).
-        for ns in &sidecars {
-            let _ = ns.within(|| {
+        // Sidecars skip their drain delay when asked on their local control socket (what a
+        // Job does); a sidecar without one gets SIGTERM below.
+        for socket in &sidecars {
+            let _ = (|| -> std::io::Result<()> {
                 use std::io::{Read as _, Write as _};
-                let mut s = std::net::TcpStream::connect_timeout(
-                    &SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
-                    Duration::from_millis(500),
-                )?;
+                let mut s = std::os::unix::net::UnixStream::connect(socket)?;
                 s.set_read_timeout(Some(Duration::from_millis(500)))?;
                 s.write_all(b"POST /shutdown HTTP/1.0\r\nContent-Length: 0\r\n\r\n")?;
                 let mut buf = Vec::new();
                 let _ = s.read_to_end(&mut buf);
                 Ok(())
-            });
+            })();
         }
         for p in &mut procs {
             if p.is_running() {

@@ -151,6 +151,40 @@ impl Netns {
             .with_context(|| format!("{} has no network device besides lo", self.name))
     }
 
+    /// The kernel's IPv6 link-local address of the namespace's device, as a socket address
+    /// scoped to that device (what a neighbour on the same bridge dials), waiting up to 5 s
+    /// for duplicate address detection to finish.
+    pub fn link_local(&self, port: u16) -> anyhow::Result<std::net::SocketAddrV6> {
+        let dev = self.device()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let out = ip([
+                "-n", &self.name, "-6", "-o", "addr", "show", "dev", &dev, "scope", "link",
+            ])?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            // `4: eth0    inet6 fe80::.../64 scope link ...`; `tentative` until DAD is done.
+            let found = text
+                .lines()
+                .find(|l| !l.contains("tentative"))
+                .and_then(|l| {
+                    let index: u32 = l.split(':').next()?.trim().parse().ok()?;
+                    let addr = l.split_whitespace().skip_while(|w| *w != "inet6").nth(1)?;
+                    let ip: std::net::Ipv6Addr = addr.split('/').next()?.parse().ok()?;
+                    Some(std::net::SocketAddrV6::new(ip, port, 0, index))
+                });
+            match found {
+                Some(a) => return Ok(a),
+                None if std::time::Instant::now() >= deadline => {
+                    bail!(
+                        "{} has no IPv6 link-local address on {dev}: {text}",
+                        self.name
+                    )
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    }
+
     /// The IPv4 addresses on the namespace's device, primary first.
     pub fn addresses(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
         let dev = self.device()?;

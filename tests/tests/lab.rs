@@ -17,7 +17,7 @@ use moat_e2e::demo::TcpOutcome;
 use moat_e2e::lab::{
     self, client_pod, contains, http_get_in, http_post_in, marker, pcap, server_pod, spiffe_id,
     tcp_in, tls, unmeshed, DeployOptions, LabOptions, MeshLab, PodHandle, Relay, Sniffer, Tamper,
-    ECHO_PORT, HTTP_ALT_PORT, HTTP_PORT,
+    ADMIN_PORT, ECHO_PORT, HTTP_ALT_PORT, HTTP_PORT,
 };
 use moat_e2e::net::Metrics;
 use moat_e2e::require_netns;
@@ -30,6 +30,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 const HTTP_REQUESTS: &str = "moat_proxy_http_requests_total";
+const REFUSED: &str = "moat_proxy_connections_refused_total";
 const AUTHZ: &str = "moat_proxy_authz_decisions_total";
 const HS_FAIL: &str = "moat_proxy_tls_handshake_failures_total";
 const HANDSHAKES: &str = "moat_proxy_tls_handshakes_total";
@@ -1088,4 +1089,246 @@ fn pooled_tunnels_do_not_outlive_their_certificates() {
         started.elapsed().as_secs_f64()
     );
     finish(lab, "tunnel lifetime", started);
+}
+
+/// A TCP echo server bound to `addr` inside `ns` for `lifetime` (a service the pod exposes
+/// only on loopback, or a neighbour's listener); the counter says how many connections it
+/// accepted.
+fn echo_server_in(
+    ns: &moat_e2e::netns::Netns,
+    addr: std::net::SocketAddr,
+    lifetime: Duration,
+) -> Arc<std::sync::atomic::AtomicUsize> {
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _detached = lab::spawn_in(ns, move || async move {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind(addr).await;
+        let _ = tx.send(l.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        let l = l?;
+        let _ = tokio::time::timeout(lifetime, async {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        })
+        .await;
+        Ok(())
+    });
+    match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(Ok(())) => accepted,
+        other => panic!("echo server on {addr}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_compromised_pod_reaches_only_what_it_dialed() {
+    use moat_e2e::attack::{Attacker, Outcome};
+    require_netns!();
+    let _one_at_a_time = serial();
+    let started = Instant::now();
+    let mut lab = start(LabOptions::new("cp", [10, 81, 7]));
+    let gw = lab.gateway();
+    let b = deploy(&mut lab, server_pod("b", "b"));
+    let a = deploy(&mut lab, client_pod("a", "a"));
+    // b's loopback-only service (an admin agent, pprof...).
+    let secret = echo_server_in(
+        &b.netns,
+        "127.0.0.1:9999".parse().unwrap(),
+        Duration::from_secs(60),
+    );
+    // mallory: a foothold on the pod network with a valid SVID of its own service account.
+    let mallory = lab.add_host("mallory").expect("attacker host");
+    let token = lab.dir().join("attacker.token");
+    std::fs::write(
+        &token,
+        lab.issuer()
+            .token(lab::NAMESPACE, "attacker")
+            .expect("token"),
+    )
+    .expect("token file");
+    let (ca_url, bundle) = (lab.ca_url(), lab.bundle_path().to_path_buf());
+    let attacker = lab::block_on_in(&mallory, move || async move {
+        Attacker::enroll(
+            &ca_url,
+            &bundle,
+            &token,
+            lab::TRUST_DOMAIN,
+            lab::NAMESPACE,
+            "attacker",
+        )
+        .await
+    })
+    .expect("the attacker enrolls like any workload");
+    let attacker = Arc::new(attacker);
+    let open = |to: std::net::SocketAddr, port: u16, payload: &'static [u8]| {
+        let attacker = attacker.clone();
+        lab::block_on_in(&mallory, move || async move {
+            attacker
+                .open(to, port, payload, Duration::from_secs(5))
+                .await
+        })
+        .expect("attack ran")
+    };
+    let refused =
+        |reason: &str| value(&b, REFUSED, &[("direction", "inbound"), ("reason", reason)]);
+
+    // Control: the default policy admits any identity of the trust domain, so the port the
+    // attacker dialed answers. Everything below is refused for where it tries to go.
+    let o = open(
+        b.addr(HTTP_PORT),
+        0,
+        b"GET /whoami HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        matches!(&o, Outcome::Data(d) if contains(d, b"\r\n\r\nb\n")),
+        "control: {o:?}"
+    );
+    let (mismatch0, direct0) = (refused("port_mismatch"), refused("no_original_destination"));
+    // 1. Dial the allowed app port, name another in OPEN: the loopback service, the admin
+    //    port, the outbound listener (a nested tunnel would start there).
+    for port in [9999, ADMIN_PORT, 15001] {
+        let o = open(b.addr(HTTP_PORT), port, b"POST /shutdown HTTP/1.0\r\n\r\n");
+        assert!(
+            matches!(&o, Outcome::Reset { code: 1, reason } if reason.contains("only reaches the port it was addressed to")),
+            "OPEN({port}) on a connection to {HTTP_PORT}: {o:?}"
+        );
+    }
+    // 2. Dial the inbound port itself: no original destination, nothing to reach.
+    for port in [0, 9999, ADMIN_PORT] {
+        let o = open(b.addr(15006), port, b"POST /shutdown HTTP/1.0\r\n\r\n");
+        assert!(
+            !o.reached_something(),
+            "straight to :15006, OPEN({port}): {o:?}"
+        );
+    }
+    assert_eq!(refused("port_mismatch") - mismatch0, 3.0);
+    assert_eq!(refused("no_original_destination") - direct0, 3.0);
+    let lines = logged(
+        &b,
+        &[
+            ("caller", spiffe_id("attacker").as_str()),
+            ("reason", "port_mismatch"),
+        ],
+    );
+    assert_eq!(
+        lines.len(),
+        3,
+        "each refusal logged with the caller's identity"
+    );
+    assert_eq!(
+        secret.load(Ordering::SeqCst),
+        0,
+        "the loopback-only service was reached"
+    );
+
+    // 3. The admin port, seen from another host on the pod network.
+    let from_mallory = |method: &str, path: &str| {
+        let r = if method == "POST" {
+            http_post_in(&mallory, b.addr(ADMIN_PORT), path, "")
+        } else {
+            http_get_in(&mallory, b.addr(ADMIN_PORT), path)
+        };
+        expect_reply(r, path).status
+    };
+    assert_eq!(from_mallory("POST", "/shutdown"), 403);
+    assert_eq!(from_mallory("GET", "/identity"), 403);
+    assert_eq!(from_mallory("GET", "/app-health/app/readiness"), 403);
+    assert_eq!(
+        from_mallory("GET", "/metrics"),
+        200,
+        "metrics stay scrapeable by default"
+    );
+    // The node (kubelet) still probes; the pod still reads its own identity.
+    let node = lab.node().expect("node").clone();
+    let r = expect_reply(
+        http_get_in(&node, b.addr(ADMIN_PORT), "/app-health/app/readiness"),
+        "kubelet probe",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(b.identity().is_ok());
+    // The namespace policy narrows /metrics to the node's monitoring agent.
+    let policy = format!(
+        "apiVersion: moat.dev/v1\nkind: Policy\ndefault: deny\nrules:\n  - name: mesh\n    from:\n      - authenticated: true\nadmin:\n  metricsFrom: [\"{gw}/32\"]\n"
+    );
+    lab.set_policy(&policy).expect("policy");
+    wait_until(
+        "the metrics restriction in force",
+        Duration::from_secs(20),
+        || http_get_in(&mallory, b.addr(ADMIN_PORT), "/metrics").is_ok_and(|r| r.status == 403),
+    );
+    let r = expect_reply(
+        http_get_in(&node, b.addr(ADMIN_PORT), "/metrics"),
+        "node scrape",
+    );
+    assert_eq!(r.status, 200);
+    assert!(b.ready(), "b stopped being ready");
+
+    // 4. IPv6 link-local: the kernel's fe80:: addresses must not bypass the sidecar, inbound
+    //    (mallory to b's app) or outbound (a's app to a neighbour).
+    let scope = |ns: &moat_e2e::netns::Netns| ns.link_local(0).expect("link-local").scope_id();
+    let b_ll = *b.netns.link_local(HTTP_PORT).expect("b's link-local").ip();
+    let to_b = std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+        b_ll,
+        HTTP_PORT,
+        0,
+        scope(&mallory),
+    ));
+    let not_pod0 = refused("not_pod_address");
+    let t = lab::block_on_in(&mallory, move || async move {
+        Ok(lab::tcp_roundtrip(
+            to_b,
+            b"GET /whoami HTTP/1.0\r\n\r\n".to_vec(),
+            Duration::from_secs(5),
+        )
+        .await)
+    })
+    .expect("link-local attempt ran");
+    assert!(
+        t.received.is_empty(),
+        "mallory reached b's app over link-local, around the sidecar: {:?} {:?}",
+        t.outcome,
+        String::from_utf8_lossy(&t.received)
+    );
+    assert_eq!(
+        refused("not_pod_address") - not_pod0,
+        1.0,
+        "the link-local connection did not go through b's sidecar: {:?}",
+        t.outcome
+    );
+    let m_ll = *mallory.link_local(0).expect("mallory's link-local").ip();
+    let neighbour = echo_server_in(
+        &mallory,
+        "[::]:8088".parse().unwrap(),
+        Duration::from_secs(30),
+    );
+    let to_mallory =
+        std::net::SocketAddr::V6(std::net::SocketAddrV6::new(m_ll, 8088, 0, scope(&a.netns)));
+    let t = lab::block_on_in(&a.netns, move || async move {
+        Ok(lab::tcp_roundtrip(to_mallory, b"a's secret".to_vec(), Duration::from_secs(5)).await)
+    })
+    .expect("outbound link-local attempt ran");
+    assert!(t.received.is_empty(), "{:?}", t.outcome);
+    assert_eq!(
+        neighbour.load(Ordering::SeqCst),
+        0,
+        "a's app reached a neighbour over link-local without its sidecar"
+    );
+    // Outbound link-local is redirected like any TCP, but a REDIRECT to loopback loses the
+    // link scope, so the handshake never completes: the connection is dropped, not sent.
+    assert!(
+        !matches!(t.outcome, TcpOutcome::Echoed),
+        "a's app talked to a neighbour over link-local: {:?}",
+        t.outcome
+    );
+    finish(
+        lab,
+        "a compromised pod reaches only what it dialed",
+        started,
+    );
 }

@@ -771,3 +771,104 @@ async fn sigterm_lets_in_flight_requests_finish() {
         .expect("web exited");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_stays_false_for_the_whole_drain_delay() {
+    let ca = CaFixture::start(CaOptions::default()).unwrap();
+    let mut api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api").args(["--drain-delay", "3s"]),
+    )
+    .unwrap();
+    let admin = api.admin();
+    api.proc().signal(moat_e2e::proc::SIGTERM).unwrap();
+    let start = Instant::now();
+    // Not ready once the signal is handled...
+    while moat_e2e::net::http_get(&admin, "/ready", Duration::from_millis(500))
+        .is_ok_and(|r| r.status == 200)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "still ready after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...and for the rest of the delay: the readiness task ticks every second in between.
+    let mut looks = 0;
+    while start.elapsed() < Duration::from_millis(2700) {
+        let r = moat_e2e::net::http_get(&admin, "/ready", Duration::from_millis(500))
+            .expect("the admin port stays up while draining");
+        assert_eq!(
+            r.status,
+            503,
+            "/ready said {} {:.1} s into the drain",
+            r.status,
+            start.elapsed().as_secs_f64()
+        );
+        looks += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(looks >= 20, "only {looks} looks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let http = backend::http().await;
+    let ca = CaFixture::start(CaOptions::default()).unwrap();
+    let api = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "api")
+            .expose(&[http.port()])
+            .policy(&api_policy("deny")),
+    )
+    .unwrap();
+    let route = free_addr();
+    let mut web = ProxyFixture::start(
+        &ca,
+        ProxyOptions::new("shop", "web")
+            .route(route, api.inbound(), http.port(), Some(&id("api")))
+            .args(["--drain-delay", "0s", "--shutdown-grace", "15s"]),
+    )
+    .unwrap();
+    // One keep-alive connection that has finished its request and sits idle...
+    let mut idle = TcpStream::connect(route).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(backend::HELLO) {
+        let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+            .await
+            .expect("response")
+            .unwrap();
+        assert!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // ...and one request still in flight, which must finish.
+    let slow = tokio::spawn(get(route, "/slow?ms=1500"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    web.proc().signal(moat_e2e::proc::SIGTERM).unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("the idle connection was held past the drain")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "unexpected bytes on the idle connection");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let r = slow.await.unwrap().expect("the in-flight request finished");
+    assert_eq!(r.status, 200);
+    // With nothing else in flight the proxy exits long before the 15 s grace period.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while web.proc().try_status().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy waited for the grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -175,7 +175,7 @@ async fn shutdown_is_only_served_on_the_local_socket() {
     let curl = moat_e2e::tools::require_tool("curl");
     let out = moat_e2e::tools::run(
         &curl,
-        &[
+        [
             "-sS",
             "--max-time",
             "5",

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use base64::Engine as _;
 use moat_injector::admission::{self, Reply};
 use moat_injector::config::{FailureMode, InjectConfig, SidecarMode};
+use moat_injector::inject::Scope;
 use moat_injector::syntax;
 use serde::Deserialize as _;
 use serde_json::{json, Value};
@@ -87,7 +88,11 @@ pub fn config(mode: SidecarMode) -> InjectConfig {
         mesh_networks: syntax::parse_cidrs("10.0.0.0/8").expect("cidr"),
         sidecar_mode: mode,
         skip_outbound_cidrs: syntax::parse_cidrs("10.96.0.1").expect("cidr"),
-        skip_outbound_ports: syntax::parse_ports("53").expect("port"),
+        skip_outbound_endpoints: vec![(
+            "10.96.0.10/32".parse().expect("cidr"),
+            syntax::PortRange::single(53),
+        )],
+        enforcement: Default::default(),
     }
 }
 
@@ -165,12 +170,18 @@ pub fn review_of(uid: &str, object: &Value, namespace: &str) -> Value {
     }))
 }
 
-/// Runs the webhook's review on `review`.
+/// Runs the webhook's review on `review`, as for an enforcing namespace (`/inject`).
 pub fn call(review: &Value, cfg: &InjectConfig) -> Reply {
-    admission::review(
+    call_in(review, cfg, Scope::Enforcing)
+}
+
+/// Runs the webhook's review on `review` under the rules of `scope`.
+pub fn call_in(review: &Value, cfg: &InjectConfig, scope: Scope) -> Reply {
+    admission::review_in(
         serde_json::to_vec(review).expect("json").as_slice(),
         cfg,
         FailureMode::Open,
+        scope,
     )
 }
 
