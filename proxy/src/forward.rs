@@ -184,8 +184,18 @@ where
                     draining = d.as_mut().poll(cx).is_ready();
                 }
             }
-            // Nothing in flight and nothing buffered on its way: close between requests.
+            // Nothing in flight and nothing buffered on its way: close between requests, with
+            // a clean shutdown of both sides so the last response is flushed and both peers
+            // see an orderly end rather than a reset.
             if draining && o.http.is_idle() && ab.pos == ab.end && ba.pos == ba.end {
+                if !ba.shut {
+                    ready!(Pin::new(&mut *a).poll_shutdown(cx))?;
+                    ba.shut = true;
+                }
+                if !ab.shut {
+                    ready!(Pin::new(&mut *b).poll_shutdown(cx))?;
+                    ab.shut = true;
+                }
                 return Poll::Ready(Ok((ab.total, ba.total)));
             }
         }
