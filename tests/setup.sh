@@ -7,10 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iproute2 iptables tcpdump curl openssl util-linux procps psmisc
-              haproxy nginx-light libnginx-mod-stream iperf3 wrk nghttp2-client hey)
+              haproxy nginx-light libnginx-mod-stream iperf3 wrk nghttp2-client hey
+              containerd runc containernetworking-plugins conntrack busybox-static)
 declare -A PROVIDES=([iproute2]=ip [iptables]=iptables-restore [tcpdump]=tcpdump [curl]=curl
   [openssl]=openssl [util-linux]=setpriv [procps]=ps [psmisc]=killall [haproxy]=haproxy
-  [nginx-light]=nginx [iperf3]=iperf3 [wrk]=wrk [nghttp2-client]=h2load [hey]=hey)
+  [nginx-light]=nginx [iperf3]=iperf3 [wrk]=wrk [nghttp2-client]=h2load [hey]=hey
+  [containerd]=containerd [runc]=runc [containernetworking-plugins]=/usr/lib/cni/bridge
+  [conntrack]=conntrack [busybox-static]=/bin/busybox)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   tool=${PROVIDES[$p]:-}

@@ -9,6 +9,7 @@
 //! * [`https`]: a TLS 1.3 HTTP/1.1 client for the CA's API, plus raw request writing for
 //!   malformed traffic.
 //! * [`ca`]: [`CaFixture`], a running `moat-ca` with its own root, ports and token issuer.
+//! * [`cluster`]: a live Kubernetes cluster (`tests/cluster/up.sh`) driven with its own kubectl.
 //! * [`kube_api`]: a stand-in for the Kubernetes API server's TokenReview endpoint.
 //! * [`flood`]: an attacker's connection flood (idle TLS connections from many loopback
 //!   addresses) and the file-descriptor limit it needs.
@@ -26,6 +27,7 @@
 pub mod attack;
 pub mod bin;
 pub mod ca;
+pub mod cluster;
 pub mod demo;
 pub mod flood;
 pub mod https;
