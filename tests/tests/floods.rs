@@ -174,9 +174,16 @@ async fn check_per_source(
     let mut bystander = HeldConn::open(other, server, tls.clone(), Idle::Tls).await?;
     let mut mine = Held::open(server, tls.clone(), &[src], PER_SOURCE, &[Idle::Tls]).await?;
     let mut extra = HeldConn::open(src, server, tls, Idle::Tls).await?;
+    // One of the source's own idle connections makes room (which one depends on when the
+    // server saw each of them go idle, so the test does not insist on the very first).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut open = mine.still_open(Duration::from_millis(20)).await;
+    while open != PER_SOURCE - 1 && Instant::now() < deadline {
+        open = mine.still_open(Duration::from_millis(20)).await;
+    }
     ensure!(
-        !mine.conns[0].is_open(Duration::from_secs(2)).await,
-        "the source's oldest connection was closed to admit its {}th",
+        open == PER_SOURCE - 1,
+        "{open} of the source's {PER_SOURCE} connections open after its {}th",
         PER_SOURCE + 1
     );
     ensure!(extra.is_open(Duration::from_millis(100)).await);
@@ -184,7 +191,6 @@ async fn check_per_source(
         bystander.is_open(Duration::from_millis(100)).await,
         "another address's (older) connection was left alone"
     );
-    ensure!(mine.still_open(Duration::from_millis(20)).await == PER_SOURCE - 1);
     let lines = logs_of();
     ensure!(
         lines.iter().any(|l| l["message"]
