@@ -163,7 +163,8 @@ impl HeldConn {
 /// Connections held open against a server.
 #[derive(Default)]
 pub struct Held {
-    /// The connections, in the order they were opened.
+    /// The connections, in the order they were planned (handshakes within a batch run
+    /// concurrently, so the server may accept them in another order).
     pub conns: Vec<HeldConn>,
 }
 

@@ -172,18 +172,17 @@ async fn check_per_source(
     let src = loopback_sources(200)[199];
     let other = loopback_sources(201)[200];
     let mut bystander = HeldConn::open(other, server, tls.clone(), Idle::Tls).await?;
-    let mut mine = Held::open(server, tls.clone(), &[src], PER_SOURCE, &[Idle::Tls]).await?;
-    let mut extra = HeldConn::open(src, server, tls, Idle::Tls).await?;
-    // One of the source's own idle connections makes room (which one depends on when the
-    // server saw each of them go idle, so the test does not insist on the very first).
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut open = mine.still_open(Duration::from_millis(20)).await;
-    while open != PER_SOURCE - 1 && Instant::now() < deadline {
-        open = mine.still_open(Duration::from_millis(20)).await;
+    // One at a time (Held::open is concurrent): the server then accepts them in this order,
+    // so the first is the source's oldest idle connection.
+    let mut mine = Held::default();
+    for _ in 0..PER_SOURCE {
+        mine.conns
+            .push(HeldConn::open(src, server, tls.clone(), Idle::Tls).await?);
     }
+    let mut extra = HeldConn::open(src, server, tls, Idle::Tls).await?;
     ensure!(
-        open == PER_SOURCE - 1,
-        "{open} of the source's {PER_SOURCE} connections open after its {}th",
+        !mine.conns[0].is_open(Duration::from_secs(2)).await,
+        "the source's oldest connection was closed to admit its {}th",
         PER_SOURCE + 1
     );
     ensure!(extra.is_open(Duration::from_millis(100)).await);
@@ -191,6 +190,7 @@ async fn check_per_source(
         bystander.is_open(Duration::from_millis(100)).await,
         "another address's (older) connection was left alone"
     );
+    ensure!(mine.still_open(Duration::from_millis(20)).await == PER_SOURCE - 1);
     let lines = logs_of();
     ensure!(
         lines.iter().any(|l| l["message"]
