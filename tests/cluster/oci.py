@@ -69,19 +69,15 @@ class Layer:
         self.entries[path.lstrip("/")] = (info, None)
 
     def copy(self, src, dest=None):
-        """Copies a host file, following symlinks the way the host resolves them: every link
-        on the way becomes a link in the image, the final file a regular file."""
-        dest = dest or src
-        if os.path.islink(src):
+        """Copies a host file. Copied to its own path, the symlinks leading to it are kept as
+        symlinks (the loader and libraries are found by those names); copied elsewhere, it
+        becomes a regular file."""
+        if dest is None and os.path.islink(src):
             target = os.readlink(src)
-            self.symlink(dest, target)
-            absolute = target if target.startswith("/") else os.path.join(os.path.dirname(src), target)
-            if dest == src:
-                self.copy(os.path.normpath(absolute))
-            else:
-                self.file(dest, read(os.path.realpath(src)), os.stat(src).st_mode & 0o7777)
+            self.symlink(src, target)
+            self.copy(os.path.normpath(os.path.join(os.path.dirname(src), target)))
             return
-        self.file(dest, read(src), os.stat(src).st_mode & 0o7777)
+        self.file(dest or src, read(os.path.realpath(src)), os.stat(src).st_mode & 0o7777)
 
     def tar(self):
         buf = io.BytesIO()

@@ -139,7 +139,7 @@ impl Cluster {
         self.run(&args)
     }
 
-    /// The names of the pods in `ns` matching `selector`.
+    /// The pods in `ns` matching `selector`, as the API returns them.
     pub fn pods(&self, ns: &str, selector: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         let list = self.get_json(&["-n", ns, "pods", "-l", selector])?;
         Ok(list["items"].as_array().cloned().unwrap_or_default())
