@@ -254,6 +254,8 @@ evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.availa
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 staticPodPath: ""
+# Mounted ConfigMaps (a namespace's moat-policy) reach pods within seconds, not a minute.
+syncFrequency: 10s
 podLogsDir: "$CLUSTER_DIR/pod-logs"
 EOF
 start kubelet "$K8S_BIN/kubelet" --config "$CLUSTER_DIR/etc/kubelet.yaml" \

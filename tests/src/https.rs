@@ -41,12 +41,22 @@ pub async fn connect_tls(
     addr: SocketAddr,
     cfg: Arc<rustls::ClientConfig>,
 ) -> anyhow::Result<TlsStream<TcpStream>> {
+    connect_tls_to(addr, ServerName::IpAddress(addr.ip().into()), cfg).await
+}
+
+/// Connects to `addr` and completes a TLS handshake, verifying the server for `name` (e.g. a
+/// Service's DNS name reached at its cluster IP).
+pub async fn connect_tls_to(
+    addr: SocketAddr,
+    name: ServerName<'static>,
+    cfg: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot connect to {addr}"))?;
     tcp.set_nodelay(true)?;
     tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .connect(name, tcp)
         .await
         .with_context(|| format!("TLS handshake with {addr}"))
 }
@@ -100,7 +110,19 @@ pub struct Http1Client {
 impl Http1Client {
     /// Connects to `addr`.
     pub async fn connect(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> anyhow::Result<Self> {
-        let tls = connect_tls(addr, cfg).await?;
+        Self::over(connect_tls(addr, cfg).await?, addr).await
+    }
+
+    /// Connects to `addr`, verifying the server for `name`.
+    pub async fn connect_to(
+        addr: SocketAddr,
+        name: ServerName<'static>,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<Self> {
+        Self::over(connect_tls_to(addr, name, cfg).await?, addr).await
+    }
+
+    async fn over(tls: TlsStream<TcpStream>, addr: SocketAddr) -> anyhow::Result<Self> {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .context("HTTP/1.1 handshake")?;
