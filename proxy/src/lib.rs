@@ -26,4 +26,5 @@ pub mod policy;
 pub mod pool;
 pub mod probes;
 pub mod redirect;
+pub mod retry;
 pub mod tunnel;

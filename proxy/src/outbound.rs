@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moat_core::spiffe::SpiffeId;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -22,6 +22,7 @@ use crate::metrics::{self as m, ConnMetrics, Direction};
 use crate::net;
 use crate::observe::Http1Observer;
 use crate::pool::{DialError, Key};
+use crate::retry::{Redial, Retrying};
 use crate::tunnel::{self, Stream};
 
 /// Where an app connection may go.
@@ -120,7 +121,7 @@ async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
     let app_port = if port != 0 { port } else { key.addr.port() };
     let opaque = ctx.cfg.is_opaque(app_port);
     let started = Instant::now();
-    let (mut stream, peer) = match open_stream(&key, port, &ctx).await {
+    let (stream, peer) = match open_stream(&key, port, &ctx).await {
         Ok(x) => x,
         Err(e) => {
             let reason = e.reason();
@@ -145,6 +146,7 @@ async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
         local: ctx.local_label.clone(),
     };
     let cm = ConnMetrics::open(Direction::Outbound);
+    let mut stream = Retrying::new(stream, 1, redial(key.clone(), port, ctx.clone()));
 
     // The app's first bytes decide HTTP or not; a server that greets first makes it opaque.
     let mut upstream_first = Vec::new();
@@ -190,14 +192,35 @@ async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
     }
 }
 
-async fn read_some(
-    stream: &mut Stream<crate::pool::TlsConn>,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<()> {
+async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> std::io::Result<()> {
     let mut chunk = [0u8; 1024];
     let n = stream.read(&mut chunk).await?;
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
+}
+
+/// How a stream the peer's app refused is replayed: a new connection (never a pooled one),
+/// the same OPEN, the bytes the app had sent, and its FIN if it had sent one.
+fn redial(
+    key: Key,
+    port: u16,
+    ctx: Arc<Ctx>,
+) -> impl FnMut(Vec<u8>, bool) -> Redial<Stream<crate::pool::TlsConn>> + Unpin {
+    move |bytes, fin| {
+        let (key, ctx) = (key.clone(), ctx.clone());
+        Box::pin(async move {
+            let co = ctx.pool.dial(&key).await.map_err(std::io::Error::other)?;
+            let mut conn = co.conn;
+            tunnel::write_open(&mut conn, port).await?;
+            let home = ctx.pool.home(key, co.peer, co.expires);
+            let mut stream = Stream::with_home(conn, Some(home));
+            stream.write_all(&bytes).await?;
+            if fin {
+                stream.shutdown().await?;
+            }
+            Ok(stream)
+        })
+    }
 }
 
 /// Checks out a tunnel connection and opens a stream on it. A pooled connection that turns

@@ -187,7 +187,9 @@ impl Pool {
         None
     }
 
-    async fn dial(&self, key: &Key) -> Result<Checkout, DialError> {
+    /// A freshly dialed connection to `key`, never a pooled one (a replay must not land on
+    /// the connection, hence the pod, that just refused).
+    pub async fn dial(&self, key: &Key) -> Result<Checkout, DialError> {
         let Some(own) = self.cert.get() else {
             return Err(DialError::NoIdentity);
         };
