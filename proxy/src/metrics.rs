@@ -17,6 +17,9 @@ pub const HANDSHAKE_FAILURES: &str = "moat_proxy_tls_handshake_failures_total";
 pub const HANDSHAKES: &str = "moat_proxy_tls_handshakes_total";
 /// Counter: app connections that reused a pooled mTLS connection.
 pub const POOL_REUSE: &str = "moat_proxy_tunnel_reuses_total";
+/// Counter: streams replayed on a fresh tunnel connection after the peer's app refused them
+/// (`retry.rs`).
+pub const STREAM_RETRIES: &str = "moat_proxy_stream_retries_total";
 /// Counter: authorization decisions, by `decision` and `rule`.
 pub const AUTHZ: &str = "moat_proxy_authz_decisions_total";
 /// Counter: open connections closed because a new policy no longer allows them.

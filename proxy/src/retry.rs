@@ -26,9 +26,6 @@ use crate::tunnel::{PeerReset, ResetCode};
 /// Most bytes kept for a replay: a request head and a small body.
 pub const MAX_REPLAY: usize = 64 * 1024;
 
-/// Counter: streams replayed on a fresh connection after the peer's app refused them.
-pub const RETRIES: &str = "moat_proxy_stream_retries_total";
-
 /// A new stream with the replayed bytes written (and FIN sent when asked).
 pub type Redial<S> = Pin<Box<dyn Future<Output = io::Result<S>> + Send>>;
 
@@ -106,7 +103,7 @@ where
                         return Poll::Ready(Err(e));
                     };
                     this.retries -= 1;
-                    metrics::counter!(RETRIES).increment(1);
+                    metrics::counter!(crate::metrics::STREAM_RETRIES).increment(1);
                     tracing::debug!(error = %e, replayed = sent.len(), "the peer's app refused the stream; replaying it on a fresh connection");
                     this.redial = Some((this.dial)(sent, this.fin));
                 }

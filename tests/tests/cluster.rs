@@ -60,6 +60,9 @@ const POD_TIMEOUT: Duration = Duration::from_secs(180);
 /// Longest wait for a ConfigMap edit to reach the sidecars (kubelet sync + policy re-read).
 const POLICY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// One step of the suite: it runs against the shared cluster state and may leave resources for later steps.
+type Step = fn(&mut Suite) -> anyhow::Result<()>;
+
 fn main() -> ExitCode {
     let required = std::env::var("MOAT_REQUIRE_CLUSTER_TESTS").as_deref() == Ok("1");
     let cluster = match Cluster::from_env() {
@@ -83,7 +86,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let steps: [(&str, fn(&mut Suite) -> anyhow::Result<()>); 7] = [
+    let steps: [(&str, Step); 7] = [
         ("install", install),
         ("injection", injection),
         ("identity", identity),
