@@ -400,3 +400,275 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let leaf = certs?.first()?;
     x509::svid_identity(leaf).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The verifier against chains an attacker could present, made with rcgen.
+
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    use time::{Duration, OffsetDateTime};
+
+    const ME: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    type Ca = CertifiedIssuer<'static, KeyPair>;
+
+    fn ca(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    fn intermediate(root: &Ca) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "moat intermediate");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), root).unwrap()
+    }
+
+    /// A well-formed SVID for `uris`, valid now, for client and server use.
+    fn leaf_params(uris: &[&str]) -> CertificateParams {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - Duration::minutes(5);
+        p.not_after = now + Duration::hours(1);
+        p
+    }
+
+    fn sign(p: CertificateParams, by: &Ca) -> CertificateDer<'static> {
+        p.signed_by(&KeyPair::generate().unwrap(), by)
+            .unwrap()
+            .der()
+            .clone()
+    }
+
+    fn verifier(roots: &[&Ca]) -> (SpiffeVerifier, Arc<ArcSwap<TrustBundle>>) {
+        let bundle =
+            TrustBundle::from_certs(roots.iter().map(|c| c.der().clone()).collect()).unwrap();
+        let bundle = Arc::new(ArcSwap::from_pointee(bundle));
+        let td = TrustDomain::new("cluster.local").unwrap();
+        (SpiffeVerifier::new(bundle.clone(), td, provider()), bundle)
+    }
+
+    fn check(v: &SpiffeVerifier, leaf: &CertificateDer<'_>) -> Result<SpiffeId, PeerRejection> {
+        v.verify(leaf, &[], UnixTime::now(), webpki::KeyUsage::client_auth())
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn accepts_an_svid_of_the_trust_domain() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        assert_eq!(check(&v, &sign(leaf_params(&[ME]), &root)).unwrap(), id(ME));
+        let v = v.expecting(Some(id(ME)));
+        assert_eq!(check(&v, &sign(leaf_params(&[ME]), &root)).unwrap(), id(ME));
+    }
+
+    #[test]
+    fn a_valid_certificate_of_another_identity_is_refused_when_one_is_expected() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        let v = v.expecting(Some(id("spiffe://cluster.local/ns/shop/sa/api")));
+        let err = check(&v, &sign(leaf_params(&[ME]), &root)).unwrap_err();
+        assert_eq!(err.reason(), "wrong_identity", "{err}");
+    }
+
+    #[test]
+    fn another_trust_domain_is_refused_even_from_a_trusted_root() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        let leaf = sign(
+            leaf_params(&["spiffe://evil.example/ns/shop/sa/web"]),
+            &root,
+        );
+        assert_eq!(check(&v, &leaf).unwrap_err().reason(), "wrong_trust_domain");
+    }
+
+    #[test]
+    fn an_untrusted_issuer_is_refused_and_a_swapped_bundle_applies_at_once() {
+        let (root, other) = (ca("moat root"), ca("moat root"));
+        let (v, bundle) = verifier(&[&root]);
+        let forged = sign(leaf_params(&[ME]), &other);
+        assert_eq!(check(&v, &forged).unwrap_err().reason(), "untrusted_issuer");
+        let good = sign(leaf_params(&[ME]), &root);
+        assert!(check(&v, &good).is_ok());
+        // Rotating the trust bundle to the other root: the old root's leaves stop verifying.
+        bundle.store(Arc::new(
+            TrustBundle::from_certs(vec![other.der().clone()]).unwrap(),
+        ));
+        assert_eq!(check(&v, &good).unwrap_err().reason(), "untrusted_issuer");
+        assert!(check(&v, &forged).is_ok());
+    }
+
+    #[test]
+    fn a_chain_through_an_intermediate_needs_the_intermediate() {
+        let root = ca("moat root");
+        let mid = intermediate(&root);
+        let (v, _) = verifier(&[&root]);
+        let leaf = sign(leaf_params(&[ME]), &mid);
+        let chain = [mid.der().clone()];
+        let ok = v.verify(
+            &leaf,
+            &chain,
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        );
+        assert_eq!(ok.unwrap(), id(ME));
+        assert_eq!(check(&v, &leaf).unwrap_err().reason(), "untrusted_issuer");
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_leaves_are_refused() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        let now = OffsetDateTime::now_utc();
+        let mut old = leaf_params(&[ME]);
+        old.not_before = now - Duration::hours(2);
+        old.not_after = now - Duration::hours(1);
+        assert_eq!(
+            check(&v, &sign(old, &root)).unwrap_err().reason(),
+            "expired"
+        );
+        let mut future = leaf_params(&[ME]);
+        future.not_before = now + Duration::hours(1);
+        future.not_after = now + Duration::hours(2);
+        assert_eq!(
+            check(&v, &sign(future, &root)).unwrap_err().reason(),
+            "expired"
+        );
+    }
+
+    #[test]
+    fn a_ca_certificate_is_not_a_workload() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        // A CA certificate with a SPIFFE ID, issued by the trusted root.
+        let mut p = leaf_params(&[ME]);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ];
+        assert!(check(&v, &sign(p, &root)).is_err());
+        // Not marked CA, but allowed to sign certificates: still not an SVID.
+        let mut p = leaf_params(&[ME]);
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ];
+        let err = check(&v, &sign(p, &root)).unwrap_err();
+        assert_eq!(err, PeerRejection::NotSvid(SvidError::LeafIsCa));
+    }
+
+    #[test]
+    fn a_leaf_must_allow_digital_signatures() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        let mut p = leaf_params(&[ME]);
+        p.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
+        let err = check(&v, &sign(p, &root)).unwrap_err();
+        assert_eq!(err, PeerRejection::NotSvid(SvidError::NoDigitalSignature));
+    }
+
+    #[test]
+    fn the_extended_key_usage_is_enforced() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        let mut p = leaf_params(&[ME]);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_only = sign(p, &root);
+        assert_eq!(
+            check(&v, &server_only).unwrap_err().reason(),
+            "invalid_certificate",
+            "a server-only certificate used as a client certificate"
+        );
+        let as_server = v.verify(
+            &server_only,
+            &[],
+            UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+        );
+        assert!(as_server.is_ok());
+    }
+
+    #[test]
+    fn exactly_one_uri_san() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        let two = sign(
+            leaf_params(&[ME, "spiffe://cluster.local/ns/kube-system/sa/admin"]),
+            &root,
+        );
+        assert_eq!(
+            check(&v, &two).unwrap_err(),
+            PeerRejection::NotSvid(SvidError::MultipleUriSans(2))
+        );
+        let mut dns_only = leaf_params(&[]);
+        dns_only.subject_alt_names = vec![SanType::DnsName("web.shop".try_into().unwrap())];
+        assert_eq!(
+            check(&v, &sign(dns_only, &root)).unwrap_err(),
+            PeerRejection::NotSvid(SvidError::NoUriSan)
+        );
+    }
+
+    #[test]
+    fn odd_encodings_of_the_spiffe_id_are_refused() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        for uri in [
+            // A NUL that a C-string comparison would stop at.
+            "spiffe://cluster.local/ns/shop/sa/web\0.evil",
+            "spiffe://cluster.local\0.evil/ns/shop/sa/web",
+            // Percent-encoding, case and dot segments that could alias another identity.
+            "spiffe://cluster.local/ns/shop/sa/w%65b",
+            "spiffe://Cluster.Local/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/shop/sa/../sa/admin",
+            "SPIFFE://cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/shop/sa/web/",
+            "spiffe://user@cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local:443/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/shop/sa/web?x=1",
+            "spiffe://cluster.local/ns/shop/sa/web#x",
+        ] {
+            let err = check(&v, &sign(leaf_params(&[uri]), &root))
+                .expect_err(&format!("accepted {uri:?}"));
+            assert_eq!(err.reason(), "not_svid", "{uri:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn rustls_sees_the_reason_as_a_metric_label() {
+        let root = ca("moat root");
+        let (v, _) = verifier(&[&root]);
+        let v = v.expecting(Some(id("spiffe://cluster.local/ns/shop/sa/api")));
+        let leaf = sign(leaf_params(&[ME]), &root);
+        let name = ServerName::try_from("peer.moat").unwrap();
+        let err = v
+            .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(rustls_reason(&err), "wrong_identity");
+        let err = v
+            .verify_client_cert(&sign(leaf_params(&[]), &root), &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(rustls_reason(&err), "not_svid");
+    }
+}

@@ -251,3 +251,120 @@ async fn open_stream(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: crate::config::RunArgs,
+    }
+
+    fn config(extra: &[&str]) -> crate::config::Config {
+        // The bundle is read later, at start-up; classification never needs it.
+        let base = [
+            "x",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "web",
+            "--trust-bundle",
+            "/nonexistent/bundle.pem",
+        ];
+        let args = Cli::try_parse_from(base.iter().chain(extra)).unwrap().run;
+        crate::config::Config::from_args(&args).unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn mesh_networks_go_over_mtls_with_the_pinned_identity_when_known() {
+        let api = "spiffe://cluster.local/ns/shop/sa/api";
+        let cfg = config(&[
+            "--mesh-networks",
+            "10.0.0.0/16,fd00::/64",
+            "--peer-identity",
+            &format!("10.0.0.7={api}"),
+        ]);
+        let pinned = classify(&cfg, Some(addr("10.0.0.7:8080")));
+        assert_eq!(
+            pinned,
+            Destination::Mesh {
+                key: Key {
+                    addr: addr("10.0.0.7:8080"),
+                    expected: Some(SpiffeId::parse(api).unwrap()),
+                },
+                port: 0,
+            }
+        );
+        let Destination::Mesh { key, .. } = classify(&cfg, Some(addr("[fd00::9]:80"))) else {
+            panic!("IPv6 mesh destination not meshed");
+        };
+        assert_eq!(key.expected, None, "no identity was configured for it");
+    }
+
+    #[test]
+    fn everything_else_fails_closed_unless_egress_allows_it() {
+        let cfg = config(&["--mesh-networks", "10.0.0.0/16"]);
+        assert_eq!(
+            classify(&cfg, Some(addr("192.0.2.1:443"))),
+            Destination::Refused("egress_denied")
+        );
+        assert_eq!(
+            classify(&cfg, None),
+            Destination::Refused("no_original_destination")
+        );
+        let cfg = config(&[
+            "--mesh-networks",
+            "10.0.0.0/16",
+            "--allow-egress",
+            "192.0.2.0/24",
+        ]);
+        assert_eq!(
+            classify(&cfg, Some(addr("192.0.2.1:443"))),
+            Destination::Egress(addr("192.0.2.1:443"))
+        );
+        // Inside both: the mesh wins, so an egress rule can't downgrade a pod to plaintext.
+        let cfg = config(&[
+            "--mesh-networks",
+            "10.0.0.0/8",
+            "--allow-egress",
+            "10.0.0.0/8",
+        ]);
+        assert!(matches!(
+            classify(&cfg, Some(addr("10.1.2.3:80"))),
+            Destination::Mesh { .. }
+        ));
+    }
+
+    #[test]
+    fn the_proxys_own_listeners_are_refused_as_loops() {
+        let cfg = config(&[
+            "--mesh-networks",
+            "0.0.0.0/0",
+            "--allow-egress",
+            "0.0.0.0/0",
+        ]);
+        for dst in [
+            "127.0.0.1:15001",
+            "10.0.0.5:15006",
+            "127.0.0.1:15020",
+            "10.0.0.5:15020",
+        ] {
+            assert_eq!(
+                classify(&cfg, Some(addr(dst))),
+                Destination::Refused("loop"),
+                "{dst}"
+            );
+        }
+        assert!(matches!(
+            classify(&cfg, Some(addr("10.0.0.5:8080"))),
+            Destination::Mesh { .. }
+        ));
+    }
+}
