@@ -25,10 +25,11 @@ use crate::tls::SpiffeVerifier;
 use crate::x509;
 
 /// Key algorithm of the workload key pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum KeyAlgorithm {
     /// ECDSA on P-256 with SHA-256 (the default, and what every peer supports).
     #[default]
+    #[value(name = "ecdsa-p256")]
     EcdsaP256,
     /// Ed25519.
     Ed25519,

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use moat_core::admin::{self, Health};
 use moat_core::bundle::TrustBundle;
-use moat_core::client::{CaClient, CaClientConfig, KeyAlgorithm};
+use moat_core::client::{CaClient, CaClientConfig};
 use moat_core::manager::{IdentityHandle, IdentityManager, Schedule};
 use moat_core::tls::{self, SpiffeVerifier};
 use tokio::net::{TcpListener, TcpStream};
@@ -201,17 +201,12 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let provider = tls::provider();
     let (bundle, bundle_file) = load_bundle(&args)?;
     let bundle = Arc::new(ArcSwap::from_pointee(bundle));
-    let key_algorithm = match args.key_algorithm.as_str() {
-        "ecdsa-p256" => KeyAlgorithm::EcdsaP256,
-        "ed25519" => KeyAlgorithm::Ed25519,
-        other => anyhow::bail!("--key-algorithm {other:?}: use ecdsa-p256 or ed25519"),
-    };
     let client = CaClient::new(
         CaClientConfig {
             url: args.ca_url.clone(),
             token_file: args.token_file.clone(),
             identity: cfg.identity.clone(),
-            key_algorithm,
+            key_algorithm: args.key_algorithm,
             dns_names: Vec::new(),
             timeout: Duration::from_secs(10),
         },
@@ -338,7 +333,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             "explicit-route mode without --inbound-ports: peers can reach no app port here"
         );
     }
-    tracing::info!(identity = %ctx.cfg.identity, ca = %args.ca_url, "waiting for the first certificate");
+    tracing::info!(identity = %ctx.cfg.identity, pod = %args.pod_name, ca = %args.ca_url, "waiting for the first certificate");
     tokio::select! {
         _ = identity.ready() => {}
         _ = moat_core::shutdown::os_signal() => {
@@ -348,6 +343,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!(
         identity = %ctx.cfg.identity,
+        pod = %args.pod_name,
         inbound = ?addresses(&inbound_ls),
         outbound = ?addresses(&outbound_ls),
         routes = ctx.cfg.routes.len(),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use moat_core::client::KeyAlgorithm;
 use moat_core::spiffe::{SpiffeId, TrustDomain};
 use moat_core::telemetry::LogFormat;
 
@@ -108,6 +109,20 @@ impl FromStr for PeerIdentity {
     }
 }
 
+/// A listener address, or `off` (or empty) for no listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenOrOff(pub Option<SocketAddr>);
+
+fn listen_or_off(s: &str) -> Result<ListenOrOff, String> {
+    match s {
+        "off" | "" => Ok(ListenOrOff(None)),
+        s => s
+            .parse()
+            .map(|a| ListenOrOff(Some(a)))
+            .map_err(|_| format!("{s:?} is not ADDR:PORT or 'off'")),
+    }
+}
+
 /// Flags of `moat-proxy run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -120,7 +135,7 @@ pub struct RunArgs {
     /// Service account of this pod (downward API).
     #[arg(long, env = "MOAT_SERVICE_ACCOUNT")]
     pub service_account: String,
-    /// Pod name, for logs.
+    /// Pod name (downward API), named in the start-up and ready logs.
     #[arg(long, env = "MOAT_POD_NAME", default_value = "")]
     pub pod_name: String,
     /// The CA's URL.
@@ -155,8 +170,8 @@ pub struct RunArgs {
     #[arg(long, env = "MOAT_INBOUND_LISTEN", default_value = "0.0.0.0:15006")]
     pub inbound_listen: SocketAddr,
     /// Transparent outbound listener (captured traffic from the app); `off` to disable.
-    #[arg(long, env = "MOAT_OUTBOUND_LISTEN", default_value = "127.0.0.1:15001")]
-    pub outbound_listen: String,
+    #[arg(long, env = "MOAT_OUTBOUND_LISTEN", default_value = "127.0.0.1:15001", value_parser = listen_or_off)]
+    pub outbound_listen: ListenOrOff,
     /// Admin listener: /metrics, /ready, /live, /identity, POST /shutdown, /app-health/...
     #[arg(long, env = "MOAT_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
     pub admin_listen: SocketAddr,
@@ -258,9 +273,9 @@ pub struct RunArgs {
     /// cheapest for a sidecar; raise it for pods that move more than one core can.
     #[arg(long, env = "MOAT_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
-    /// Certificate key algorithm: ecdsa-p256 or ed25519.
-    #[arg(long, env = "MOAT_KEY_ALGORITHM", default_value = "ecdsa-p256")]
-    pub key_algorithm: String,
+    /// Certificate key algorithm.
+    #[arg(long, env = "MOAT_KEY_ALGORITHM", value_enum, default_value_t = KeyAlgorithm::EcdsaP256)]
+    pub key_algorithm: KeyAlgorithm,
     /// Log format: auto (JSON unless on a terminal), json or pretty.
     #[arg(long, env = "MOAT_LOG_FORMAT", default_value = "auto")]
     pub log_format: LogFormat,
@@ -334,13 +349,7 @@ impl Config {
                     a.namespace, a.service_account
                 )
             })?;
-        let outbound_listen = match a.outbound_listen.as_str() {
-            "off" | "" => None,
-            s => Some(
-                s.parse()
-                    .map_err(|_| format!("--outbound-listen {s:?} is not ADDR:PORT or 'off'"))?,
-            ),
-        };
+        let outbound_listen = a.outbound_listen.0;
         if a.trust_bundle.is_none() && a.trust_bundle_pem.is_none() {
             return Err(
                 "no trust bundle: set MOAT_TRUST_BUNDLE (file) or MOAT_TRUST_BUNDLE_PEM".into(),
@@ -486,6 +495,38 @@ pub(crate) fn test_config(extra: &[&str]) -> Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn choices_and_listeners_are_checked_by_the_parser() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let base = ["x", "--namespace", "a", "--service-account", "b"];
+            Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.run)
+        };
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.key_algorithm, KeyAlgorithm::EcdsaP256);
+        assert_eq!(
+            a.outbound_listen,
+            ListenOrOff(Some("127.0.0.1:15001".parse().unwrap()))
+        );
+        let a = parse(&["--key-algorithm", "ed25519", "--outbound-listen", "off"]).unwrap();
+        assert_eq!(a.key_algorithm, KeyAlgorithm::Ed25519);
+        assert_eq!(a.outbound_listen, ListenOrOff(None));
+        let err = parse(&["--key-algorithm", "rsa"]).unwrap_err().to_string();
+        assert!(
+            err.contains("ecdsa-p256") && err.contains("ed25519"),
+            "{err}"
+        );
+        let err = parse(&["--outbound-listen", "15001"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not ADDR:PORT or 'off'"), "{err}");
+    }
 
     #[test]
     fn connection_budgets_follow_the_memory_limit_and_the_flags() {
