@@ -344,6 +344,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     tracing::info!(
         identity = %ctx.cfg.identity,
         pod = %args.pod_name,
+        pod_ip = ?args.pod_ip,
         inbound = ?addresses(&inbound_ls),
         outbound = ?addresses(&outbound_ls),
         routes = ctx.cfg.routes.len(),

@@ -138,6 +138,10 @@ pub struct RunArgs {
     /// Pod name (downward API), named in the start-up and ready logs.
     #[arg(long, env = "MOAT_POD_NAME", default_value = "")]
     pub pod_name: String,
+    /// Pod IP (downward API `status.podIP`), named in the ready log next to the identity, so
+    /// an address in a peer's log can be traced to this pod and identity.
+    #[arg(long, env = "MOAT_POD_IP")]
+    pub pod_ip: Option<IpAddr>,
     /// The CA's URL.
     #[arg(
         long,
@@ -509,6 +513,11 @@ mod tests {
             Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.run)
         };
         let a = parse(&[]).unwrap();
+        // The defaults are the pod contract the injector and `moat-proxy init` rely on.
+        use moat_core::contract::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
+        assert_eq!(a.inbound_listen.port(), INBOUND_PORT);
+        assert_eq!(a.admin_listen.port(), ADMIN_PORT);
+        assert_eq!(a.outbound_listen.0.map(|l| l.port()), Some(OUTBOUND_PORT));
         assert_eq!(a.key_algorithm, KeyAlgorithm::EcdsaP256);
         assert_eq!(
             a.outbound_listen,

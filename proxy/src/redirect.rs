@@ -24,8 +24,7 @@ pub use moat_core::netaddr::{Cidr, CidrList, List, PortList, PortRange};
 pub const INBOUND_CHAIN: &str = "MOAT_INBOUND";
 /// Chain holding the outbound rules (jumped to from OUTPUT).
 pub const OUTBOUND_CHAIN: &str = "MOAT_OUTBOUND";
-/// The proxy's admin port: never redirected.
-pub const ADMIN_PORT: u16 = 15020;
+use moat_core::contract::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID};
 
 /// Ports or ranges per `-m multiport` rule (the kernel accepts 15, a range counts twice).
 const MULTIPORT_SLOTS: usize = 15;
@@ -168,10 +167,10 @@ impl RedirectConfig {
     pub fn new(family: Family) -> Self {
         Self {
             family,
-            inbound_port: 15006,
-            outbound_port: 15001,
-            proxy_uid: 7777,
-            proxy_gid: 7777,
+            inbound_port: INBOUND_PORT,
+            outbound_port: OUTBOUND_PORT,
+            proxy_uid: PROXY_UID,
+            proxy_gid: PROXY_GID,
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
@@ -418,16 +417,16 @@ pub enum IptablesMode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct InitArgs {
     /// Port of the proxy's inbound listener (captured inbound TCP goes there).
-    #[arg(long, default_value_t = 15006, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = INBOUND_PORT, value_parser = clap::value_parser!(u16).range(1..))]
     pub inbound_port: u16,
     /// Port of the proxy's outbound listener (captured outbound TCP goes there).
-    #[arg(long, default_value_t = 15001, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = OUTBOUND_PORT, value_parser = clap::value_parser!(u16).range(1..))]
     pub outbound_port: u16,
     /// The proxy's uid: its own connections are never redirected.
-    #[arg(long, default_value_t = 7777)]
+    #[arg(long, default_value_t = PROXY_UID)]
     pub proxy_uid: u32,
     /// The proxy's gid: connections of processes with this group are never redirected.
-    #[arg(long, default_value_t = 7777)]
+    #[arg(long, default_value_t = PROXY_GID)]
     pub proxy_gid: u32,
     /// Inbound ports not redirected, e.g. `22,8000:8010` (15020 always is). Repeatable.
     #[arg(long, value_name = "LIST", action = clap::ArgAction::Append)]
