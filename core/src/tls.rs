@@ -416,20 +416,21 @@ mod tests {
 
     type Ca = CertifiedIssuer<'static, KeyPair>;
 
-    fn ca(name: &str) -> Ca {
+    fn ca_params(name: &str, constraints: BasicConstraints) -> CertificateParams {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.is_ca = IsCa::Ca(constraints);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p
+    }
+
+    fn ca(name: &str) -> Ca {
+        let p = ca_params(name, BasicConstraints::Unconstrained);
         CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
     }
 
     fn intermediate(root: &Ca) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "moat intermediate");
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let p = ca_params("moat intermediate", BasicConstraints::Constrained(0));
         CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), root).unwrap()
     }
 

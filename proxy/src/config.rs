@@ -474,9 +474,9 @@ fn own_ports(a: &RunArgs, outbound: Option<SocketAddr>) -> Vec<u16> {
     ports
 }
 
-/// A validated configuration from `moat-proxy run` flags, for unit tests.
+/// `moat-proxy run` flags of a test pod (shop/api, a bundle given) plus `extra`, for unit tests.
 #[cfg(test)]
-pub(crate) fn test_config(extra: &[&str]) -> Config {
+pub(crate) fn test_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
     use clap::Parser;
     #[derive(clap::Parser)]
     struct Cli {
@@ -492,8 +492,14 @@ pub(crate) fn test_config(extra: &[&str]) -> Config {
         "--trust-bundle-pem",
         "unused",
     ];
-    let cli = Cli::try_parse_from(base.iter().chain(extra)).expect("test flags parse");
-    Config::from_args(&cli.run).expect("test flags validate")
+    Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.run)
+}
+
+/// A validated [`Config`] from [`test_args`] plus `extra` flags.
+#[cfg(test)]
+pub(crate) fn test_config(extra: &[&str]) -> Config {
+    let args = test_args(extra).expect("test flags parse");
+    Config::from_args(&args).expect("test flags validate")
 }
 
 #[cfg(test)]
@@ -502,16 +508,7 @@ mod tests {
 
     #[test]
     fn choices_and_listeners_are_checked_by_the_parser() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let parse = |extra: &[&str]| {
-            let base = ["x", "--namespace", "a", "--service-account", "b"];
-            Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.run)
-        };
+        let parse = test_args;
         let a = parse(&[]).unwrap();
         // The defaults are the pod contract the injector and `moat-proxy init` rely on.
         use moat_core::contract::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
@@ -539,16 +536,7 @@ mod tests {
 
     #[test]
     fn connection_budgets_follow_the_memory_limit_and_the_flags() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let args = |extra: &[&str]| {
-            let base = ["x", "--namespace", "a", "--service-account", "b"];
-            Cli::try_parse_from(base.iter().chain(extra)).unwrap().run
-        };
+        let args = |extra: &[&str]| test_args(extra).unwrap();
         // 256 MiB: (256 - 24) MiB / 64 KiB = 3712 connections, half each way.
         let l = ConnLimits::resolve(&args(&[]), Some(256 << 20));
         assert_eq!((l.inbound, l.outbound, l.per_source), (1856, 1856, 464));
@@ -575,34 +563,13 @@ mod tests {
             &["--max-inbound-connections", "0"],
             &["--max-connections-per-source", "-3"],
         ] {
-            let base = ["x", "--namespace", "a", "--service-account", "b"];
-            assert!(
-                Cli::try_parse_from(base.iter().chain(bad)).is_err(),
-                "{bad:?}"
-            );
+            assert!(test_args(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn inbound_ports_never_include_the_proxy_itself() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let base = [
-            "x",
-            "--namespace",
-            "a",
-            "--service-account",
-            "b",
-            "--trust-bundle-pem",
-            "p",
-        ];
-        let parse = |extra: &[&str]| {
-            Config::from_args(&Cli::try_parse_from(base.iter().chain(extra)).unwrap().run)
-        };
+        let parse = |extra: &[&str]| Config::from_args(&test_args(extra).unwrap());
         let err = parse(&[
             "--inbound-target",
             "127.0.0.1",

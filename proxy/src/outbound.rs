@@ -255,28 +255,7 @@ async fn open_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        run: crate::config::RunArgs,
-    }
-
-    fn config(extra: &[&str]) -> crate::config::Config {
-        // The bundle is read later, at start-up; classification never needs it.
-        let base = [
-            "x",
-            "--namespace",
-            "shop",
-            "--service-account",
-            "web",
-            "--trust-bundle",
-            "/nonexistent/bundle.pem",
-        ];
-        let args = Cli::try_parse_from(base.iter().chain(extra)).unwrap().run;
-        crate::config::Config::from_args(&args).unwrap()
-    }
+    use crate::config::test_config as config;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

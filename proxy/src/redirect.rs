@@ -18,13 +18,13 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
+use moat_core::contract::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID};
 pub use moat_core::netaddr::{Cidr, CidrList, List, PortList, PortRange};
 
 /// Chain holding the inbound rules (jumped to from PREROUTING).
 pub const INBOUND_CHAIN: &str = "MOAT_INBOUND";
 /// Chain holding the outbound rules (jumped to from OUTPUT).
 pub const OUTBOUND_CHAIN: &str = "MOAT_OUTBOUND";
-use moat_core::contract::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID};
 
 /// Ports or ranges per `-m multiport` rule (the kernel accepts 15, a range counts twice).
 const MULTIPORT_SLOTS: usize = 15;
