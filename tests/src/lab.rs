@@ -2065,9 +2065,11 @@ async fn serve_http(l: TcpListener, pod: Arc<str>, stats: Arc<AppStats>) {
                     let (pod, stats) = (pod.clone(), stats.clone());
                     async move { Ok::<_, Infallible>(app_answer(req, &pod, &stats).await) }
                 });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(s), svc)
-                .await;
+            // Half-close as nginx and httpd do: a client that sends its request and FIN at
+            // once still gets the answer (hyper's default drops it when EOF wins the race).
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().half_close(true);
+            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
         });
     }
 }
