@@ -11,6 +11,9 @@ pub const ADMIN_PORT: u16 = 15020;
 /// Every port the proxy itself listens on: never a destination a peer may open.
 pub const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT];
 
+/// The sidecar container's name: how the injector, the lab and discovery recognise a meshed pod.
+pub const PROXY_CONTAINER: &str = "moat-proxy";
+
 /// The proxy's uid: its own traffic is exempt from redirection, so no app may run as it.
 pub const PROXY_UID: u32 = 7777;
 /// The proxy's gid: exempt from redirection like the uid, so no app may run with it.

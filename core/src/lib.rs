@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod client;
 pub mod contract;
 pub mod daemon;
+pub mod discovery;
 pub mod duration;
 pub mod https;
 pub mod manager;

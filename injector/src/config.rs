@@ -46,8 +46,8 @@ pub const ADMIN_PORT_NAME: &str = "moat-admin";
 
 /// Init container programming the redirection.
 pub const INIT_CONTAINER: &str = "moat-init";
-/// The sidecar proxy container.
-pub const PROXY_CONTAINER: &str = "moat-proxy";
+/// The sidecar container's name.
+pub use moat_core::contract::PROXY_CONTAINER;
 /// Projected service-account token volume (audience `moat-ca`).
 pub const TOKEN_VOLUME: &str = "moat-token";
 /// Optional authorization policy ConfigMap volume.
