@@ -417,7 +417,7 @@ impl Index {
         // Like kube-proxy: endpoints still serving while they terminate only when no ready one
         // is left, so a rollout of the last replica does not drop traffic.
         let mut endpoints = if ready.is_empty() { terminating } else { ready };
-        endpoints.sort_by(|a, b| a.addr.cmp(&b.addr));
+        endpoints.sort_by_key(|e| e.addr);
         endpoints.dedup_by(|a, b| a.addr == b.addr);
         Resolution::Service {
             service: svc_key.to_string(),
