@@ -666,18 +666,22 @@ fn install(s: &mut Suite) -> anyhow::Result<()> {
     let cfg = https::client_config(s.root_pem.as_bytes())?;
     // Pods turn Ready before the EndpointSlice reaches kube-proxy: until it does, the
     // Service's cluster IP rejects connections, so retry the handshake for a while.
-    let leaf = eventually("the injector Service to answer", Duration::from_secs(30), || {
-        s.rt.block_on(async {
-            let name = ServerName::try_from("moat-injector.moat-system.svc")?;
-            let tls = https::connect_tls_to(addr, name, cfg.clone()).await?;
-            let certs = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .context("no peer certificate")?;
-            anyhow::Ok(Some(certs[0].to_vec()))
-        })
-    })?;
+    let leaf = eventually(
+        "the injector Service to answer",
+        Duration::from_secs(30),
+        || {
+            s.rt.block_on(async {
+                let name = ServerName::try_from("moat-injector.moat-system.svc")?;
+                let tls = https::connect_tls_to(addr, name, cfg.clone()).await?;
+                let certs = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .context("no peer certificate")?;
+                anyhow::Ok(Some(certs[0].to_vec()))
+            })
+        },
+    )?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).context("injector certificate")?;
     let sans = cert
         .subject_alternative_name()?
