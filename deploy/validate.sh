@@ -126,7 +126,10 @@ check([(p["name"], p["port"]) for p in svc.get("spec", {}).get("ports", [])] == 
 svc = get("Service", "moat-system", "moat-injector")
 check([p["port"] for p in svc.get("spec", {}).get("ports", [])] == [443], "Service moat-injector must expose 443")
 
-for name in ("moat-ca", "moat-injector"):
+svc = get("Service", "moat-system", "moat-destination")
+check([p["port"] for p in svc.get("spec", {}).get("ports", [])] == [8086], "Service moat-destination must expose 8086")
+
+for name in ("moat-ca", "moat-injector", "moat-destination"):
     dep = get("Deployment", "moat-system", name)
     spec = dep.get("spec", {})
     check(spec.get("replicas", 1) >= 2, f"{name}: at least 2 replicas")
@@ -170,6 +173,10 @@ check(rules.get("moat-injector") == [{"apiGroups": ["admissionregistration.k8s.i
                                       "resources": ["mutatingwebhookconfigurations"],
                                       "resourceNames": ["moat-injector"], "verbs": ["get", "patch"]}],
       "ClusterRole moat-injector must grant only get/patch on mutatingwebhookconfigurations/moat-injector")
+read_only = {"get", "list", "watch"}
+check(bool(rules.get("moat-destination")) and
+      all(set(r.get("verbs", [])) <= read_only for r in rules.get("moat-destination", [])),
+      "ClusterRole moat-destination must exist and grant only get/list/watch")
 
 mwc = get("MutatingWebhookConfiguration", None, "moat-injector")
 excluded = {"kube-system", "kube-public", "kube-node-lease", "moat-system"}

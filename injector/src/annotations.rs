@@ -298,6 +298,8 @@ mod tests {
             ca_url: "https://ca".into(),
             trust_bundle_pem: String::new(),
             mesh_networks: vec![],
+            service_networks: vec![],
+            destination_addr: None,
             sidecar_mode: SidecarMode::Native,
             skip_outbound_cidrs: vec![],
             skip_outbound_endpoints: vec![],

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use moat_core::contract;
 use moat_core::TrustBundle;
@@ -20,6 +21,8 @@ pub const DEFAULT_PROXY_IMAGE: &str =
 pub const DEFAULT_CA_URL: &str = "https://moat-ca.moat-system.svc:8443";
 /// Default trust bundle file.
 pub const DEFAULT_TRUST_BUNDLE: &str = "/var/run/moat/trust/bundle.pem";
+/// Default discovery service written into sidecars (deploy/destination/).
+pub const DEFAULT_DESTINATION_ADDR: &str = "moat-destination.moat-system.svc:8086";
 
 // The pod contract, in the integer types of the Kubernetes API (lossless widening).
 /// uid of the sidecar proxy ([`contract::PROXY_UID`]); the redirection rules exempt it.
@@ -148,6 +151,16 @@ pub struct ConfigArgs {
     /// Pod CIDRs (comma-separated) whose destinations sidecars reach over mTLS.
     #[arg(long, env = "MOAT_MESH_NETWORKS", default_value = "10.0.0.0/8", value_parser = parse_mesh_networks)]
     pub mesh_networks: CidrList,
+    /// Service CIDRs outside --mesh-networks (comma-separated), written into sidecars: their
+    /// cluster IPs are resolved through discovery and balanced over the Service's endpoints,
+    /// as cluster IPs inside the mesh networks already are. Default: none.
+    #[arg(long, env = "MOAT_SERVICE_NETWORKS", default_value = "", value_parser = CidrList::from_str)]
+    pub service_networks: CidrList,
+    /// The discovery service (`host:port`) written into sidecars, which pin every mesh
+    /// destination's identity from it. `off`: none, and sidecars accept any identity of the
+    /// trust domain at destinations without an explicit one (logged by each sidecar).
+    #[arg(long, env = "MOAT_DESTINATION_ADDR", default_value = DEFAULT_DESTINATION_ADDR, value_parser = parse_destination_addr)]
+    pub destination_addr: DestinationAddr,
     /// Default sidecar layout: native (init container with restartPolicy Always) or classic.
     #[arg(long, value_enum, default_value_t = SidecarMode::Native)]
     pub sidecar_mode: SidecarMode,
@@ -191,6 +204,28 @@ fn parse_https_url(s: &str) -> Result<String, String> {
         return Err(format!("{s:?} must be https://host[:port]"));
     }
     Ok(s.to_string())
+}
+
+/// `--destination-addr`: `host:port`, or `off`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationAddr(pub Option<String>);
+
+fn parse_destination_addr(s: &str) -> Result<DestinationAddr, String> {
+    if s == "off" {
+        return Ok(DestinationAddr(None));
+    }
+    let valid_host = |h: &str| {
+        !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    };
+    match s.rsplit_once(':') {
+        Some((host, port)) if valid_host(host) && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+            Ok(DestinationAddr(Some(s.to_string())))
+        }
+        _ => Err(format!("{s:?} is not HOST:PORT (or off)")),
+    }
 }
 
 fn parse_mesh_networks(s: &str) -> Result<CidrList, String> {
@@ -279,6 +314,8 @@ impl ConfigArgs {
             ca_url: self.ca_url.clone(),
             trust_bundle_pem: pem,
             mesh_networks: self.mesh_networks.0.clone(),
+            service_networks: self.service_networks.0.clone(),
+            destination_addr: self.destination_addr.0.clone(),
             sidecar_mode: self.sidecar_mode,
             skip_outbound_cidrs: self.skip_outbound_cidrs(),
             skip_outbound_endpoints: self.skip_outbound_endpoints(),
@@ -338,6 +375,10 @@ pub struct InjectConfig {
     pub trust_bundle_pem: String,
     /// Pod CIDRs.
     pub mesh_networks: Vec<Cidr>,
+    /// Service CIDRs the sidecars balance themselves.
+    pub service_networks: Vec<Cidr>,
+    /// The discovery service, when sidecars use one.
+    pub destination_addr: Option<String>,
     /// Default sidecar layout.
     pub sidecar_mode: SidecarMode,
     /// Outbound networks every pod leaves uncaptured (before its own annotation's).
@@ -375,6 +416,11 @@ mod tests {
         assert_eq!(cli.cfg.trust_bundle, PathBuf::from(DEFAULT_TRUST_BUNDLE));
         assert_eq!(cli.cfg.mesh_networks.to_string(), "10.0.0.0/8");
         assert_eq!(cli.cfg.sidecar_mode, SidecarMode::Native);
+        assert_eq!(
+            cli.cfg.destination_addr.0.as_deref(),
+            Some(DEFAULT_DESTINATION_ADDR)
+        );
+        assert!(cli.cfg.service_networks.0.is_empty());
         assert_eq!(cli.cfg.resolv_conf, PathBuf::from("/etc/resolv.conf"));
         assert_eq!(cli.cfg.enforcement.policy(), Enforcement::default());
     }
@@ -440,6 +486,25 @@ mod tests {
     }
 
     #[test]
+    fn discovery_can_be_turned_off_and_service_networks_set() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--destination-addr",
+            "off",
+            "--service-networks",
+            "10.96.0.0/12,fd00:10:96::/112",
+        ])
+        .unwrap();
+        assert_eq!(cli.cfg.destination_addr, DestinationAddr(None));
+        assert_eq!(
+            cli.cfg.service_networks.to_string(),
+            "10.96.0.0/12,fd00:10:96::/112"
+        );
+        let cli = Cli::try_parse_from(["x", "--destination-addr", "10.0.0.5:8086"]).unwrap();
+        assert_eq!(cli.cfg.destination_addr.0.as_deref(), Some("10.0.0.5:8086"));
+    }
+
+    #[test]
     fn rejects_bad_values() {
         for args in [
             vec!["x", "--ca-url", "http://moat-ca:8443"],
@@ -449,6 +514,11 @@ mod tests {
             vec!["x", "--trust-domain", "Not A Domain"],
             vec!["x", "--proxy-image", "a b"],
             vec!["x", "--sidecar-mode", "sometimes"],
+            vec!["x", "--destination-addr", "moat-destination"],
+            vec!["x", "--destination-addr", "moat-destination:0"],
+            vec!["x", "--destination-addr", ":8086"],
+            vec!["x", "--destination-addr", "a b:8086"],
+            vec!["x", "--service-networks", "10.96.0.0/33"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?} accepted");
         }

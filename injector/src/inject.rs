@@ -641,7 +641,7 @@ pub fn proxy_container(
     mode: SidecarMode,
 ) -> Container {
     let r = &tuning.resources;
-    let env = vec![
+    let mut env = vec![
         field_ref("MOAT_POD_NAME", "metadata.name"),
         field_ref("MOAT_POD_NAMESPACE", "metadata.namespace"),
         field_ref("MOAT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
@@ -658,6 +658,15 @@ pub fn proxy_container(
         literal("MOAT_LOG_LEVEL", &tuning.log_level),
         literal("MOAT_APP_PROBES", &probes::to_env(app_probes)),
     ];
+    if let Some(addr) = &cfg.destination_addr {
+        env.push(literal("MOAT_DESTINATION_ADDR", addr));
+    }
+    if !cfg.service_networks.is_empty() {
+        env.push(literal(
+            "MOAT_SERVICE_NETWORKS",
+            &crate::syntax::format_list(&cfg.service_networks),
+        ));
+    }
     let native = mode == SidecarMode::Native;
     Container {
         name: PROXY_CONTAINER.into(),

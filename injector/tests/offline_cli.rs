@@ -31,6 +31,8 @@ fn inject(file: &str, bundle: &Path, extra: &[&str], stdin: Option<&str>) -> Out
         .env_remove("MOAT_PROXY_IMAGE")
         .env_remove("MOAT_TRUST_DOMAIN")
         .env_remove("MOAT_MESH_NETWORKS")
+        .env_remove("MOAT_DESTINATION_ADDR")
+        .env_remove("MOAT_SERVICE_NETWORKS")
         // As in a pod: the API server's Service address (excluded from capture by default).
         .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
         .stdin(if stdin.is_some() {
@@ -208,6 +210,46 @@ fn offline_uses_the_webhook_injection() {
         panic!("not injected");
     };
     assert_eq!(offline, injection.patched);
+
+    // The discovery flags reach the sidecar's environment.
+    let out = inject(
+        path.to_str().expect("utf-8"),
+        &bundle,
+        &[
+            "--service-networks",
+            "10.96.0.0/12",
+            "--destination-addr",
+            "dest.example:9000",
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    let template = templates(&docs(&String::from_utf8_lossy(&out.stdout))[0])[0].clone();
+    let proxy_env = template["spec"]["initContainers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "moat-proxy"))
+        .map(|c| c["env"].clone())
+        .expect("the sidecar");
+    let env = |name: &str| {
+        proxy_env
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == name))
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(env("MOAT_SERVICE_NETWORKS"), Some("10.96.0.0/12".into()));
+    assert_eq!(
+        env("MOAT_DESTINATION_ADDR"),
+        Some("dest.example:9000".into())
+    );
+    let out = inject(
+        path.to_str().expect("utf-8"),
+        &bundle,
+        &["--destination-addr", "off"],
+        None,
+    );
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("MOAT_DESTINATION_ADDR"), "{text}");
 
     // A pod created from the injected template is left as it is by the webhook, even in an
     // enforcing namespace where Moat's parts are never trusted: they are exactly its own.

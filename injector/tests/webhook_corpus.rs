@@ -649,6 +649,14 @@ fn check_injected(
     );
     assert_eq!(env_of(&proxy, "MOAT_MESH_NETWORKS")["value"], "10.0.0.0/8");
     assert_eq!(
+        env_of(&proxy, "MOAT_DESTINATION_ADDR")["value"],
+        "moat-destination.moat-system.svc:8086"
+    );
+    // Service networks are opt-in: kube-proxy picks the endpoint unless the platform says.
+    assert!(proxy["env"]
+        .as_array()
+        .is_some_and(|e| e.iter().all(|v| v["name"] != "MOAT_SERVICE_NETWORKS")));
+    assert_eq!(
         env_of(&proxy, "MOAT_HOST_IP")["valueFrom"]["fieldRef"]["fieldPath"],
         "status.hostIP"
     );

@@ -19,8 +19,10 @@ use moat_core::tls::{self, SpiffeVerifier};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+use crate::balance::Balancer;
 use crate::config::{Config, RunArgs};
 use crate::conns::Registry;
+use crate::discovery::{self, Resolver};
 use crate::limits::Budget;
 use crate::metrics::Direction;
 use crate::policy::Policy;
@@ -91,6 +93,10 @@ pub struct Ctx {
     pub inbound_limit: Budget,
     /// Outbound connection budget, apart so inbound floods cannot take it.
     pub outbound_limit: Budget,
+    /// Who answers at each destination, when the discovery service is configured.
+    pub discovery: Option<Arc<Resolver>>,
+    /// Endpoint choice for Service destinations.
+    pub balancer: Balancer,
 }
 
 impl Ctx {
@@ -273,8 +279,30 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
             keepalive: cfg.keepalive,
         },
     ));
+    let discovery = match &cfg.destination_addr {
+        Some(addr) => {
+            let server = discovery::Server::new(
+                addr.clone(),
+                &cfg.trust_domain,
+                identity.cert.clone(),
+                bundle.clone(),
+                provider.clone(),
+                cfg.connect_timeout.max(cfg.handshake_timeout),
+            )?;
+            let resolver = Arc::new(Resolver::default());
+            tokio::spawn(resolver.clone().run(server, admin_stop_rx.clone()));
+            tracing::info!(server = %addr, identity = %moat_core::discovery::server_identity(&cfg.trust_domain), "mesh destinations pinned from discovery");
+            Some(resolver)
+        }
+        None => {
+            tracing::warn!("no --destination-addr: mesh destinations without --peer-identity accept any identity of the trust domain");
+            None
+        }
+    };
     let conns = Arc::new(Registry::default());
     let ctx = Arc::new(Ctx {
+        discovery,
+        balancer: Balancer::default(),
         local_label: Arc::from(cfg.identity.as_str()),
         inbound_limit: Budget::new(cfg.limits.inbound, Some(cfg.limits.per_source)),
         outbound_limit: Budget::new(cfg.limits.outbound, None),

@@ -109,6 +109,16 @@ impl FromStr for PeerIdentity {
     }
 }
 
+/// `HOST:PORT` (a DNS name or an IP, resolved at every connect).
+fn host_port(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!("{s:?} is not HOST:PORT")),
+    }
+}
+
 /// A listener address, or `off` (or empty) for no listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenOrOff(pub Option<SocketAddr>);
@@ -182,6 +192,21 @@ pub struct RunArgs {
     /// Networks whose destinations must be reached over mTLS (comma-separated CIDRs).
     #[arg(long, env = "MOAT_MESH_NETWORKS", value_delimiter = ',')]
     pub mesh_networks: Vec<Cidr>,
+    /// Service networks (Service CIDRs outside the mesh networks, comma-separated): a cluster
+    /// IP there is resolved through discovery and balanced over the Service's endpoints, as
+    /// cluster IPs inside the mesh networks already are. Needs `--destination-addr`.
+    #[arg(long, env = "MOAT_SERVICE_NETWORKS", value_delimiter = ',')]
+    pub service_networks: Vec<Cidr>,
+    /// The discovery service (`moat-destination`, `host:port`). With it, every mesh
+    /// destination's identity is pinned from discovery and a destination it does not know is
+    /// refused (`unknown_destination`). Without it, a mesh destination without
+    /// `--peer-identity` accepts any identity of the trust domain (logged at start-up).
+    #[arg(long, env = "MOAT_DESTINATION_ADDR", value_parser = host_port)]
+    pub destination_addr: Option<String>,
+    /// How long a connection to a destination never resolved waits for discovery's first
+    /// answer before it is refused.
+    #[arg(long, env = "MOAT_DISCOVERY_WAIT", default_value = "2s", value_parser = duration)]
+    pub discovery_wait: Duration,
     /// Destinations outside the mesh allowed in plaintext (comma-separated CIDRs). Default:
     /// none — egress fails closed.
     #[arg(long, env = "MOAT_EGRESS_ALLOW", value_delimiter = ',')]
@@ -305,6 +330,12 @@ pub struct Config {
     pub mesh_networks: Vec<Cidr>,
     /// Plaintext egress allowed to these.
     pub allow_egress: Vec<Cidr>,
+    /// Service networks (cluster IPs resolved through discovery).
+    pub service_networks: Vec<Cidr>,
+    /// The discovery service, when configured.
+    pub destination_addr: Option<String>,
+    /// See [`RunArgs::discovery_wait`].
+    pub discovery_wait: Duration,
     peer_by_addr: HashMap<SocketAddr, SpiffeId>,
     peer_by_ip: HashMap<IpAddr, SpiffeId>,
     /// Explicit routes.
@@ -379,6 +410,9 @@ impl Config {
                 moat_core::duration::format(a.tunnel_idle_timeout)
             ));
         }
+        if !a.service_networks.is_empty() && a.destination_addr.is_none() {
+            return Err("--service-networks needs --destination-addr: a cluster IP can only be sent to its Service's endpoints once discovery says which they are".into());
+        }
         if a.inbound_target.is_none() && !a.inbound_ports.is_empty() {
             return Err("--inbound-ports only applies with --inbound-target; with iptables a stream reaches exactly the port its caller dialed".into());
         }
@@ -403,6 +437,9 @@ impl Config {
             admin_listen: a.admin_listen,
             mesh_networks: a.mesh_networks.clone(),
             allow_egress: a.allow_egress.clone(),
+            service_networks: a.service_networks.clone(),
+            destination_addr: a.destination_addr.clone(),
+            discovery_wait: a.discovery_wait,
             peer_by_addr,
             peer_by_ip,
             routes: a.routes.clone(),

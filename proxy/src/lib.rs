@@ -10,10 +10,12 @@
 
 pub mod admin_routes;
 pub mod app;
+pub mod balance;
 pub mod bufio;
 pub mod config;
 pub mod conns;
 pub mod detect;
+pub mod discovery;
 pub mod forward;
 pub mod http;
 pub mod inbound;

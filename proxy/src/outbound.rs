@@ -7,14 +7,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use moat_core::discovery::Resolution;
 use moat_core::spiffe::SpiffeId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::app::Ctx;
+use crate::balance::Pick;
 use crate::config::Route;
 use crate::detect::{self, Protocol};
+use crate::discovery::Resolver;
 use crate::forward::{copy_bidirectional, copy_observed, Observer, Rewind};
 use crate::http::{self, Labels};
 use crate::inbound::peek_protocol;
@@ -35,6 +38,9 @@ pub enum Destination {
         /// Port named in the OPEN frame.
         port: u16,
     },
+    /// A cluster IP in the service networks: resolved through discovery and balanced over the
+    /// Service's endpoints.
+    Service(SocketAddr),
     /// Outside the mesh, allowed by configuration: forwarded as-is.
     Egress(SocketAddr),
     /// Refused, with a bounded reason.
@@ -48,6 +54,13 @@ pub fn classify(ctx_cfg: &crate::config::Config, orig: Option<SocketAddr>) -> De
     };
     if ctx_cfg.is_own_listener(dst) {
         return Destination::Refused("loop");
+    }
+    if ctx_cfg
+        .service_networks
+        .iter()
+        .any(|n| n.contains(dst.ip()))
+    {
+        return Destination::Service(dst);
     }
     if ctx_cfg.mesh_networks.iter().any(|n| n.contains(dst.ip())) {
         return Destination::Mesh {
@@ -91,14 +104,78 @@ async fn handle(app: TcpStream, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
         },
         None => classify(&ctx.cfg, orig),
     };
-    match dest {
-        Destination::Refused(reason) => {
-            m::refused(Direction::Outbound, reason);
-            tracing::warn!(destination = ?orig, reason, "refused outbound connection (fail closed)");
-            net::reset(app);
+    let (upstream, port) = match dest {
+        Destination::Refused(reason) => return refuse(app, orig, reason),
+        Destination::Egress(dst) => return egress(app, dst, ctx).await,
+        // A pinned identity (a route's or `--peer-identity`) is explicit configuration.
+        Destination::Mesh { key, port } if key.expected.is_some() || route.is_some() => {
+            (Upstream::Peer(key), port)
         }
-        Destination::Egress(dst) => egress(app, dst, ctx).await,
-        Destination::Mesh { key, port } => mesh(app, key, port, ctx).await,
+        Destination::Mesh { key, port } => match &ctx.discovery {
+            Some(d) => match discover(d, key.addr, &ctx).await {
+                Ok(up) => (up, port),
+                Err(reason) => return refuse(app, orig, reason),
+            },
+            // Without discovery, any identity of the trust domain (logged at start-up).
+            None => (Upstream::Peer(key), port),
+        },
+        Destination::Service(dst) => match &ctx.discovery {
+            Some(d) => match discover(d, dst, &ctx).await {
+                Ok(up) => (up, 0),
+                Err(reason) => return refuse(app, orig, reason),
+            },
+            None => return refuse(app, orig, "unknown_destination"),
+        },
+    };
+    mesh(app, upstream, port, ctx).await
+}
+
+fn refuse(app: TcpStream, orig: Option<SocketAddr>, reason: &'static str) {
+    m::refused(Direction::Outbound, reason);
+    tracing::warn!(destination = ?orig, reason, "refused outbound connection (fail closed)");
+    net::reset(app);
+}
+
+/// Who a mesh connection goes to once its destination is known.
+#[derive(Debug)]
+enum Upstream {
+    /// One peer sidecar, with the identity it must prove (or any of the trust domain).
+    Peer(Key),
+    /// A Service: one of its endpoints, each with its own pinned identity.
+    Service {
+        /// `namespace/name`, for logs.
+        name: String,
+        /// Its endpoints, as discovery last listed them.
+        endpoints: Arc<Resolution>,
+    },
+}
+
+/// Asks discovery who answers at `dst`. Fails closed: an address discovery does not know (or
+/// has not answered for within `--discovery-wait`) is refused, never dialed with any identity.
+async fn discover(d: &Resolver, dst: SocketAddr, ctx: &Ctx) -> Result<Upstream, &'static str> {
+    let Some(res) = d.resolve(dst, ctx.cfg.discovery_wait).await else {
+        tracing::warn!(destination = %dst, wait = ?ctx.cfg.discovery_wait, "discovery has not answered for this destination");
+        return Err("unknown_destination");
+    };
+    match &*res {
+        Resolution::Pod {
+            identity,
+            meshed: true,
+            ..
+        } => Ok(Upstream::Peer(Key {
+            addr: dst,
+            expected: Some(identity.clone()),
+        })),
+        Resolution::Pod { pod, .. } => {
+            tracing::warn!(destination = %dst, pod, "destination pod runs no sidecar: refusing rather than sending plaintext");
+            Err("not_meshed")
+        }
+        Resolution::Service { endpoints, .. } if endpoints.is_empty() => Err("no_endpoints"),
+        Resolution::Service { service, .. } => Ok(Upstream::Service {
+            name: service.clone(),
+            endpoints: res.clone(),
+        }),
+        Resolution::Unknown => Err("unknown_destination"),
     }
 }
 
@@ -117,29 +194,92 @@ async fn egress(mut app: TcpStream, dst: SocketAddr, ctx: Arc<Ctx>) {
     let _ = copy_bidirectional(&mut app, &mut up, &cm.rx, &cm.tx).await;
 }
 
-async fn mesh(app: TcpStream, key: Key, port: u16, ctx: Arc<Ctx>) {
-    let app_port = if port != 0 { port } else { key.addr.port() };
-    let opaque = ctx.cfg.is_opaque(app_port);
-    let started = Instant::now();
-    let (stream, peer) = match open_stream(&key, port, &ctx).await {
-        Ok(x) => x,
-        Err(e) => {
-            let reason = e.reason();
-            if matches!(e, DialError::Handshake { .. }) {
-                m::handshake_failed(Direction::Outbound, reason);
+/// Logs and counts a failed dial to a peer sidecar.
+fn dial_failed(key: &Key, e: &DialError) {
+    let reason = e.reason();
+    if matches!(e, DialError::Handshake { .. }) {
+        m::handshake_failed(Direction::Outbound, reason);
+    }
+    tracing::warn!(
+        peer_addr = %key.addr,
+        expected = key.expected.as_ref().map(SpiffeId::as_str).unwrap_or("any identity of the trust domain"),
+        reason,
+        error = %e,
+        "the destination could not be verified or reached (fail closed)"
+    );
+}
+
+/// How many of a Service's endpoints a connection tries before it is refused.
+const MAX_ENDPOINT_ATTEMPTS: usize = 3;
+
+/// Opens a stream to the upstream: the one peer, or a Service endpoint picked by the
+/// balancer, failing over to another endpoint when one cannot be reached or verified.
+async fn connect(
+    upstream: &Upstream,
+    port: u16,
+    ctx: &Arc<Ctx>,
+) -> Result<(Stream<crate::pool::TlsConn>, SpiffeId, Key, Option<Pick>), &'static str> {
+    let (name, endpoints) = match upstream {
+        Upstream::Peer(key) => {
+            return match open_stream(key, port, ctx).await {
+                Ok(o) => Ok((o.stream, o.peer, key.clone(), None)),
+                Err(e) => {
+                    dial_failed(key, &e);
+                    Err(e.reason())
+                }
             }
+        }
+        Upstream::Service { name, endpoints } => match &**endpoints {
+            Resolution::Service { endpoints, .. } => (name, endpoints),
+            _ => return Err("unknown_destination"),
+        },
+    };
+    let mut tried = Vec::new();
+    let mut last = "not_meshed";
+    while tried.len() < MAX_ENDPOINT_ATTEMPTS {
+        let Some(pick) = ctx.balancer.pick(endpoints, &tried) else {
+            break;
+        };
+        let key = Key {
+            addr: pick.endpoint.addr,
+            expected: pick.endpoint.identity.clone(),
+        };
+        let started = Instant::now();
+        match open_stream(&key, port, ctx).await {
+            Ok(o) => {
+                // Only a dial says something about the endpoint: a pooled stream opens at once.
+                if o.fresh {
+                    pick.dialed(started.elapsed());
+                }
+                return Ok((o.stream, o.peer, key, Some(pick)));
+            }
+            Err(e) => {
+                pick.failed();
+                dial_failed(&key, &e);
+                tracing::info!(service = %name, endpoint = %key.addr, "trying another endpoint");
+                last = e.reason();
+                tried.push(key.addr);
+            }
+        }
+    }
+    if tried.is_empty() {
+        tracing::warn!(service = %name, "no endpoint of the Service runs a sidecar with a known identity");
+    }
+    Err(last)
+}
+
+async fn mesh(app: TcpStream, upstream: Upstream, port: u16, ctx: Arc<Ctx>) {
+    let started = Instant::now();
+    let (stream, peer, key, _pick) = match connect(&upstream, port, &ctx).await {
+        Ok(x) => x,
+        Err(reason) => {
             m::refused(Direction::Outbound, reason);
-            tracing::warn!(
-                peer_addr = %key.addr,
-                expected = key.expected.as_ref().map(SpiffeId::as_str).unwrap_or("any identity of the trust domain"),
-                reason,
-                error = %e,
-                "refused outbound connection: the destination could not be verified (fail closed)"
-            );
             net::reset(app);
             return;
         }
     };
+    let app_port = if port != 0 { port } else { key.addr.port() };
+    let opaque = ctx.cfg.is_opaque(app_port);
     let labels = Labels {
         dir: Direction::Outbound,
         peer: Arc::from(peer.as_str()),
@@ -225,11 +365,15 @@ fn redial(
 
 /// Checks out a tunnel connection and opens a stream on it. A pooled connection that turns
 /// out dead is replaced by a fresh one once.
-async fn open_stream(
-    key: &Key,
-    port: u16,
-    ctx: &Arc<Ctx>,
-) -> Result<(Stream<crate::pool::TlsConn>, SpiffeId), DialError> {
+/// A stream opened to a peer sidecar.
+struct Opened {
+    stream: Stream<crate::pool::TlsConn>,
+    peer: SpiffeId,
+    /// Over a connection dialed for it (TCP and handshake), not a pooled one.
+    fresh: bool,
+}
+
+async fn open_stream(key: &Key, port: u16, ctx: &Arc<Ctx>) -> Result<Opened, DialError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -237,7 +381,11 @@ async fn open_stream(
         match tunnel::write_open(&mut co.conn, port).await {
             Ok(()) => {
                 let home = ctx.pool.home(key.clone(), co.peer.clone(), co.expires);
-                return Ok((Stream::with_home(co.conn, Some(home)), co.peer));
+                return Ok(Opened {
+                    stream: Stream::with_home(co.conn, Some(home)),
+                    peer: co.peer,
+                    fresh: !co.reused,
+                });
             }
             Err(e) if co.reused && attempts < 2 => {
                 tracing::debug!(error = %e, "pooled connection was dead; dialing a fresh one");

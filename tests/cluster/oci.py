@@ -11,6 +11,7 @@ archive (manifest.json, an image config, one uncompressed layer) that
   moat-ca        ghcr.io/moat-mesh/moat-ca:0.1.0        as the Dockerfile: binary + its libraries
   moat-injector  ghcr.io/moat-mesh/moat-injector:0.1.0
   moat-proxy     ghcr.io/moat-mesh/moat-proxy:0.1.0     + the iptables tools the init step runs
+  moat-destination ghcr.io/moat-mesh/moat-destination:0.1.0
 
 Layers are deterministic (sorted, mtime 0), so an unchanged input gives the same archive and
 up.sh skips its import.
@@ -186,6 +187,7 @@ IMAGES = {
     "moat-e2e-app": app,
     "moat-ca": moat("moat-ca", ("nonroot", 65532)),
     "moat-injector": moat("moat-injector", ("nonroot", 65532)),
+    "moat-destination": moat("moat-destination", ("nonroot", 65532)),
     "moat-proxy": moat("moat-proxy", ("moat", 7777), iptables),
 }
 

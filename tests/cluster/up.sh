@@ -25,7 +25,7 @@ for tool in containerd containerd-shim-runc-v2 runc ctr iptables ip openssl conn
 done
 [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local && -x /usr/lib/cni/loopback ]] ||
     die "missing CNI plugins in /usr/lib/cni (run tests/setup.sh: containernetworking-plugins)"
-for b in moat-ca moat-injector moat-proxy; do
+for b in moat-ca moat-injector moat-proxy moat-destination; do
     [[ -x "$MOAT_BIN_DIR/$b" ]] || die "missing $MOAT_BIN_DIR/$b (build it: cargo build --release)"
 done
 "$here/build.sh" >/dev/null
@@ -36,6 +36,13 @@ kubectl() { "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 
 # --- processes ---------------------------------------------------------------------------
 running() { [[ -f "$RUN_DIR/$1.pid" ]] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
+# Writes stdin to FILE only when it differs: kube-proxy exits when its config file is rewritten
+# (even unchanged), which would break a running cluster on a second up.sh.
+write_if_changed() {
+    local tmp="$1.new"
+    cat > "$tmp"
+    if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv "$tmp" "$1"; fi
+}
 # start NAME COMMAND...: runs COMMAND in the background (its own session, so a test's Ctrl-C
 # does not reach it), logs to $LOGS/NAME.log, records its PID for down.sh.
 start() {
@@ -98,7 +105,7 @@ cert() {
 # kubeconfig NAME: a kubeconfig for the API server authenticating with NAME's certificate.
 kubeconfig() {
     local name=$1
-    cat > "$PKI/$name.kubeconfig" <<EOF
+    write_if_changed "$PKI/$name.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -166,7 +173,7 @@ start kube-scheduler "$K8S_BIN/kube-scheduler" \
 
 # --- node: containerd, CNI, kubelet, kube-proxy ------------------------------------------------
 mkdir -p "$CLUSTER_DIR/cni/net.d" "$RUN_DIR/containerd"
-cat > "$CLUSTER_DIR/cni/net.d/10-moat-bridge.conflist" <<EOF
+write_if_changed "$CLUSTER_DIR/cni/net.d/10-moat-bridge.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
   "name": "moat-pods",
@@ -183,7 +190,7 @@ cat > "$CLUSTER_DIR/cni/net.d/10-moat-bridge.conflist" <<EOF
   ]
 }
 EOF
-cat > "$CLUSTER_DIR/etc/containerd.toml" <<EOF
+write_if_changed "$CLUSTER_DIR/etc/containerd.toml" <<EOF
 version = 2
 root = "$CLUSTER_DIR/containerd"
 state = "$RUN_DIR/containerd"
@@ -225,10 +232,10 @@ for archive in "$images_dir"/*.tar; do
     fi
 done
 
-cat > "$CLUSTER_DIR/etc/resolv.conf" <<EOF
+write_if_changed "$CLUSTER_DIR/etc/resolv.conf" <<EOF
 nameserver $NODE_IP
 EOF
-cat > "$CLUSTER_DIR/etc/kubelet.yaml" <<EOF
+write_if_changed "$CLUSTER_DIR/etc/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 authentication:
@@ -261,7 +268,7 @@ EOF
 start kubelet "$K8S_BIN/kubelet" --config "$CLUSTER_DIR/etc/kubelet.yaml" \
     --kubeconfig "$PKI/kubelet.kubeconfig" --root-dir "$CLUSTER_DIR/kubelet" \
     --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" --v=1
-cat > "$CLUSTER_DIR/etc/kube-proxy.yaml" <<EOF
+write_if_changed "$CLUSTER_DIR/etc/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: iptables
@@ -319,7 +326,7 @@ ports:
   - {name: dns, port: 53, protocol: UDP}
   - {name: dns-tcp, port: 53, protocol: TCP}
 EOF
-cat > "$CLUSTER_DIR/etc/Corefile" <<EOF
+write_if_changed "$CLUSTER_DIR/etc/Corefile" <<EOF
 .:53 {
     bind $NODE_IP
     errors

@@ -678,6 +678,9 @@ impl MeshLab {
             .arg(lab.ca_url())
             .arg("--mesh-networks")
             .arg(&lab.cidr)
+            // No Kubernetes API here, so no discovery service: the lab's sidecars pin peers
+            // only where a test gives them an identity (the cluster suite runs discovery).
+            .args(["--destination-addr", "off"])
             .args(["--trust-domain", TRUST_DOMAIN, "--proxy-image", PROXY_IMAGE])
             .args(["--failure-mode", "closed", "--log-format", "json"])
             // The lab's namespace enforces the mesh; its unmeshed pods (`unmeshed`) are an

@@ -86,11 +86,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let steps: [(&str, Step); 7] = [
+    let steps: [(&str, Step); 8] = [
         ("install", install),
         ("injection", injection),
         ("identity", identity),
         ("traffic", traffic),
+        ("discovery", discovery),
         ("rollout", rollout),
         ("ca-restart", ca_restart),
         ("uninstall", uninstall),
@@ -650,7 +651,8 @@ fn install(s: &mut Suite) -> anyhow::Result<()> {
     s.k.kubectl(["apply", "-k", &s.deploy.display().to_string()])?;
     s.rollout_status(SYSTEM, "deployment/moat-ca")?;
     s.rollout_status(SYSTEM, "deployment/moat-injector")?;
-    for app in ["moat-ca", "moat-injector"] {
+    s.rollout_status(SYSTEM, "deployment/moat-destination")?;
+    for app in ["moat-ca", "moat-injector", "moat-destination"] {
         let pods = s.k.pods(SYSTEM, &format!("app.kubernetes.io/name={app}"))?;
         let ready = pods.iter().filter(|p| all_ready(p)).count();
         ensure!(
@@ -1152,6 +1154,250 @@ fn traffic(s: &mut Suite) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// 5. discovery
+
+/// The sidecar's counter or gauge `name{labels}` in pod `ns/pod`, 0 when absent.
+fn proxy_metric(s: &Suite, ns: &str, pod: &str, name: &str, labels: &str) -> anyhow::Result<f64> {
+    let text = s.fetch(ns, pod, "http://127.0.0.1:15020/metrics")?;
+    Ok(metric_value(&text, name, labels))
+}
+
+/// The sum of the samples of `name` whose label set contains every `k="v"` of `labels`.
+fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
+    let want: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && want.iter().all(|w| rest.contains(w)))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The pod IP of `ns/pod`.
+fn pod_ip(s: &Suite, ns: &str, pod: &str) -> anyhow::Result<String> {
+    let p = s.k.get_json(&["-n", ns, "pod", pod])?;
+    p["status"]["podIP"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("{ns}/{pod} has no IP"))
+}
+
+fn discovery(s: &mut Suite) -> anyhow::Result<()> {
+    // Sidecars hold a live subscription to moat-destination.
+    eventually(
+        "the probe's sidecar to be connected to discovery",
+        Duration::from_secs(60),
+        || {
+            let up = proxy_metric(s, SHOP, "probe", "moat_proxy_discovery_connected", "")?;
+            Ok((up == 1.0).then_some(()))
+        },
+    )?;
+
+    // A Service with three replicas: the client's sidecar picks the endpoint (each serves its
+    // own name), so fresh connections spread over all three.
+    s.apply(vec![
+        deployment(
+            SHOP,
+            "echo",
+            3,
+            pod_spec("web", &server_script("echo-$HOSTNAME", 8080), Some(8080)),
+        ),
+        service(SHOP, "echo", 80, 8080, false),
+    ])?;
+    s.rollout_status(SHOP, "deployment/echo")?;
+    let names: Vec<String> =
+        s.k.pods(SHOP, "moat-e2e/app=echo")?
+            .iter()
+            .map(|p| format!("echo-{}", name_of(p)))
+            .collect();
+    let mut counts: std::collections::BTreeMap<String, u32> = Default::default();
+    let script = "for i in $(seq 60); do timeout 3 wget -q -O - http://echo/ || echo FAIL; done";
+    // Until the EndpointSlice has all three, the first answers may come from fewer.
+    eventually(
+        "requests to spread over the three echo pods",
+        Duration::from_secs(60),
+        || {
+            counts.clear();
+            let out = s.sh(SHOP, "probe", script)?;
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                *counts.entry(line.trim().to_string()).or_default() += 1;
+            }
+            Ok(names
+                .iter()
+                .all(|n| counts.get(n).copied().unwrap_or(0) >= 5)
+                .then_some(()))
+        },
+    )
+    .with_context(|| format!("per endpoint: {counts:?}"))?;
+    ensure!(!counts.contains_key("FAIL"), "failed requests: {counts:?}");
+    eprintln!("cluster suite: 60 requests to echo, per endpoint: {counts:?}");
+
+    // Scaled to zero, the Service is refused by the sidecar at once (no endpoints), and
+    // scaled back up it answers again as soon as discovery lists the new pods.
+    s.k.kubectl(["-n", SHOP, "scale", "deployment/echo", "--replicas=0"])?;
+    // Terminating pods keep serving through their preStop delay (listed as serving while no
+    // ready endpoint is left); once they are gone the sidecar refuses at once.
+    let no_endpoints = |s: &Suite| {
+        proxy_metric(
+            s,
+            SHOP,
+            "probe",
+            "moat_proxy_connections_refused_total",
+            "reason=\"no_endpoints\"",
+        )
+    };
+    let refused_before = no_endpoints(s)?;
+    eventually(
+        "echo to be refused with no endpoints",
+        Duration::from_secs(90),
+        || {
+            let failed = s.fetch(SHOP, "probe", "http://echo/").is_err();
+            Ok((failed && no_endpoints(s)? > refused_before).then_some(()))
+        },
+    )?;
+    s.k.kubectl(["-n", SHOP, "scale", "deployment/echo", "--replicas=1"])?;
+    s.k.kubectl([
+        "-n",
+        SHOP,
+        "wait",
+        "--for=condition=Available",
+        "deployment/echo",
+        "--timeout=180s",
+    ])?;
+    let ready_at = Instant::now();
+    eventually(
+        "echo to answer after scaling back up",
+        Duration::from_secs(30),
+        || {
+            Ok(s.fetch(SHOP, "probe", "http://echo/")
+                .ok()
+                .filter(|b| b.starts_with("echo-")))
+        },
+    )?;
+    eprintln!(
+        "cluster suite: echo answered {:.1?} after its Deployment turned Available again",
+        ready_at.elapsed()
+    );
+
+    // An address in the mesh networks that no pod holds: refused, never dialed with any
+    // identity of the trust domain.
+    let before = proxy_metric(
+        s,
+        SHOP,
+        "probe",
+        "moat_proxy_connections_refused_total",
+        "reason=\"unknown_destination\"",
+    )?;
+    ensure!(
+        s.fetch(SHOP, "probe", "http://10.244.0.250:8080/").is_err(),
+        "an address no pod holds answered"
+    );
+    let after = proxy_metric(
+        s,
+        SHOP,
+        "probe",
+        "moat_proxy_connections_refused_total",
+        "reason=\"unknown_destination\"",
+    )?;
+    ensure!(
+        after > before,
+        "the unknown destination was not refused as unknown_destination"
+    );
+
+    // The insider man in the middle: a rule on the node (the network between the pods) sends
+    // the probe's traffic for db-0 to the intruder's pod, whose sidecar holds a valid SVID of
+    // the trust domain (shop/intruder). The probe's sidecar expects shop/db there and refuses.
+    let (probe_ip, db_ip) = (pod_ip(s, SHOP, "probe")?, pod_ip(s, SHOP, "db-0")?);
+    let intruder = name_of(&s.pod(SHOP, "moat-e2e/app=intruder")?).to_string();
+    let intruder_ip = pod_ip(s, SHOP, &intruder)?;
+    let url = format!("http://db-0.db.{SHOP}.svc.cluster.local:8080/");
+    ensure!(
+        s.fetch(SHOP, "probe", &url)?.trim() == "db-db-0",
+        "db-0 did not answer before the attack"
+    );
+    let rule = [
+        "-t",
+        "nat",
+        "PREROUTING",
+        "-s",
+        &probe_ip,
+        "-d",
+        &db_ip,
+        "-p",
+        "tcp",
+        "--dport",
+        "8080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{intruder_ip}:8080"),
+    ];
+    let iptables = |op: &str| {
+        let mut args = rule.to_vec();
+        args.insert(2, op);
+        run_ok(Command::new("iptables").args(&args))
+    };
+    let wrong = |s: &Suite| {
+        proxy_metric(
+            s,
+            SHOP,
+            "probe",
+            "moat_proxy_tls_handshake_failures_total",
+            "reason=\"wrong_identity\"",
+        )
+    };
+    // Conntrack entries of the probe's flows to db-0 (none left to bypass or keep the rule).
+    let forget_flows = || {
+        let _ = Command::new("conntrack")
+            .args(["-D", "-s", &probe_ip, "-d", &db_ip])
+            .output();
+    };
+    let failures_before = wrong(s)?;
+    iptables("-I")?;
+    let attacked = (|| -> anyhow::Result<()> {
+        // Established flows keep their translation: drop them so the next connect is diverted.
+        forget_flows();
+        eventually(
+            "the diverted connection to be refused as wrong_identity",
+            Duration::from_secs(30),
+            || {
+                let answered = s.fetch(SHOP, "probe", &url);
+                Ok((answered.is_err() && wrong(s)? > failures_before).then_some(()))
+            },
+        )?;
+        ensure!(
+            s.fetch(SHOP, "probe", &url).is_err(),
+            "a request reached the intruder's sidecar in place of db-0"
+        );
+        Ok(())
+    })();
+    iptables("-D")?;
+    attacked?;
+    forget_flows();
+    eventually(
+        "db-0 to answer again once the attack stops",
+        Duration::from_secs(30),
+        || {
+            Ok(s.fetch(SHOP, "probe", &url)
+                .ok()
+                .filter(|b| b.trim() == "db-db-0"))
+        },
+    )?;
+    s.k.kubectl([
+        "-n",
+        SHOP,
+        "delete",
+        "deployment/echo",
+        "service/echo",
+        "--wait=false",
+    ])?;
+    Ok(())
+}
+
 /// Checks that pod `ns/name` ended: phase Succeeded, every container (sidecar included)
 /// terminated.
 fn check_finished(s: &Suite, ns: &str, name: &str) -> anyhow::Result<()> {
@@ -1180,7 +1426,7 @@ fn check_finished(s: &Suite, ns: &str, name: &str) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 5. rollout
+// 6. rollout
 
 fn rollout(s: &mut Suite) -> anyhow::Result<()> {
     let log = TrafficLog::mark(s)?;
@@ -1205,7 +1451,7 @@ fn rollout(s: &mut Suite) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. ca-restart
+// 7. ca-restart
 
 fn ca_restart(s: &mut Suite) -> anyhow::Result<()> {
     let log = TrafficLog::mark(s)?;
@@ -1246,7 +1492,7 @@ fn ca_restart(s: &mut Suite) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 7. uninstall
+// 8. uninstall
 
 fn uninstall(s: &mut Suite) -> anyhow::Result<()> {
     let log = TrafficLog::mark(s)?;
