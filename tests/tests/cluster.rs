@@ -1163,6 +1163,13 @@ fn proxy_metric(s: &Suite, ns: &str, pod: &str, name: &str, labels: &str) -> any
     Ok(metric_value(&text, name, labels))
 }
 
+/// The probe pod's sidecar counter `name` for one `reason`.
+fn probe_count(s: &Suite, name: &str, reason: &str) -> anyhow::Result<f64> {
+    proxy_metric(s, SHOP, "probe", name, &format!("reason=\"{reason}\""))
+}
+
+const REFUSED: &str = "moat_proxy_connections_refused_total";
+
 /// The sum of the samples of `name` whose label set contains every `k="v"` of `labels`.
 fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
     let want: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
@@ -1241,15 +1248,7 @@ fn discovery(s: &mut Suite) -> anyhow::Result<()> {
     s.k.kubectl(["-n", SHOP, "scale", "deployment/echo", "--replicas=0"])?;
     // Terminating pods keep serving through their preStop delay (listed as serving while no
     // ready endpoint is left); once they are gone the sidecar refuses at once.
-    let no_endpoints = |s: &Suite| {
-        proxy_metric(
-            s,
-            SHOP,
-            "probe",
-            "moat_proxy_connections_refused_total",
-            "reason=\"no_endpoints\"",
-        )
-    };
+    let no_endpoints = |s: &Suite| probe_count(s, REFUSED, "no_endpoints");
     let refused_before = no_endpoints(s)?;
     eventually(
         "echo to be refused with no endpoints",
@@ -1285,24 +1284,12 @@ fn discovery(s: &mut Suite) -> anyhow::Result<()> {
 
     // An address in the mesh networks that no pod holds: refused, never dialed with any
     // identity of the trust domain.
-    let before = proxy_metric(
-        s,
-        SHOP,
-        "probe",
-        "moat_proxy_connections_refused_total",
-        "reason=\"unknown_destination\"",
-    )?;
+    let before = probe_count(s, REFUSED, "unknown_destination")?;
     ensure!(
         s.fetch(SHOP, "probe", "http://10.244.0.250:8080/").is_err(),
         "an address no pod holds answered"
     );
-    let after = proxy_metric(
-        s,
-        SHOP,
-        "probe",
-        "moat_proxy_connections_refused_total",
-        "reason=\"unknown_destination\"",
-    )?;
+    let after = probe_count(s, REFUSED, "unknown_destination")?;
     ensure!(
         after > before,
         "the unknown destination was not refused as unknown_destination"
@@ -1342,12 +1329,10 @@ fn discovery(s: &mut Suite) -> anyhow::Result<()> {
         run_ok(Command::new("iptables").args(&args))
     };
     let wrong = |s: &Suite| {
-        proxy_metric(
+        probe_count(
             s,
-            SHOP,
-            "probe",
             "moat_proxy_tls_handshake_failures_total",
-            "reason=\"wrong_identity\"",
+            "wrong_identity",
         )
     };
     // Conntrack entries of the probe's flows to db-0 (none left to bypass or keep the rule).
