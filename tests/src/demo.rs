@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use moat_core::tls::{CurrentCert, SpiffeVerifier};
 use moat_core::{SpiffeId, TrustBundle, TrustDomain};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -105,9 +105,7 @@ pub async fn orders_app() -> anyhow::Result<App> {
                         Ok::<_, Infallible>(orders_answer(req.method(), req.uri().path()))
                     },
                 );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
+                crate::mesh::backend::serve_app_connection(s, svc).await;
             });
         }
     });

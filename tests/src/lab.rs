@@ -92,7 +92,7 @@ use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, HTTPGetAction, Pod, PodSpec, Probe, SecurityContext, Volume,
 };
@@ -2068,11 +2068,7 @@ async fn serve_http(l: TcpListener, pod: Arc<str>, stats: Arc<AppStats>) {
                     let (pod, stats) = (pod.clone(), stats.clone());
                     async move { Ok::<_, Infallible>(app_answer(req, &pod, &stats).await) }
                 });
-            // Half-close as nginx and httpd do: a client that sends its request and FIN at
-            // once still gets the answer (hyper's default drops it when EOF wins the race).
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder.http1().half_close(true);
-            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+            crate::mesh::backend::serve_app_connection(s, svc).await;
         });
     }
 }

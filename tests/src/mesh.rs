@@ -264,7 +264,7 @@ pub mod backend {
     use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     /// Body every plain `GET /` answers with.
     pub const HELLO: &str = "hello from the backend\n";
@@ -310,13 +310,32 @@ pub mod backend {
                             Ok::<_, Infallible>(r)
                         },
                     );
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                    serve_app_connection(s, svc).await;
                 });
             }
         });
         Ok(addr)
+    }
+
+    /// Serves one app connection (HTTP/1.1 or h2c) until it ends. Half-closes as nginx and
+    /// httpd do: a client that sends its request and FIN at once still gets the answer
+    /// (hyper's default drops it when EOF wins the race).
+    pub async fn serve_app_connection<S, B>(s: TcpStream, svc: S)
+    where
+        S: hyper::service::Service<
+                http::Request<hyper::body::Incoming>,
+                Response = http::Response<B>,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http1().half_close(true);
+        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
     }
 
     /// Starts a TCP echo app.
