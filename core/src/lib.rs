@@ -23,5 +23,8 @@ pub mod tls;
 pub mod watch;
 pub mod x509;
 
+#[cfg(test)]
+mod testcerts;
+
 pub use bundle::TrustBundle;
 pub use spiffe::{SpiffeId, TrustDomain};

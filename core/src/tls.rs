@@ -406,58 +406,11 @@ mod tests {
     //! The verifier against chains an attacker could present, made with rcgen.
 
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
-        KeyPair, KeyUsagePurpose, SanType,
-    };
+    use crate::testcerts::{ca, intermediate, leaf_params, sign, Ca};
+    use rcgen::{BasicConstraints, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
     use time::{Duration, OffsetDateTime};
 
     const ME: &str = "spiffe://cluster.local/ns/shop/sa/web";
-
-    type Ca = CertifiedIssuer<'static, KeyPair>;
-
-    fn ca_params(name: &str, constraints: BasicConstraints) -> CertificateParams {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(constraints);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p
-    }
-
-    fn ca(name: &str) -> Ca {
-        let p = ca_params(name, BasicConstraints::Unconstrained);
-        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
-    }
-
-    fn intermediate(root: &Ca) -> Ca {
-        let p = ca_params("moat intermediate", BasicConstraints::Constrained(0));
-        CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), root).unwrap()
-    }
-
-    /// A well-formed SVID for `uris`, valid now, for client and server use.
-    fn leaf_params(uris: &[&str]) -> CertificateParams {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.subject_alt_names = uris
-            .iter()
-            .map(|u| SanType::URI((*u).try_into().unwrap()))
-            .collect();
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ];
-        let now = OffsetDateTime::now_utc();
-        p.not_before = now - Duration::minutes(5);
-        p.not_after = now + Duration::hours(1);
-        p
-    }
-
-    fn sign(p: CertificateParams, by: &Ca) -> CertificateDer<'static> {
-        p.signed_by(&KeyPair::generate().unwrap(), by)
-            .unwrap()
-            .der()
-            .clone()
-    }
 
     fn verifier(roots: &[&Ca]) -> (SpiffeVerifier, Arc<ArcSwap<TrustBundle>>) {
         let bundle =

@@ -305,3 +305,346 @@ fn is_stale(conn: &TlsConn) -> bool {
     let io = conn.get_ref().0;
     io.has_buffered() || !matches!(io.get_ref().poll_read_ready(&mut cx), Poll::Pending)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pool over real mTLS connections on loopback: `TlsConn` is a TLS stream over a
+    //! `TcpStream`, so in-memory pipes cannot stand in for it. Certificates come from rcgen.
+
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    use rustls::sign::CertifiedKey;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+    const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    /// One trust domain: its root and the bundle every sidecar trusts.
+    struct Mesh {
+        root: CertifiedIssuer<'static, KeyPair>,
+        bundle: Arc<ArcSwap<TrustBundle>>,
+        provider: Arc<CryptoProvider>,
+    }
+
+    impl Mesh {
+        fn new() -> Self {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let root = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+            let bundle = TrustBundle::from_certs(vec![root.der().clone()]).unwrap();
+            Self {
+                root,
+                bundle: Arc::new(ArcSwap::from_pointee(bundle)),
+                provider: tls::provider(),
+            }
+        }
+
+        /// A workload certificate for `spiffe_id` that expires `valid_for` from now.
+        fn svid(&self, spiffe_id: &str, valid_for: Duration) -> Arc<CurrentCert> {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ];
+            p.not_before = (SystemTime::now() - Duration::from_secs(300)).into();
+            p.not_after = (SystemTime::now() + valid_for).into();
+            let key = KeyPair::generate().unwrap();
+            let der = p.signed_by(&key, &self.root).unwrap().der().clone();
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            let ck = moat_core::svid::certified_key(vec![der], key, &self.provider).unwrap();
+            let cert = Arc::new(CurrentCert::default());
+            cert.set(ck);
+            cert
+        }
+
+        fn pool(&self, own: Arc<CurrentCert>, settings: PoolSettings) -> Pool {
+            Pool::new(
+                own,
+                self.bundle.clone(),
+                td(),
+                self.provider.clone(),
+                settings,
+            )
+        }
+
+        /// A peer sidecar presenting `cert`. It keeps each connection open and silent until
+        /// the client closes it, or, with `hang_up`, closes it right after the handshake.
+        async fn peer(&self, cert: Arc<CurrentCert>, hang_up: bool) -> SocketAddr {
+            let verifier = SpiffeVerifier::new(self.bundle.clone(), td(), self.provider.clone());
+            let cfg = tls::mesh_server_config(cert, verifier, self.provider.clone()).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut conn) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        if !hang_up {
+                            let _ = conn.read(&mut [0u8; 1]).await;
+                        }
+                    });
+                }
+            });
+            addr
+        }
+    }
+
+    fn settings() -> PoolSettings {
+        PoolSettings {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: HOUR,
+            max_idle_per_key: 8,
+            keepalive: Duration::from_secs(60),
+        }
+    }
+
+    fn key(addr: SocketAddr, expected: Option<&str>) -> Key {
+        Key {
+            addr,
+            expected: expected.map(id),
+        }
+    }
+
+    async fn dial(pool: &Pool, key: &Key) -> Checkout {
+        match pool.dial(key).await {
+            Ok(co) => co,
+            Err(e) => panic!("dial {key:?}: {e}"),
+        }
+    }
+
+    /// Dials `key` and returns the connection to the pool, as a cleanly finished stream does.
+    async fn pooled(pool: &Pool, key: &Key) {
+        let co = dial(pool, key).await;
+        pool.put(key.clone(), co.conn, co.peer, co.expires);
+    }
+
+    fn not_after(cert: &CurrentCert) -> SystemTime {
+        leaf_expiry(cert.get().as_deref().map(|k: &CertifiedKey| &k.cert[..]))
+    }
+
+    #[tokio::test]
+    async fn a_dial_pins_the_expected_identity_in_the_handshake() {
+        let mesh = Mesh::new();
+        let addr = mesh.peer(mesh.svid(API, HOUR), false).await;
+        let pool = mesh.pool(mesh.svid(WEB, HOUR), settings());
+
+        let co = dial(&pool, &key(addr, Some(API))).await;
+        assert_eq!(co.peer, id(API));
+        assert!(!co.reused);
+        // Without a pinned identity, any identity of the trust domain answers.
+        assert_eq!(dial(&pool, &key(addr, None)).await.peer, id(API));
+
+        let err = pool
+            .dial(&key(addr, Some(DB)))
+            .await
+            .err()
+            .expect("wrong peer");
+        assert_eq!(err.reason(), "wrong_identity", "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_is_handed_out_only_for_the_key_it_was_dialed_for() {
+        let mesh = Mesh::new();
+        let addr = mesh.peer(mesh.svid(API, HOUR), false).await;
+        let pool = mesh.pool(mesh.svid(WEB, HOUR), settings());
+        let api = key(addr, Some(API));
+        pooled(&pool, &api).await;
+
+        for other in [
+            key(addr, Some(DB)),
+            key(addr, None),
+            key(SocketAddr::from(([127, 0, 0, 1], 1)), Some(API)),
+        ] {
+            assert!(pool.take_idle(&other).is_none(), "{other:?}");
+        }
+        // Asking for another identity at the same address dials, and the peer fails the pin;
+        // the connection verified as API is not offered instead.
+        let err = pool
+            .get(&key(addr, Some(DB)))
+            .await
+            .err()
+            .expect("wrong peer");
+        assert_eq!(err.reason(), "wrong_identity", "{err}");
+        assert_eq!(pool.idle_count(), 1);
+
+        let co = pool.get(&api).await.unwrap();
+        assert!(co.reused);
+        assert_eq!(co.peer, id(API));
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_idle_timeout_is_not_reused_and_is_evicted() {
+        let mesh = Mesh::new();
+        let addr = mesh.peer(mesh.svid(API, HOUR), false).await;
+        let idle_timeout = Duration::from_millis(300);
+        let pool = mesh.pool(
+            mesh.svid(WEB, HOUR),
+            PoolSettings {
+                idle_timeout,
+                ..settings()
+            },
+        );
+        let api = key(addr, Some(API));
+
+        pooled(&pool, &api).await;
+        pool.evict_expired();
+        assert_eq!(pool.idle_count(), 1, "evicted while still fresh");
+        tokio::time::sleep(idle_timeout + Duration::from_millis(100)).await;
+        let co = pool.get(&api).await.unwrap();
+        assert!(!co.reused, "an idle-expired connection was reused");
+
+        pooled(&pool, &api).await;
+        tokio::time::sleep(idle_timeout + Duration::from_millis(100)).await;
+        pool.evict_expired();
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_not_reused_within_the_margin_before_a_certificate_expires() {
+        let mesh = Mesh::new();
+        let addr = mesh.peer(mesh.svid(API, HOUR), false).await;
+        let pool = mesh.pool(mesh.svid(WEB, HOUR), settings());
+        let api = key(addr, Some(API));
+
+        let co = dial(&pool, &api).await;
+        let soon = SystemTime::now() + EXPIRY_MARGIN / 2;
+        pool.put(api.clone(), co.conn, co.peer, soon);
+        assert!(pool.take_idle(&api).is_none(), "reused 1 s before expiry");
+
+        let co = dial(&pool, &api).await;
+        pool.put(
+            api.clone(),
+            co.conn,
+            co.peer,
+            SystemTime::now() - EXPIRY_MARGIN,
+        );
+        assert_eq!(pool.idle_count(), 0, "an expired connection was pooled");
+
+        let co = dial(&pool, &api).await;
+        let later = SystemTime::now() + EXPIRY_MARGIN * 5;
+        pool.put(api.clone(), co.conn, co.peer, later);
+        let co = pool.get(&api).await.unwrap();
+        assert!(co.reused);
+        assert_eq!(co.expires, later);
+    }
+
+    #[tokio::test]
+    async fn eviction_drops_a_connection_whose_certificate_expired_before_its_idle_timeout() {
+        let mesh = Mesh::new();
+        let addr = mesh.peer(mesh.svid(API, HOUR), false).await;
+        let pool = mesh.pool(mesh.svid(WEB, HOUR), settings());
+        let api = key(addr, Some(API));
+        let co = dial(&pool, &api).await;
+        let life = Duration::from_millis(300);
+        pool.put(api, co.conn, co.peer, SystemTime::now() + life);
+        tokio::time::sleep(life + Duration::from_millis(100)).await;
+        pool.evict_expired();
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn reuse_ends_when_the_first_of_both_certificates_expires() {
+        let mesh = Mesh::new();
+        // The peer's certificate expires first.
+        let (short, long) = (mesh.svid(API, HOUR / 2), mesh.svid(WEB, HOUR));
+        let addr = mesh.peer(short.clone(), false).await;
+        let pool = mesh.pool(long, settings());
+        let co = dial(&pool, &key(addr, Some(API))).await;
+        assert_eq!(co.expires, not_after(&short));
+
+        // Our own certificate expires first: the server would refuse new streams after it.
+        let (short, long) = (mesh.svid(WEB, HOUR / 6), mesh.svid(API, HOUR));
+        let addr = mesh.peer(long, false).await;
+        let pool = mesh.pool(short.clone(), settings());
+        let co = dial(&pool, &key(addr, Some(API))).await;
+        assert_eq!(co.expires, not_after(&short));
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_capped_per_destination() {
+        let mesh = Mesh::new();
+        let addr = mesh.peer(mesh.svid(API, HOUR), false).await;
+        let pool = mesh.pool(
+            mesh.svid(WEB, HOUR),
+            PoolSettings {
+                max_idle_per_key: 2,
+                ..settings()
+            },
+        );
+        let (pinned, any) = (key(addr, Some(API)), key(addr, None));
+        for _ in 0..3 {
+            pooled(&pool, &pinned).await;
+        }
+        assert_eq!(pool.idle_count(), 2);
+        // The cap is per key: another destination still gets its own connections kept.
+        pooled(&pool, &any).await;
+        assert_eq!(pool.idle_count(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_peer_has_closed_is_not_handed_out() {
+        let mesh = Mesh::new();
+        let quits = mesh.peer(mesh.svid(API, HOUR), true).await;
+        let stays = mesh.peer(mesh.svid(API, HOUR), false).await;
+        let pool = mesh.pool(mesh.svid(WEB, HOUR), settings());
+        let (quits, stays) = (key(quits, Some(API)), key(stays, Some(API)));
+        pooled(&pool, &quits).await;
+        pooled(&pool, &stays).await;
+        // Time for the peer's FIN to arrive and the reactor to see it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            pool.take_idle(&quits).is_none(),
+            "a closed connection was reused"
+        );
+        assert!(
+            pool.take_idle(&stays).is_some(),
+            "a silent connection is healthy"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_workload_certificate_nothing_is_dialed() {
+        let mesh = Mesh::new();
+        let addr = mesh.peer(mesh.svid(API, HOUR), false).await;
+        let pool = mesh.pool(Arc::new(CurrentCert::default()), settings());
+        let err = pool
+            .get(&key(addr, Some(API)))
+            .await
+            .err()
+            .expect("no cert");
+        assert!(matches!(err, DialError::NoIdentity), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_chain_expires_now_so_it_is_never_reused() {
+        let garbage = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])];
+        for chain in [None, Some(&[][..]), Some(&garbage[..])] {
+            let before = SystemTime::now();
+            let got = leaf_expiry(chain);
+            assert!(before <= got && got <= SystemTime::now(), "{chain:?}");
+        }
+    }
+}
