@@ -120,8 +120,12 @@ pub fn svid_identity(der: &[u8]) -> Result<SpiffeId, SvidError> {
         [one] => SpiffeId::parse(one)?,
         many => return Err(SvidError::MultipleUriSans(many.len())),
     };
-    if cert.is_ca() {
-        return Err(SvidError::LeafIsCa);
+    // Not `is_ca()`: it reads a duplicated or garbled basicConstraints as "not a CA", so a
+    // second extension saying CA:true would slip through here.
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => return Err(SvidError::LeafIsCa),
+        Ok(_) => {}
+        Err(e) => return Err(SvidError::Malformed(format!("basicConstraints: {e}"))),
     }
     match cert.key_usage() {
         Ok(Some(ku)) => {
@@ -347,6 +351,25 @@ mod tests {
         let plain = ca("moat root");
         assert_eq!(svid_identity(plain.der()), Err(SvidError::NoUriSan));
         assert!(inspect(plain.der()).unwrap().is_ca);
+    }
+
+    #[test]
+    fn a_second_basic_constraints_saying_ca_is_not_hidden_by_the_first() {
+        // CA:false from rcgen, then a second basicConstraints with CA:true: RFC 5280 forbids
+        // duplicates, and a reader that keeps the first one would take this CA for a leaf.
+        let der = with(|p| {
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[2, 5, 29, 19],
+                    vec![0x30, 0x03, 0x01, 0x01, 0xff],
+                ));
+        });
+        assert!(
+            matches!(svid_identity(&der), Err(SvidError::Malformed(ref m)) if m.contains("basicConstraints")),
+            "{:?}",
+            svid_identity(&der)
+        );
     }
 
     #[test]
