@@ -142,6 +142,15 @@ pub fn svid_identity(der: &[u8]) -> Result<SpiffeId, SvidError> {
     Ok(id)
 }
 
+/// When a chain's leaf certificate expires (now, if it cannot be read: never reuse).
+pub fn leaf_expiry(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> SystemTime {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| inspect(leaf).ok())
+        .map(|i| i.not_after)
+        .unwrap_or_else(SystemTime::now)
+}
+
 /// Lowercase hex of a byte string.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
@@ -500,5 +509,17 @@ mod tests {
     fn hex_is_lowercase_two_digits_per_byte() {
         assert_eq!(hex(&[]), "");
         assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+    }
+
+    #[test]
+    fn an_unreadable_chain_expires_now_so_it_is_never_reused() {
+        let garbage = [rustls_pki_types::CertificateDer::from(vec![
+            0x30, 0x03, 0x02, 0x01, 0x00,
+        ])];
+        for chain in [None, Some(&[][..]), Some(&garbage[..])] {
+            let before = SystemTime::now();
+            let got = leaf_expiry(chain);
+            assert!(before <= got && got <= SystemTime::now(), "{chain:?}");
+        }
     }
 }

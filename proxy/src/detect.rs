@@ -1,11 +1,13 @@
 //! Protocol detection from the first bytes of a connection: a TLS ClientHello offering Moat's
 //! ALPN (a peer sidecar), HTTP/1.x, HTTP/2 with prior knowledge, or anything else (opaque).
 //!
-//! Pure functions over byte slices, so they can be tested and fuzzed alone; the I/O that
-//! gathers the bytes (with timeouts, racing a server that speaks first) lives with the
-//! listeners.
+//! The classifiers are pure functions over byte slices, so they can be tested and fuzzed alone;
+//! [`peek`] gathers the bytes from a socket without consuming them, within a timeout.
+
+use std::time::Duration;
 
 use moat_core::tls::MOAT_ALPN;
+use tokio::net::TcpStream;
 
 /// What the first bytes say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,30 @@ pub fn http(buf: &[u8]) -> Protocol {
     } else {
         Protocol::Opaque
     }
+}
+
+/// Peeks (without consuming) until `classify` decides or `timeout` passes (→ opaque).
+pub async fn peek(tcp: &TcpStream, timeout: Duration, classify: fn(&[u8]) -> Protocol) -> Protocol {
+    let mut buf = vec![0u8; 4096];
+    let fut = async {
+        loop {
+            let n = match tcp.peek(&mut buf).await {
+                Ok(0) | Err(_) => return Protocol::Opaque,
+                Ok(n) => n,
+            };
+            match classify(&buf[..n]) {
+                Protocol::NeedMore if n < buf.len() => {
+                    // More bytes are coming; peek would return the same bytes at once.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Protocol::NeedMore => return Protocol::Opaque,
+                p => return p,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Protocol::Opaque)
 }
 
 /// Classifies the first bytes of an inbound connection: TLS (Moat or other), else as [`http`].

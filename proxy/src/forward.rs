@@ -220,21 +220,6 @@ impl<IO> Rewind<IO> {
             inner,
         }
     }
-
-    /// The wrapped I/O (any unread prefix is lost).
-    pub fn into_inner(self) -> IO {
-        self.inner
-    }
-
-    /// The wrapped I/O.
-    pub fn get_ref(&self) -> &IO {
-        &self.inner
-    }
-
-    /// The wrapped I/O, mutably.
-    pub fn get_mut(&mut self) -> &mut IO {
-        &mut self.inner
-    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {

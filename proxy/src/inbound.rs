@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
-use crate::app::Ctx;
+use crate::accept::Ctx;
 use crate::bufio::BufIo;
 use crate::config::Config;
 use crate::detect::{self, Protocol};
@@ -32,7 +32,7 @@ pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// Accepts inbound connections until `stop` turns true.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
-    crate::app::accept_loop(listener, Direction::Inbound, ctx, stop, handle).await;
+    crate::accept::accept_loop(listener, Direction::Inbound, ctx, stop, handle).await;
 }
 
 async fn handle(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
@@ -60,7 +60,7 @@ async fn handle(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         }
     };
     let proto = tokio::select! {
-        p = peek_protocol(&tcp, ctx.cfg.detect_timeout, detect::inbound) => p,
+        p = detect::peek(&tcp, ctx.cfg.detect_timeout, detect::inbound) => p,
         Some(app) = greeting => {
             record_detect(Protocol::Opaque, started);
             return plaintext(tcp, remote, orig, Protocol::Opaque, Some(app), ctx).await;
@@ -77,34 +77,6 @@ async fn handle(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
 fn record_detect(p: Protocol, started: Instant) {
     metrics::histogram!(m::DETECT_DURATION, "direction" => "inbound", "protocol" => p.label())
         .record(started.elapsed().as_secs_f64());
-}
-
-/// Peeks (without consuming) until `classify` decides or `timeout` passes (→ opaque).
-pub async fn peek_protocol(
-    tcp: &TcpStream,
-    timeout: Duration,
-    classify: fn(&[u8]) -> Protocol,
-) -> Protocol {
-    let mut buf = vec![0u8; 4096];
-    let fut = async {
-        loop {
-            let n = match tcp.peek(&mut buf).await {
-                Ok(0) | Err(_) => return Protocol::Opaque,
-                Ok(n) => n,
-            };
-            match classify(&buf[..n]) {
-                Protocol::NeedMore if n < buf.len() => {
-                    // More bytes are coming; peek would return the same bytes at once.
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Protocol::NeedMore => return Protocol::Opaque,
-                p => return p,
-            }
-        }
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .unwrap_or(Protocol::Opaque)
 }
 
 /// Why an inbound stream may not go where it asked.
@@ -318,7 +290,7 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
         return;
     }
     // New streams only while the peer's certificate is valid: a tunnel must not outlive it.
-    let expires = crate::pool::leaf_expiry(tls.get_ref().1.peer_certificates());
+    let expires = moat_core::x509::leaf_expiry(tls.get_ref().1.peer_certificates());
     let peer_label: Arc<str> = Arc::from(peer.as_str());
     let mut tls = tls;
     let mut drain = ctx.conns.drain_signal();

@@ -8,25 +8,26 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin_routes;
+pub(crate) mod accept;
+pub(crate) mod admin_routes;
 pub mod app;
-pub mod balance;
-pub mod bufio;
+pub(crate) mod balance;
+pub(crate) mod bufio;
 pub mod config;
-pub mod conns;
+pub(crate) mod conns;
 pub mod detect;
 pub mod discovery;
-pub mod forward;
-pub mod http;
-pub mod inbound;
-pub mod limits;
-pub mod metrics;
-pub mod net;
+pub(crate) mod forward;
+pub(crate) mod http;
+pub(crate) mod inbound;
+pub(crate) mod limits;
+pub(crate) mod metrics;
+pub(crate) mod net;
 pub mod observe;
-pub mod outbound;
+pub(crate) mod outbound;
 pub mod policy;
-pub mod pool;
-pub mod probes;
+pub(crate) mod pool;
+pub(crate) mod probes;
 pub mod redirect;
-pub mod retry;
+pub(crate) mod retry;
 pub mod tunnel;

@@ -13,14 +13,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::app::Ctx;
+use crate::accept::Ctx;
 use crate::balance::Pick;
 use crate::config::Route;
 use crate::detect::{self, Protocol};
 use crate::discovery::Resolver;
 use crate::forward::{copy_bidirectional, copy_observed, Observer, Rewind};
 use crate::http::{self, Labels};
-use crate::inbound::peek_protocol;
 use crate::metrics::{self as m, ConnMetrics, Direction};
 use crate::net;
 use crate::observe::Http1Observer;
@@ -86,7 +85,7 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let handle = move |app, _remote, ctx| handle(app, route.clone(), ctx);
-    crate::app::accept_loop(listener, Direction::Outbound, ctx, stop, handle).await;
+    crate::accept::accept_loop(listener, Direction::Outbound, ctx, stop, handle).await;
 }
 
 async fn handle(app: TcpStream, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
@@ -291,7 +290,7 @@ async fn mesh(app: TcpStream, upstream: Upstream, port: u16, ctx: Arc<Ctx>) {
     // The app's first bytes decide HTTP or not; a server that greets first makes it opaque.
     let mut upstream_first = Vec::new();
     let proto = tokio::select! {
-        p = peek_protocol(&app, ctx.cfg.detect_timeout, detect::http), if !opaque => p,
+        p = detect::peek(&app, ctx.cfg.detect_timeout, detect::http), if !opaque => p,
         _ = std::future::ready(()), if opaque => Protocol::Opaque,
         r = read_some(&mut stream, &mut upstream_first) => {
             if r.is_err() {
