@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Moat's whole test suite: formatting, lints, build, unit and end-to-end tests (including the
-# root-only network-namespace tests), the cluster suite on a live Kubernetes (root), manifest
-# validation, and a benchmark smoke run.
+# root-only network-namespace tests), the cluster suite on a live Kubernetes (root), a short
+# run of every fuzz target, manifest validation, and a benchmark smoke run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -16,6 +16,7 @@ step() { printf '\n== %s\n' "$*"; }
 step "format"
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
+  cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 else
   echo "*** format check SKIPPED: cargo fmt is not installed (rustup component add rustfmt)" >&2
 fi
@@ -41,6 +42,8 @@ if [[ $(id -u) -eq 0 ]]; then
 else
   echo "*** cluster suite SKIPPED: tests/cluster/up.sh needs root" >&2
 fi
+step "fuzz targets (built, then each run for 10 s from its seeds; fuzz/README.md)"
+fuzz/run.sh 10
 step "manifests (kustomize render, schema validation, security scan)"
 MOAT_CA_BIN="$PWD/target/release/moat-ca" MOAT_PROXY_BIN="$PWD/target/release/moat-proxy" bash deploy/validate.sh
 step "benchmark harness (plot script tests, then every benchmark in smoke mode)"

@@ -45,6 +45,12 @@ for component in rustfmt:fmt clippy:clippy; do
   fi
 done
 
+# cargo-fuzz for the fuzz smoke run (fuzz/run.sh); built once into ~/.cargo/bin.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz 0.13.2"
+  cargo install -q cargo-fuzz --version 0.13.2 --locked
+fi
+
 # Kubernetes for the cluster suite (tests/cluster/): built from its Go modules once, then
 # cached outside the repository. Only root can run the cluster, so only root builds it.
 if [[ $(id -u) -eq 0 ]]; then
