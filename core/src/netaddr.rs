@@ -1,5 +1,6 @@
 //! Network values written in flags, environment variables and annotations: CIDRs
-//! (`10.0.0.0/8`, `fd00::/8`, a bare address) and TCP port lists (`80,8000:8010`). The proxy,
+//! (`10.0.0.0/8`, `fd00::/8`, a bare address), TCP port lists (`80,8000:8010`) and service
+//! addresses (`moat-destination.moat-system.svc:8086`). The proxy,
 //! its `init` step and the injector parse them here, so a value one accepts the others accept.
 
 use std::fmt;
@@ -254,6 +255,53 @@ pub fn format_list<T: fmt::Display>(items: &[T]) -> String {
         .join(",")
 }
 
+/// A service address, `HOST:PORT`: a DNS name, an IPv4 address or a bracketed IPv6 address,
+/// and a port other than 0. Kept as written, because names are resolved at every connect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort(String);
+
+impl HostPort {
+    /// The address as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{:?} is not HOST:PORT", shorten(s, QUOTE_MAX));
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        if !port.parse::<u16>().is_ok_and(|p| p != 0) {
+            return Err(bad());
+        }
+        let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            // A name or an IPv4 address: the characters DNS allows, nothing that could smuggle
+            // a path, credentials or a second address into an environment variable.
+            None => {
+                !host.is_empty()
+                    && host.len() <= 253
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+            }
+        };
+        if host_ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,5 +400,32 @@ mod tests {
     fn shortens_on_char_boundaries() {
         assert_eq!(shorten("short", 10), "short");
         assert_eq!(shorten("ééééééééééé", 6), "ééé...");
+    }
+
+    #[test]
+    fn host_port_accepts_names_and_addresses_and_nothing_else() {
+        for ok in [
+            "moat-destination.moat-system.svc:8086",
+            "10.0.0.5:8086",
+            "[fd00::5]:8086",
+            "localhost:1",
+        ] {
+            assert_eq!(ok.parse::<HostPort>().unwrap().as_str(), ok);
+        }
+        for bad in [
+            "",
+            "moat-destination",
+            ":8086",
+            "host:0",
+            "host:65536",
+            "host:port",
+            "fd00::5:8086",
+            "[not-v6]:8086",
+            "user@host:8086",
+            "host/path:8086",
+            "host name:8086",
+        ] {
+            assert!(bad.parse::<HostPort>().is_err(), "{bad:?}");
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use moat_core::contract;
+use moat_core::netaddr::HostPort;
 use moat_core::TrustBundle;
 use moat_core::TrustDomain;
 
@@ -208,23 +209,15 @@ fn parse_https_url(s: &str) -> Result<String, String> {
 
 /// `--destination-addr`: `host:port`, or `off`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DestinationAddr(pub Option<String>);
+pub struct DestinationAddr(pub Option<HostPort>);
 
 fn parse_destination_addr(s: &str) -> Result<DestinationAddr, String> {
-    if s == "off" {
-        return Ok(DestinationAddr(None));
-    }
-    let valid_host = |h: &str| {
-        !h.is_empty()
-            && h.len() <= 253
-            && h.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
-    };
-    match s.rsplit_once(':') {
-        Some((host, port)) if valid_host(host) && port.parse::<u16>().is_ok_and(|p| p != 0) => {
-            Ok(DestinationAddr(Some(s.to_string())))
-        }
-        _ => Err(format!("{s:?} is not HOST:PORT (or off)")),
+    match s {
+        "off" => Ok(DestinationAddr(None)),
+        s => s
+            .parse()
+            .map(|a| DestinationAddr(Some(a)))
+            .map_err(|e| format!("{e} (or off)")),
     }
 }
 
@@ -378,7 +371,7 @@ pub struct InjectConfig {
     /// Service CIDRs the sidecars balance themselves.
     pub service_networks: Vec<Cidr>,
     /// The discovery service, when sidecars use one.
-    pub destination_addr: Option<String>,
+    pub destination_addr: Option<HostPort>,
     /// Default sidecar layout.
     pub sidecar_mode: SidecarMode,
     /// Outbound networks every pod leaves uncaptured (before its own annotation's).
@@ -417,7 +410,7 @@ mod tests {
         assert_eq!(cli.cfg.mesh_networks.to_string(), "10.0.0.0/8");
         assert_eq!(cli.cfg.sidecar_mode, SidecarMode::Native);
         assert_eq!(
-            cli.cfg.destination_addr.0.as_deref(),
+            cli.cfg.destination_addr.0.as_ref().map(HostPort::as_str),
             Some(DEFAULT_DESTINATION_ADDR)
         );
         assert!(cli.cfg.service_networks.0.is_empty());
@@ -501,7 +494,10 @@ mod tests {
             "10.96.0.0/12,fd00:10:96::/112"
         );
         let cli = Cli::try_parse_from(["x", "--destination-addr", "10.0.0.5:8086"]).unwrap();
-        assert_eq!(cli.cfg.destination_addr.0.as_deref(), Some("10.0.0.5:8086"));
+        assert_eq!(
+            cli.cfg.destination_addr.0.as_ref().map(HostPort::as_str),
+            Some("10.0.0.5:8086")
+        );
     }
 
     #[test]

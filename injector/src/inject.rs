@@ -659,7 +659,7 @@ pub fn proxy_container(
         literal("MOAT_APP_PROBES", &probes::to_env(app_probes)),
     ];
     if let Some(addr) = &cfg.destination_addr {
-        env.push(literal("MOAT_DESTINATION_ADDR", addr));
+        env.push(literal("MOAT_DESTINATION_ADDR", addr.as_str()));
     }
     if !cfg.service_networks.is_empty() {
         env.push(literal(

@@ -205,7 +205,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let discovery = match &cfg.destination_addr {
         Some(addr) => {
             let server = discovery::Server::new(
-                addr.clone(),
+                addr.to_string(),
                 &cfg.trust_domain,
                 identity.cert.clone(),
                 bundle.clone(),

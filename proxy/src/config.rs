@@ -11,7 +11,7 @@ use moat_core::client::KeyAlgorithm;
 use moat_core::spiffe::{SpiffeId, TrustDomain};
 use moat_core::telemetry::LogFormat;
 
-use moat_core::netaddr::{Cidr, PortRange};
+use moat_core::netaddr::{Cidr, HostPort, PortRange};
 
 use crate::limits::ConnLimits;
 
@@ -109,16 +109,6 @@ impl FromStr for PeerIdentity {
     }
 }
 
-/// `HOST:PORT` (a DNS name or an IP, resolved at every connect).
-fn host_port(s: &str) -> Result<String, String> {
-    match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
-            Ok(s.to_string())
-        }
-        _ => Err(format!("{s:?} is not HOST:PORT")),
-    }
-}
-
 /// A listener address, or `off` (or empty) for no listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenOrOff(pub Option<SocketAddr>);
@@ -201,8 +191,8 @@ pub struct RunArgs {
     /// destination's identity is pinned from discovery and a destination it does not know is
     /// refused (`unknown_destination`). Without it, a mesh destination without
     /// `--peer-identity` accepts any identity of the trust domain (logged at start-up).
-    #[arg(long, env = "MOAT_DESTINATION_ADDR", value_parser = host_port)]
-    pub destination_addr: Option<String>,
+    #[arg(long, env = "MOAT_DESTINATION_ADDR")]
+    pub destination_addr: Option<HostPort>,
     /// How long a connection to a destination never resolved waits for discovery's first
     /// answer before it is refused.
     #[arg(long, env = "MOAT_DISCOVERY_WAIT", default_value = "2s", value_parser = duration)]
@@ -333,7 +323,7 @@ pub struct Config {
     /// Service networks (cluster IPs resolved through discovery).
     pub service_networks: Vec<Cidr>,
     /// The discovery service, when configured.
-    pub destination_addr: Option<String>,
+    pub destination_addr: Option<HostPort>,
     /// See [`RunArgs::discovery_wait`].
     pub discovery_wait: Duration,
     peer_by_addr: HashMap<SocketAddr, SpiffeId>,

@@ -87,7 +87,11 @@ pub fn config(mode: SidecarMode) -> InjectConfig {
             .to_pem(),
         mesh_networks: syntax::parse_cidrs("10.0.0.0/8").expect("cidr"),
         service_networks: vec![],
-        destination_addr: Some(moat_injector::config::DEFAULT_DESTINATION_ADDR.into()),
+        destination_addr: Some(
+            moat_injector::config::DEFAULT_DESTINATION_ADDR
+                .parse()
+                .expect("the default is HOST:PORT"),
+        ),
         sidecar_mode: mode,
         skip_outbound_cidrs: syntax::parse_cidrs("10.96.0.1").expect("cidr"),
         skip_outbound_endpoints: vec![(
