@@ -117,6 +117,14 @@ pub struct Endpoint {
 }
 
 impl Resolution {
+    /// A Service's endpoints; none for anything else.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        match self {
+            Resolution::Service { endpoints, .. } => endpoints,
+            _ => &[],
+        }
+    }
+
     /// A stable hash of the content: equal resolutions have equal versions on every replica of
     /// the same build. Never 0 (which means "nothing held").
     pub fn version(&self) -> u64 {

@@ -144,7 +144,7 @@ enum Upstream {
     Service {
         /// `namespace/name`, for logs.
         name: String,
-        /// Its endpoints, as discovery last listed them.
+        /// Its endpoints, as discovery last listed them (shared, not copied per connection).
         endpoints: Arc<Resolution>,
     },
 }
@@ -228,10 +228,7 @@ async fn connect(
                 }
             }
         }
-        Upstream::Service { name, endpoints } => match &**endpoints {
-            Resolution::Service { endpoints, .. } => (name, endpoints),
-            _ => return Err("unknown_destination"),
-        },
+        Upstream::Service { name, endpoints } => (name, endpoints.endpoints()),
     };
     let mut tried = Vec::new();
     let mut last = "not_meshed";
