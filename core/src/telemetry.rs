@@ -63,13 +63,19 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// The Prometheus recorder every Moat binary exports through: `*_seconds` histograms with
+/// [`LATENCY_BUCKETS`].
+pub fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, String> {
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .build_recorder())
+}
+
 /// Installs the global Prometheus recorder and starts its upkeep task (histogram
 /// maintenance). Every `*_seconds` histogram uses [`LATENCY_BUCKETS`].
 pub fn install_metrics() -> Result<PrometheusHandle, String> {
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-        .map_err(|e| e.to_string())?
-        .build_recorder();
+    let recorder = recorder()?;
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     let upkeep = handle.clone();

@@ -127,6 +127,7 @@ fn addresses(listeners: &[TcpListener]) -> Vec<String> {
 
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let metrics = moat_core::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    crate::metrics::describe();
     let provider = tls::provider();
     let (bundle, bundle_file) = load_bundle(&args)?;
     let bundle = Arc::new(ArcSwap::from_pointee(bundle));

@@ -22,18 +22,6 @@ pub const METRIC_VALID: &str = "moat_proxy_policy_valid";
 /// Gauge: number of rules in the policy in force.
 pub const METRIC_RULES: &str = "moat_proxy_policy_rules";
 
-fn describe_metrics() {
-    metrics::describe_counter!(
-        METRIC_RELOADS,
-        "Policy file reloads, by result (error = rejected, the previous policy stays in force)"
-    );
-    metrics::describe_gauge!(
-        METRIC_VALID,
-        "1 when the policy file on disk is the policy in force, 0 when it was rejected or has vanished"
-    );
-    metrics::describe_gauge!(METRIC_RULES, "Rules in the policy in force");
-}
-
 fn publish_gauges(policy: &Policy, valid: bool) {
     metrics::gauge!(METRIC_VALID).set(if valid { 1.0 } else { 0.0 });
     // Rule counts are tiny, so the conversion is exact.
@@ -43,7 +31,6 @@ fn publish_gauges(policy: &Policy, valid: bool) {
 /// Loads `path`, or the builtin policy if the file does not exist; fails if it exists but is
 /// unreadable or invalid, so that a broken policy stops the proxy at start-up.
 pub async fn load_initial(path: &Path, td: &TrustDomain) -> Result<Arc<Policy>, PolicyError> {
-    describe_metrics();
     let source = path.display().to_string();
     let policy = match tokio::fs::read(path).await {
         Ok(bytes) => Policy::parse(decode(&bytes, &source)?, &source, td)?,
