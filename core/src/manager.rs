@@ -2,7 +2,9 @@
 //! of its lifetime, retries failures with capped exponential backoff while the still-valid
 //! certificate keeps serving, and reloads the trust bundle when its file changes.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +13,7 @@ use rustls::crypto::CryptoProvider;
 use tokio::sync::watch;
 
 use crate::bundle::TrustBundle;
-use crate::client::CaClient;
+use crate::client::{CaClient, ClientError};
 use crate::svid::{IdentitySummary, Svid};
 use crate::tls::CurrentCert;
 use crate::watch::FileWatch;
@@ -112,9 +114,27 @@ impl IdentityHandle {
     }
 }
 
+/// Where the manager gets certificates: [`CaClient`] (moat-ca over HTTPS) in production, a
+/// fake CA in tests, so the whole lifecycle (start, rotation, CA outage, new roots) runs
+/// in-process.
+pub trait CertSource: Send + Sync + 'static {
+    /// Requests a new SVID and, when the CA sends a different one, its trust bundle.
+    fn fetch_with_bundle(&self) -> CertFuture<'_>;
+}
+
+/// What [`CertSource::fetch_with_bundle`] returns.
+pub type CertFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(Svid, Option<TrustBundle>), ClientError>> + Send + 'a>>;
+
+impl CertSource for CaClient {
+    fn fetch_with_bundle(&self) -> CertFuture<'_> {
+        Box::pin(CaClient::fetch_with_bundle(self))
+    }
+}
+
 /// Write side: runs the renewal loop.
 pub struct IdentityManager {
-    client: CaClient,
+    client: Box<dyn CertSource>,
     provider: Arc<CryptoProvider>,
     schedule: Schedule,
     bundle_watch: Option<FileWatch>,
@@ -127,7 +147,7 @@ pub struct IdentityManager {
 impl IdentityManager {
     /// Creates the manager and its read handle. `bundle_file` is watched for changes.
     pub fn new(
-        client: CaClient,
+        client: impl CertSource,
         bundle: Arc<ArcSwap<TrustBundle>>,
         bundle_file: Option<(PathBuf, Vec<u8>)>,
         provider: Arc<CryptoProvider>,
@@ -143,7 +163,7 @@ impl IdentityManager {
             not_after: not_after.clone(),
         };
         let mgr = Self {
-            client,
+            client: Box::new(client),
             provider,
             schedule,
             bundle_watch: bundle_file.map(|(p, cur)| FileWatch::new(p, Some(cur))),
@@ -289,6 +309,223 @@ impl IdentityManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Mutex;
+
+    use crate::testcerts::{ca, leaf_params, Ca};
+
+    const ME: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    /// An in-process CA: issues `lifetime`-long SVIDs from its root, fails while `down`, and
+    /// hands out `new_bundle` once.
+    struct FakeCa {
+        root: Ca,
+        lifetime: Duration,
+        down: AtomicBool,
+        fetches: AtomicU32,
+        new_bundle: Mutex<Option<TrustBundle>>,
+    }
+
+    impl FakeCa {
+        fn new(lifetime: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                root: ca("fake moat root"),
+                lifetime,
+                down: AtomicBool::new(false),
+                fetches: AtomicU32::new(0),
+                new_bundle: Mutex::new(None),
+            })
+        }
+
+        fn bundle(&self) -> TrustBundle {
+            TrustBundle::from_certs(vec![self.root.der().clone()]).unwrap()
+        }
+
+        fn issue(&self) -> Result<(Svid, Option<TrustBundle>), ClientError> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(ClientError::Timeout(Duration::from_secs(1)));
+            }
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = leaf_params(&[ME]);
+            let now = time::OffsetDateTime::now_utc();
+            p.not_before = now - time::Duration::seconds(1);
+            p.not_after = now + time::Duration::try_from(self.lifetime).unwrap();
+            let chain = vec![p.signed_by(&key, &self.root).unwrap().der().clone()];
+            let (id, info) = crate::svid::leaf_info(&chain).unwrap();
+            let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+            let svid = Svid {
+                chain,
+                key,
+                id,
+                info,
+            };
+            Ok((svid, self.new_bundle.lock().unwrap().take()))
+        }
+    }
+
+    struct Source(Arc<FakeCa>);
+
+    impl CertSource for Source {
+        fn fetch_with_bundle(&self) -> CertFuture<'_> {
+            let r = self.0.issue();
+            Box::pin(async move { r })
+        }
+    }
+
+    /// A running manager over `fake`, fast retries; dropping the sender stops it.
+    fn start(fake: &Arc<FakeCa>) -> (IdentityHandle, watch::Sender<bool>) {
+        let bundle = Arc::new(ArcSwap::from_pointee(fake.bundle()));
+        let schedule = Schedule {
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            bundle_poll: Duration::from_secs(60),
+        };
+        let (mgr, handle) = IdentityManager::new(
+            Source(fake.clone()),
+            bundle,
+            None,
+            crate::tls::provider(),
+            schedule,
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(mgr.run(stop_rx));
+        (handle, stop_tx)
+    }
+
+    async fn within<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
+        tokio::time::timeout(limit, f)
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not happen within {limit:?}"))
+    }
+
+    #[tokio::test]
+    async fn the_first_certificate_makes_the_identity_ready_and_is_presented() {
+        let fake = FakeCa::new(Duration::from_secs(60));
+        let (handle, _stop) = start(&fake);
+        assert!(!handle.has_valid_cert(), "valid before any certificate");
+        within(
+            "the first certificate",
+            Duration::from_secs(5),
+            handle.ready(),
+        )
+        .await;
+        assert!(handle.has_valid_cert());
+        assert_eq!(handle.summary().unwrap().spiffe_id, ME);
+        let presented = handle.cert.get().expect("a certificate is presented");
+        assert_eq!(
+            crate::x509::svid_identity(&presented.cert[0])
+                .unwrap()
+                .as_str(),
+            ME
+        );
+    }
+
+    #[tokio::test]
+    async fn certificates_rotate_before_they_expire() {
+        let fake = FakeCa::new(Duration::from_secs(3));
+        let (handle, _stop) = start(&fake);
+        let mut rx = handle.subscribe();
+        within(
+            "the first certificate",
+            Duration::from_secs(5),
+            handle.ready(),
+        )
+        .await;
+        let first = handle.summary().unwrap().serial.clone();
+        // Renewal at 50-70 % of 3 s: a new serial within about 2.1 s, the old one still valid.
+        within(
+            "a renewal",
+            Duration::from_secs(3),
+            rx.wait_for(|s| s.as_ref().is_some_and(|s| s.serial != first)),
+        )
+        .await
+        .unwrap();
+        assert!(handle.has_valid_cert(), "the renewed certificate is valid");
+    }
+
+    #[tokio::test]
+    async fn during_a_ca_outage_the_valid_certificate_keeps_serving_then_readiness_drops() {
+        // 6 s, of which X.509's whole seconds may cut up to one: renewal is due by 4.2 s, the
+        // certificate lasts at least 5 s.
+        let fake = FakeCa::new(Duration::from_secs(6));
+        let (handle, _stop) = start(&fake);
+        within(
+            "the first certificate",
+            Duration::from_secs(5),
+            handle.ready(),
+        )
+        .await;
+        let serial = handle.summary().unwrap().serial.clone();
+        fake.down.store(true, Ordering::SeqCst);
+        let before = fake.fetches.load(Ordering::SeqCst);
+
+        // Past the renewal point the CA is still down: retries, and the old certificate stays.
+        within("two failed renewals", Duration::from_millis(4600), async {
+            while fake.fetches.load(Ordering::SeqCst) < before + 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert_eq!(handle.summary().unwrap().serial, serial);
+        assert!(handle.has_valid_cert(), "dropped a still-valid certificate");
+
+        // Past expiry: no valid certificate, so readiness (which follows it) goes false.
+        within("the certificate's expiry", Duration::from_secs(3), async {
+            while handle.has_valid_cert() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+
+        // The CA comes back: a new certificate within the capped backoff.
+        fake.down.store(false, Ordering::SeqCst);
+        within("recovery", Duration::from_secs(2), async {
+            while !handle.has_valid_cert() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_ne!(handle.summary().unwrap().serial, serial);
+    }
+
+    #[tokio::test]
+    async fn new_roots_from_the_ca_replace_the_bundle_when_no_file_is_watched() {
+        let fake = FakeCa::new(Duration::from_secs(3));
+        let next_root = ca("next moat root");
+        let both = TrustBundle::from_certs(vec![fake.root.der().clone(), next_root.der().clone()])
+            .unwrap();
+        *fake.new_bundle.lock().unwrap() = Some(both);
+        let (handle, _stop) = start(&fake);
+        within(
+            "the first certificate",
+            Duration::from_secs(5),
+            handle.ready(),
+        )
+        .await;
+        assert_eq!(handle.bundle.load().certs().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn stopping_ends_the_renewal_loop() {
+        let fake = FakeCa::new(Duration::from_secs(1));
+        let (handle, stop) = start(&fake);
+        within(
+            "the first certificate",
+            Duration::from_secs(5),
+            handle.ready(),
+        )
+        .await;
+        stop.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after_stop = fake.fetches.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            fake.fetches.load(Ordering::SeqCst),
+            after_stop,
+            "still renewing after stop"
+        );
+    }
 
     fn info(lifetime: Duration) -> CertInfo {
         let nb = UNIX_EPOCH + Duration::from_secs(1_000_000);
