@@ -154,9 +154,55 @@ pub struct Jwks {
     leeway: Duration,
 }
 
+/// Why a token verifier cannot be set up (at start-up, or on a key reload).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The JWK Set file cannot be read.
+    #[error("cannot read {}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a JWK Set.
+    #[error("{}: not a JWK Set", .path.display())]
+    NotJwks {
+        /// The file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The JWK Set has no keys.
+    #[error("{}: the JWK Set holds no keys", .path.display())]
+    NoKeys {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A key of the set cannot verify signatures.
+    #[error("{}: key #{index} unusable", .path.display())]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// Position of the key in the set.
+        index: usize,
+        /// Why.
+        #[source]
+        source: jsonwebtoken::errors::Error,
+    },
+    /// Not inside a cluster: no API server to send TokenReviews to.
+    #[error("KUBERNETES_SERVICE_HOST is not set: not running in a cluster? Use --jwks-file for offline verification")]
+    NotInCluster,
+    /// The CA pod's own service-account credentials are missing.
+    #[error("{} is missing: the CA pod needs its service-account token mounted", .0.display())]
+    NoCredentials(PathBuf),
+}
+
 impl Jwks {
     /// Loads `jwks_file` (a JWK Set, as served at the issuer's `/openid/v1/jwks`).
-    pub fn load(jwks_file: PathBuf, issuer: String, audience: String) -> Result<Self, String> {
+    pub fn load(jwks_file: PathBuf, issuer: String, audience: String) -> Result<Self, SetupError> {
         let keys = read_jwks(&jwks_file)?;
         Ok(Self {
             keys: ArcSwap::from_pointee(keys),
@@ -168,7 +214,7 @@ impl Jwks {
     }
 
     /// Re-reads the key file; keeps the old keys if the new file is invalid.
-    pub fn reload(&self) -> Result<bool, String> {
+    pub fn reload(&self) -> Result<bool, SetupError> {
         let keys = read_jwks(&self.path)?;
         let changed =
             serde_json::to_string(&keys).ok() != serde_json::to_string(&**self.keys.load()).ok();
@@ -243,16 +289,26 @@ impl Jwks {
     }
 }
 
-fn read_jwks(path: &std::path::Path) -> Result<JwkSet, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let set: JwkSet = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not a JWK Set: {e}", path.display()))?;
+fn read_jwks(path: &std::path::Path) -> Result<JwkSet, SetupError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SetupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let set: JwkSet = serde_json::from_str(&text).map_err(|source| SetupError::NotJwks {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if set.keys.is_empty() {
-        return Err(format!("{}: the JWK Set holds no keys", path.display()));
+        return Err(SetupError::NoKeys {
+            path: path.to_path_buf(),
+        });
     }
-    for (i, k) in set.keys.iter().enumerate() {
-        DecodingKey::from_jwk(k)
-            .map_err(|e| format!("{}: key #{i} unusable: {e}", path.display()))?;
+    for (index, k) in set.keys.iter().enumerate() {
+        DecodingKey::from_jwk(k).map_err(|source| SetupError::BadKey {
+            path: path.to_path_buf(),
+            index,
+            source,
+        })?;
     }
     Ok(set)
 }
@@ -317,26 +373,22 @@ pub const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 impl TokenReview {
     /// Uses the in-cluster configuration (`KUBERNETES_SERVICE_HOST`/`_PORT` and the mounted
     /// service-account token and CA).
-    pub fn in_cluster(audience: String) -> Result<Self, String> {
+    pub fn in_cluster(audience: String) -> Result<Self, SetupError> {
         Self::in_cluster_with(audience, std::path::Path::new(SA_DIR))
     }
 
     /// Like [`TokenReview::in_cluster`], with the CA's own service-account credentials
     /// (`token`, `ca.crt`) in `sa_dir`.
-    pub fn in_cluster_with(audience: String, sa_dir: &std::path::Path) -> Result<Self, String> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
-            "KUBERNETES_SERVICE_HOST is not set: not running in a cluster? Use --jwks-file for offline verification".to_string()
-        })?;
+    pub fn in_cluster_with(audience: String, sa_dir: &std::path::Path) -> Result<Self, SetupError> {
+        let host =
+            std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| SetupError::NotInCluster)?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT")
             .ok()
             .and_then(|p| p.parse().ok())
             .unwrap_or(443);
         let ca_file = sa_dir.join("ca.crt");
         if !ca_file.exists() {
-            return Err(format!(
-                "{} is missing: the CA pod needs its service-account token mounted",
-                ca_file.display()
-            ));
+            return Err(SetupError::NoCredentials(ca_file));
         }
         Ok(Self {
             host,
@@ -489,6 +541,46 @@ impl TokenVerifier for TokenReview {
 mod tests {
     use super::*;
     use k8s_openapi::api::authentication::v1::TokenReview as Review;
+
+    #[test]
+    fn an_unusable_key_file_is_refused_with_what_is_wrong_and_its_cause() {
+        let dir = std::env::temp_dir().join(format!("moat-jwks-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |name: &str, content: Option<&str>| {
+            let path = dir.join(name);
+            if let Some(c) = content {
+                std::fs::write(&path, c).unwrap();
+            }
+            Jwks::load(path, "iss".into(), "moat-ca".into())
+                .err()
+                .unwrap()
+        };
+        let missing = load("missing.json", None);
+        assert!(matches!(missing, SetupError::Read { .. }), "{missing:?}");
+        assert!(
+            std::error::Error::source(&missing).is_some(),
+            "the I/O cause is kept"
+        );
+        let not_json = load("garbage.json", Some("not json"));
+        assert!(
+            matches!(not_json, SetupError::NotJwks { .. }),
+            "{not_json:?}"
+        );
+        assert!(not_json
+            .to_string()
+            .ends_with("garbage.json: not a JWK Set"));
+        let empty = load("empty.json", Some(r#"{"keys":[]}"#));
+        assert!(matches!(empty, SetupError::NoKeys { .. }), "{empty:?}");
+        let bad_key = load(
+            "bad-key.json",
+            Some(r#"{"keys":[{"kty":"RSA","n":"!!not base64!!","e":"AQAB"}]}"#),
+        );
+        assert!(
+            matches!(bad_key, SetupError::BadKey { index: 0, .. }),
+            "{bad_key:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn reads_a_token_review_answer_as_the_api_server_sends_it() {

@@ -264,10 +264,11 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let verifier: Arc<dyn TokenVerifier> = match &args.jwks_file {
         Some(path) => {
             let issuer = args.token_issuer.clone().unwrap_or_default();
-            let jwks = Arc::new(
-                Jwks::load(path.clone(), issuer.clone(), args.token_audience.clone())
-                    .map_err(anyhow::Error::msg)?,
-            );
+            let jwks = Arc::new(Jwks::load(
+                path.clone(),
+                issuer.clone(),
+                args.token_audience.clone(),
+            )?);
             tracing::info!(jwks = %path.display(), %issuer, audience = %args.token_audience, "verifying tokens offline against the issuer's JWK Set");
             spawn_jwks_reload(jwks.clone());
             jwks
@@ -276,8 +277,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let review = TokenReview::in_cluster_with(
                 args.token_audience.clone(),
                 &args.service_account_dir,
-            )
-            .map_err(anyhow::Error::msg)?;
+            )?;
             tracing::info!(
                 audience = %args.token_audience,
                 cache_ttl = %moat_core::duration::format(args.token_cache_ttl),
@@ -382,7 +382,8 @@ fn spawn_jwks_reload(jwks: Arc<Jwks>) {
                 Ok(true) => tracing::info!(path = %jwks.path().display(), "issuer keys reloaded"),
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::error!(error = %e, "new issuer keys rejected; keeping the previous ones")
+                    let error = format!("{:#}", anyhow::Error::from(e));
+                    tracing::error!(%error, "new issuer keys rejected; keeping the previous ones")
                 }
             }
         }
