@@ -33,7 +33,7 @@ use crate::{admin_routes, inbound, net, outbound, probes};
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     moat_core::telemetry::init_logging(args.log_format, &args.log_level)
         .map_err(anyhow::Error::msg)?;
-    let cfg = Config::from_args(&args).map_err(anyhow::Error::msg)?;
+    let cfg = Config::from_args(&args)?;
     let rt = match args.worker_threads {
         0 => anyhow::bail!("--worker-threads must be at least 1"),
         1 => tokio::runtime::Builder::new_current_thread()

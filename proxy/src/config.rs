@@ -364,21 +364,57 @@ pub struct Config {
     pub shutdown_grace: Duration,
 }
 
+/// Why the flags do not make a usable configuration: each says which flags and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Namespace and service account do not form a SPIFFE ID.
+    #[error("namespace {namespace:?} / service account {service_account:?} do not form a valid identity")]
+    Identity {
+        /// `--namespace`.
+        namespace: String,
+        /// `--service-account`.
+        service_account: String,
+        /// Why.
+        #[source]
+        source: moat_core::spiffe::SpiffeIdError,
+    },
+    /// Neither trust bundle flag is set.
+    #[error("no trust bundle: set MOAT_TRUST_BUNDLE (file) or MOAT_TRUST_BUNDLE_PEM")]
+    NoTrustBundle,
+    /// A timeout of zero.
+    #[error("timeouts must be greater than zero")]
+    ZeroTimeout,
+    /// Clients would hold idle tunnels longer than servers keep them.
+    #[error("--pool-idle-timeout ({pool}) must be shorter than --tunnel-idle-timeout ({tunnel}) so clients let go of idle tunnels first")]
+    PoolOutlivesTunnel {
+        /// `--pool-idle-timeout`.
+        pool: String,
+        /// `--tunnel-idle-timeout`.
+        tunnel: String,
+    },
+    /// Service networks without discovery.
+    #[error("--service-networks needs --destination-addr: a cluster IP can only be sent to its Service's endpoints once discovery says which they are")]
+    ServiceNetworksWithoutDiscovery,
+    /// `--inbound-ports` outside route mode.
+    #[error("--inbound-ports only applies with --inbound-target; with iptables a stream reaches exactly the port its caller dialed")]
+    InboundPortsWithoutTarget,
+    /// `--inbound-ports` would expose one of the proxy's own listeners.
+    #[error("--inbound-ports includes port {0}, one of the proxy's own listeners: peers must never reach the proxy itself")]
+    InboundPortsIncludeProxy(u16),
+}
+
 impl Config {
     /// Validates the flags.
-    pub fn from_args(a: &RunArgs) -> Result<Self, String> {
+    pub fn from_args(a: &RunArgs) -> Result<Self, ConfigError> {
         let identity = SpiffeId::workload(&a.trust_domain, &a.namespace, &a.service_account)
-            .map_err(|e| {
-                format!(
-                    "namespace {:?} / service account {:?} do not form a valid identity: {e}",
-                    a.namespace, a.service_account
-                )
+            .map_err(|source| ConfigError::Identity {
+                namespace: a.namespace.clone(),
+                service_account: a.service_account.clone(),
+                source,
             })?;
         let outbound_listen = a.outbound_listen.0;
         if a.trust_bundle.is_none() && a.trust_bundle_pem.is_none() {
-            return Err(
-                "no trust bundle: set MOAT_TRUST_BUNDLE (file) or MOAT_TRUST_BUNDLE_PEM".into(),
-            );
+            return Err(ConfigError::NoTrustBundle);
         }
         let mut peer_by_addr = HashMap::new();
         let mut peer_by_ip = HashMap::new();
@@ -390,27 +426,26 @@ impl Config {
         }
         for t in [a.detect_timeout, a.handshake_timeout, a.connect_timeout] {
             if t.is_zero() {
-                return Err("timeouts must be greater than zero".into());
+                return Err(ConfigError::ZeroTimeout);
             }
         }
         if a.pool_idle_timeout >= a.tunnel_idle_timeout {
-            return Err(format!(
-                "--pool-idle-timeout ({}) must be shorter than --tunnel-idle-timeout ({}) so clients let go of idle tunnels first",
-                moat_core::duration::format(a.pool_idle_timeout),
-                moat_core::duration::format(a.tunnel_idle_timeout)
-            ));
+            return Err(ConfigError::PoolOutlivesTunnel {
+                pool: moat_core::duration::format(a.pool_idle_timeout),
+                tunnel: moat_core::duration::format(a.tunnel_idle_timeout),
+            });
         }
         if !a.service_networks.is_empty() && a.destination_addr.is_none() {
-            return Err("--service-networks needs --destination-addr: a cluster IP can only be sent to its Service's endpoints once discovery says which they are".into());
+            return Err(ConfigError::ServiceNetworksWithoutDiscovery);
         }
         if a.inbound_target.is_none() && !a.inbound_ports.is_empty() {
-            return Err("--inbound-ports only applies with --inbound-target; with iptables a stream reaches exactly the port its caller dialed".into());
+            return Err(ConfigError::InboundPortsWithoutTarget);
         }
         if let Some(p) = own_ports(a, outbound_listen)
             .into_iter()
             .find(|p| a.inbound_ports.iter().any(|r| r.contains(*p)))
         {
-            return Err(format!("--inbound-ports includes port {p}, one of the proxy's own listeners: peers must never reach the proxy itself"));
+            return Err(ConfigError::InboundPortsIncludeProxy(p));
         }
         let probe_allow = a
             .host_ip
@@ -604,9 +639,12 @@ mod tests {
             "8000-16000",
         ])
         .unwrap_err();
-        assert!(err.contains("15001"), "{err}");
+        assert!(
+            matches!(err, ConfigError::InboundPortsIncludeProxy(15001)),
+            "{err}"
+        );
         let err = parse(&["--inbound-ports", "8080"]).unwrap_err();
-        assert!(err.contains("--inbound-target"), "{err}");
+        assert!(err.to_string().contains("--inbound-target"), "{err}");
         let cfg = parse(&[
             "--inbound-target",
             "127.0.0.1",
