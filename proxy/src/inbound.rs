@@ -16,12 +16,14 @@ use tokio::sync::{oneshot, watch};
 use crate::accept::Ctx;
 use crate::bufio::BufIo;
 use crate::config::Config;
+use crate::conns::Authorized;
 use crate::detect::{self, Protocol};
 use crate::forward::{copy_observed, Observer, Rewind};
 use crate::http::{self, Labels};
 use crate::metrics::{self as m, ConnMetrics, Direction};
 use crate::net;
 use crate::observe::Http1Observer;
+use crate::policy::{Decision, Policy};
 use crate::tunnel::{self, ResetCode, Stream};
 
 /// Server-side mTLS connection from a peer sidecar.
@@ -206,27 +208,20 @@ async fn plaintext(
         }
     };
     let port = target.port();
-    // Registered before the decision, so a policy published in between revokes it.
-    let guard = ctx.conns.authorize(None, port);
     let policy = ctx.policy();
-    let decision = policy.evaluate(None, port);
-    m::authz(decision.label(), decision.rule);
+    let (guard, decision) = authorize(&ctx, &policy, None, remote, port);
     let labels = Labels {
         dir: Direction::Inbound,
         peer: Arc::from(UNAUTHENTICATED),
         local: ctx.local_label.clone(),
     };
     if !decision.allowed() {
-        tracing::warn!(%remote, caller = UNAUTHENTICATED, port, rule = decision.rule, protocol = proto.label(), "denied: policy does not admit this caller");
         if proto.is_http() {
             let _ = http::deny(tcp, proto, Arc::from(decision.rule), labels).await;
         } else {
             net::reset(tcp);
         }
         return;
-    }
-    if decision.label() == "audit_deny" {
-        tracing::info!(%remote, caller = UNAUTHENTICATED, port, rule = decision.rule, "audit: would deny");
     }
     let app = match app {
         Some(a) => a,
@@ -250,6 +245,34 @@ async fn plaintext(
             let _ = forward_observed(&mut tcp, &mut app, proto, &labels, &cm, drain).await;
         }
     };
+    unless_revoked(&guard, forward).await;
+}
+
+/// Registers a connection to `port` for revocation, then lets the policy in force decide
+/// about `caller` (`None`: unauthenticated). The decision is counted; a denial or an audit
+/// is logged with who asked.
+fn authorize<'p>(
+    ctx: &Ctx,
+    policy: &'p Policy,
+    caller: Option<&SpiffeId>,
+    remote: SocketAddr,
+    port: u16,
+) -> (Authorized, Decision<'p>) {
+    // Registered before the decision, so a policy published in between revokes it.
+    let guard = ctx.conns.authorize(caller, port);
+    let decision = policy.evaluate(caller, port);
+    m::authz(decision.label(), decision.rule);
+    let who = caller.map(SpiffeId::as_str).unwrap_or(UNAUTHENTICATED);
+    if !decision.allowed() {
+        tracing::warn!(%remote, caller = who, port, rule = decision.rule, "denied: policy does not admit this caller");
+    } else if decision.label() == "audit_deny" {
+        tracing::info!(%remote, caller = who, port, rule = decision.rule, "audit: would deny");
+    }
+    (guard, decision)
+}
+
+/// Runs `forward` to its end, unless a newer policy revokes the connection first.
+async fn unless_revoked(guard: &Authorized, forward: impl std::future::Future<Output = ()>) {
     tokio::select! {
         _ = forward => {}
         _ = guard.revoked() => metrics::counter!(m::REVOKED).increment(1),
@@ -347,18 +370,14 @@ async fn serve_stream(
     ctx: &Arc<Ctx>,
 ) {
     let port = target.port();
-    // Registered before the decision, so a policy published in between revokes it.
-    let guard = ctx.conns.authorize(Some(peer), port);
     let policy = ctx.policy();
-    let decision = policy.evaluate(Some(peer), port);
-    m::authz(decision.label(), decision.rule);
+    let (guard, decision) = authorize(ctx, &policy, Some(peer), remote, port);
     let labels = Labels {
         dir: Direction::Inbound,
         peer: peer_label.clone(),
         local: ctx.local_label.clone(),
     };
     if !decision.allowed() {
-        tracing::warn!(%remote, caller = %peer, port, rule = decision.rule, "denied: policy does not admit this caller");
         let mut buf = Vec::new();
         let proto = read_detect(&mut stream, &mut buf, ctx.cfg.detect_timeout).await;
         if proto.is_http() {
@@ -378,9 +397,6 @@ async fn serve_stream(
                 .await;
         }
         return;
-    }
-    if decision.label() == "audit_deny" {
-        tracing::info!(%remote, caller = %peer, port, rule = decision.rule, "audit: would deny");
     }
     let app = match connect_app(ctx, target).await {
         Ok(a) => a,
@@ -423,10 +439,7 @@ async fn serve_stream(
             }
         }
     };
-    tokio::select! {
-        _ = forward => {}
-        _ = guard.revoked() => metrics::counter!(m::REVOKED).increment(1),
-    }
+    unless_revoked(&guard, forward).await;
 }
 
 /// Copies both ways; HTTP/1 requests are observed in passing and measured, and an HTTP/1
