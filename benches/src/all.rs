@@ -41,7 +41,7 @@ pub fn main(args: AllArgs) -> anyhow::Result<bool> {
 }
 
 /// A benchmark's options at their defaults, as if given no flags.
-fn defaults<T: Args + FromArgMatches>() -> anyhow::Result<T> {
+pub fn defaults<T: Args + FromArgMatches>() -> anyhow::Result<T> {
     let cmd = T::augment_args(clap::Command::new("moat-bench"));
     let matches = cmd.try_get_matches_from(["moat-bench"])?;
     Ok(T::from_arg_matches(&matches)?)

@@ -21,28 +21,30 @@
 //! Anything else is counted by reason and fails the run. Each phase reports client-side
 //! percentiles, the injector's own `moat_injector_admission_duration_seconds` over the same
 //! window, its CPU time per 1,000 admissions, and how much CPU the rest of the machine used
-//! meanwhile. The verdict: p99 < 2 ms at 1,000 admissions/s.
+//! meanwhile. The verdict: p99 < 2 ms at 1,000 admissions/s. The phases are
+//! [`crate::phase`]'s, shared with `moat-bench ca`; this module makes the reviews and checks
+//! the answers.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use base64::Engine as _;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::Full;
-use moat_e2e::https::Http1Client;
-use moat_e2e::net::Histogram;
+use moat_e2e::https::Reply;
 use moat_e2e::Proc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::util::{self, LatencySummary, Pace, ServerHistogram};
+use crate::phase::{
+    self, AnswerNames, CpuNames, HistogramNames, Names, Phases, Plan, Server, Workload,
+};
+use crate::util;
 
 /// Target: client-side p99 admission latency at [`TARGET_RATE`], milliseconds.
 pub const TARGET_P99_MS: f64 = 2.0;
@@ -104,45 +106,6 @@ pub struct InjectorArgs {
     pub json: Option<PathBuf>,
 }
 
-/// Results of one phase.
-#[derive(Debug, Clone, Serialize)]
-pub struct PhaseReport {
-    /// `saturation` or `fixed_rate`.
-    pub mode: &'static str,
-    /// Offered admissions/s (fixed-rate phase only).
-    pub offered_rate: Option<f64>,
-    /// Measurement window, seconds.
-    pub duration_s: f64,
-    /// Admissions answered correctly (checked patch) in the window.
-    pub admissions: u64,
-    /// Failed admissions of the phase, warm-up included, by reason.
-    pub errors: BTreeMap<String, u64>,
-    /// Correct admissions per second.
-    pub admissions_per_sec: f64,
-    /// Client-side latency of correct admissions.
-    pub latency: LatencySummary,
-    /// Mean response body, bytes.
-    pub response_bytes_mean: f64,
-    /// The injector's own histogram of injected pods over the window.
-    pub injector_histogram: ServerHistogram,
-    /// Injector user+system CPU seconds in the window.
-    pub injector_cpu_s: f64,
-    /// Injector CPU seconds per 1,000 admissions (= milliseconds per admission).
-    pub injector_cpu_s_per_1k: f64,
-    /// Benchmark client CPU seconds in the window.
-    pub client_cpu_s: f64,
-    /// Busy CPU of the whole machine in the window, in cores.
-    pub machine_busy_cores: f64,
-    /// Of which neither the injector nor this client: other processes, in cores.
-    pub other_cores: f64,
-}
-
-impl PhaseReport {
-    fn error_count(&self) -> u64 {
-        self.errors.values().sum()
-    }
-}
-
 /// Results of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct InjectorReport {
@@ -158,10 +121,10 @@ pub struct InjectorReport {
     pub warmup_s: f64,
     /// CPUs available to the benchmark and the injector together.
     pub host_cpus: usize,
-    /// Closed-loop phase.
-    pub saturation: PhaseReport,
-    /// Open-loop phase, unless skipped.
-    pub fixed_rate: Option<PhaseReport>,
+    /// The closed-loop phase (`saturation`) and the open-loop one (`fixed_rate`); failed
+    /// admissions count in the warm-up too.
+    #[serde(flatten)]
+    pub phases: Phases,
     /// Injector resident memory at the end, MiB.
     pub injector_rss_mib: f64,
     /// Injector peak resident memory, MiB.
@@ -177,13 +140,13 @@ pub struct InjectorReport {
 impl InjectorReport {
     /// Failed admissions over the whole run.
     pub fn errors(&self) -> u64 {
-        self.saturation.error_count() + self.fixed_rate.as_ref().map_or(0, |p| p.error_count())
+        self.phases.errors()
     }
 
     /// One line for a combined report, e.g. `5,200/s saturated; at
     /// 1,000/s p50 0.31 ms, p99 0.92 ms (target p99 < 2 ms: met)`.
     pub fn summary_line(&self) -> String {
-        let at = match &self.fixed_rate {
+        let at = match &self.phases.fixed_rate {
             Some(p) => format!(
                 "at {}/s p50 {:.2} ms, p99 {:.2} ms",
                 grouped(p.offered_rate.unwrap_or(0.0)),
@@ -198,7 +161,7 @@ impl InjectorReport {
         };
         format!(
             "{}/s saturated; {at} (target p99 < {} ms: {}){errors}",
-            grouped(self.saturation.admissions_per_sec),
+            grouped(self.phases.saturation.answers_per_sec),
             self.target_p99_ms,
             if self.met { "met" } else { "missed" },
         )
@@ -516,32 +479,103 @@ fn check_injected(pod: &Value, patch: &[u8]) -> Result<(), Failure> {
     }
 }
 
-/// What one client task measured.
-#[derive(Default)]
-struct TaskStats {
-    latencies_us: Vec<u64>,
-    ok: u64,
-    response_bytes: u64,
-    errors: BTreeMap<String, u64>,
+/// What the injector's report calls the figures.
+static NAMES: Names = Names {
+    server: "injector",
+    answers: AnswerNames {
+        key: "admissions",
+        per_sec_key: "admissions_per_sec",
+        unit: "admissions",
+        bytes: true,
+    },
+    histogram: HistogramNames {
+        key: "injector_histogram",
+        label: "injector hist.",
+        noun: "injections",
+        note: "bucket bounds; JSON work only",
+    },
+    cpu: CpuNames {
+        key: "injector_cpu_s",
+        per_answer_key: "injector_cpu_s_per_1k",
+        scale: 1000.0,
+        decimals: 3,
+        unit: "s per 1,000 admissions",
+    },
+    offered: "admissions",
+};
+
+/// AdmissionReviews cycling through the corpus pods, each answer checked.
+struct Admission {
+    reviews: Vec<Review>,
 }
 
-/// The running injector and how to reach it.
-struct Target {
-    addr: SocketAddr,
-    admin: String,
-    pid: u32,
-    tls: Arc<rustls::ClientConfig>,
+/// One client task's place in the reviews and what it has checked.
+struct Reviewer {
+    /// This task's number, in its uids.
+    task: usize,
+    /// How far each request moves on: the number of tasks, so they share the reviews.
+    stride: usize,
+    /// The review of the next request.
+    next: usize,
+    /// Requests sent, in the uids.
+    seq: u64,
+    /// Applying a patch costs far more than checking its shape: once per pod and connection
+    /// proves the injector's patches apply without making the client the bottleneck.
+    applied: Vec<bool>,
+    /// The review and uid of the request in flight.
+    sent: (usize, String),
+}
+
+impl Workload for Admission {
+    type Task = Reviewer;
+
+    const NAMES: &'static Names = &NAMES;
+
+    // A wrong answer is wrong whenever it comes.
+    const COUNTS_WARMUP_FAILURES: bool = true;
+
+    fn task(&self, t: usize, n: usize) -> Reviewer {
+        Reviewer {
+            task: t,
+            stride: n,
+            next: t % self.reviews.len(),
+            seq: 0,
+            applied: vec![false; self.reviews.len()],
+            sent: (0, String::new()),
+        }
+    }
+
+    fn request(&self, r: &mut Reviewer) -> anyhow::Result<http::Request<Full<Bytes>>> {
+        let index = r.next;
+        r.next = (r.next + r.stride) % self.reviews.len();
+        r.seq += 1;
+        r.sent = (index, uid(r.task, r.seq));
+        Ok(http::Request::post(INJECT_URI)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(self.reviews[index].body(&r.sent.1)))?)
+    }
+
+    fn check(&self, r: &mut Reviewer, reply: &Reply) -> anyhow::Result<Result<(), String>> {
+        let (index, uid) = &r.sent;
+        let review = &self.reviews[*index];
+        let checked = check_reply(reply.status, &reply.body, uid).and_then(|patch| {
+            if !r.applied[*index] {
+                check_injected(&review.pod, &patch)?;
+                r.applied[*index] = true;
+            }
+            Ok(())
+        });
+        Ok(checked.map_err(|f| format!("{} [{}]", f.reason(), review.source)))
+    }
 }
 
 /// Runs the benchmark and prints the report; `Ok(false)` when admissions failed.
 pub fn main(args: InjectorArgs) -> anyhow::Result<bool> {
     let report = run(&args)?;
-    print_report(&report);
+    println!("{}", report_lines(&report).join("\n"));
     println!("{}", report.summary_line());
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("results written to {}", path.display());
+        phase::write_json(path, &report)?;
     }
     Ok(report.errors() == 0)
 }
@@ -577,61 +611,53 @@ pub fn run(args: &InjectorArgs) -> anyhow::Result<InjectorReport> {
     let bin = moat_e2e::bin::try_binary("moat-injector")
         .context("moat-bench builds nothing: run `cargo build --release --workspace` first")?;
     let corpus = args.corpus.clone().unwrap_or_else(default_corpus);
-    let reviews = Arc::new(load_reviews(&corpus)?);
+    let reviews = load_reviews(&corpus)?;
+    let pods = reviews.iter().map(|r| r.source.clone()).collect();
+    let request_bytes_mean =
+        reviews.iter().map(Review::len).sum::<usize>() as f64 / reviews.len().max(1) as f64;
 
     let dir = moat_e2e::temp_dir("bench-injector")?;
-    let (mut proc, target) = start_injector(&bin, dir.path(), &args.injector_log_level)?;
+    let (mut proc, server) = start_injector(&bin, dir.path(), &args.injector_log_level)?;
+    let pid = server.pid;
     println!(
-        "moat-injector (pid {}) on https://{}/inject; {} corpus pods, {} connections; per phase {:?} warm-up + {:?} measured",
-        target.pid,
-        target.addr,
+        "moat-injector (pid {pid}) on https://{}/inject; {} corpus pods, {} connections; per phase {:?} warm-up + {:?} measured",
+        server.addr,
         reviews.len(),
         args.concurrency,
         args.warmup,
         args.duration
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    let target = Arc::new(target);
-    let phases = rt.block_on(async {
-        let saturation = phase(&target, &reviews, &args, None).await?;
-        let fixed_rate = if args.rate > 0.0 {
-            Some(phase(&target, &reviews, &args, Some(args.rate)).await?)
-        } else {
-            None
-        };
-        anyhow::Ok((saturation, fixed_rate))
-    });
+    let plan = Plan {
+        concurrency: args.concurrency,
+        warmup: args.warmup,
+        duration: args.duration,
+        rate: args.rate,
+    };
+    let phases = phase::run(server, Admission { reviews }, &plan);
     if !proc.is_running() {
         bail!(
             "moat-injector died during the run:\n{}",
             proc.stderr_tail(20)
         );
     }
-    let (saturation, fixed_rate) = phases?;
-    let (rss, peak) = util::rss_bytes(target.pid)?;
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let met = fixed_rate.as_ref().is_some_and(|p| {
+    let phases = phases?;
+    let (injector_rss_mib, injector_peak_rss_mib) = util::rss_mib(pid)?;
+    let met = phases.fixed_rate.as_ref().is_some_and(|p| {
         p.offered_rate.unwrap_or(0.0) >= TARGET_RATE
-            && p.admissions_per_sec >= 0.98 * TARGET_RATE
+            && p.answers_per_sec >= 0.98 * TARGET_RATE
             && p.latency.p99_ms < TARGET_P99_MS
             && p.error_count() == 0
     });
-    let request_bytes_mean =
-        reviews.iter().map(Review::len).sum::<usize>() as f64 / reviews.len().max(1) as f64;
     Ok(InjectorReport {
         bench: "injector",
         concurrency: args.concurrency,
-        pods: reviews.iter().map(|r| r.source.clone()).collect(),
+        pods,
         request_bytes_mean,
         warmup_s: args.warmup.as_secs_f64(),
         host_cpus: util::cpus(),
-        saturation,
-        fixed_rate,
-        injector_rss_mib: mib(rss),
-        injector_peak_rss_mib: mib(peak),
+        phases,
+        injector_rss_mib,
+        injector_peak_rss_mib,
         target_rate: TARGET_RATE,
         target_p99_ms: TARGET_P99_MS,
         met,
@@ -641,7 +667,7 @@ pub fn run(args: &InjectorArgs) -> anyhow::Result<InjectorReport> {
 /// Starts `moat-injector serve` on free loopback ports with a fresh serving certificate (its
 /// CA doubles as the trust bundle written into sidecars: one P-256 root, like `moat-ca init`
 /// makes) and waits for `/ready`.
-fn start_injector(bin: &Path, dir: &Path, log_level: &str) -> anyhow::Result<(Proc, Target)> {
+fn start_injector(bin: &Path, dir: &Path, log_level: &str) -> anyhow::Result<(Proc, Server)> {
     let (ca_pem, cert_pem, key_pem) = moat_e2e::lab::webhook_pki(Ipv4Addr::LOCALHOST)?;
     let (cert, key, bundle) = (
         dir.join("tls.crt"),
@@ -696,177 +722,14 @@ fn start_injector(bin: &Path, dir: &Path, log_level: &str) -> anyhow::Result<(Pr
     let pid = proc.pid();
     Ok((
         proc,
-        Target {
-            addr,
-            admin,
+        Server {
             pid,
+            addr,
             tls,
+            admin,
+            histogram: (HISTOGRAM, &[("result", "injected")]),
         },
     ))
-}
-
-/// One warm-up plus measured window; `rate`: open loop at that many admissions/s.
-async fn phase(
-    target: &Arc<Target>,
-    reviews: &Arc<Vec<Review>>,
-    args: &InjectorArgs,
-    rate: Option<f64>,
-) -> anyhow::Result<PhaseReport> {
-    let n = args.concurrency;
-    let begin = Instant::now();
-    let start = begin + args.warmup;
-    let end = start + args.duration;
-    let mut tasks = Vec::with_capacity(n);
-    for t in 0..n {
-        let pace = Pace::for_task(rate, t, n);
-        let (target, reviews) = (target.clone(), reviews.clone());
-        tasks.push(tokio::spawn(async move {
-            client_task(&target, &reviews, t, n, pace, begin, start, end).await
-        }));
-    }
-    tokio::time::sleep_until(start.into()).await;
-    let before = snapshot(target).await?;
-    tokio::time::sleep_until(end.into()).await;
-    let after = snapshot(target).await?;
-
-    let mut all = TaskStats::default();
-    for t in tasks {
-        let s = t.await.context("client task panicked")??;
-        all.latencies_us.extend(s.latencies_us);
-        all.ok += s.ok;
-        all.response_bytes += s.response_bytes;
-        for (k, v) in s.errors {
-            *all.errors.entry(k).or_default() += v;
-        }
-    }
-    let secs = (after.at - before.at).as_secs_f64();
-    let injector_cpu_s = after.injector_cpu_s - before.injector_cpu_s;
-    let client_cpu_s = after.client_cpu_s - before.client_cpu_s;
-    let machine_busy_cores = (after.machine_busy_s - before.machine_busy_s) / secs;
-    let per_ok = |x: f64| if all.ok > 0 { x / all.ok as f64 } else { 0.0 };
-    Ok(PhaseReport {
-        mode: if rate.is_some() {
-            "fixed_rate"
-        } else {
-            "saturation"
-        },
-        offered_rate: rate,
-        duration_s: args.duration.as_secs_f64(),
-        admissions: all.ok,
-        errors: all.errors,
-        admissions_per_sec: all.ok as f64 / args.duration.as_secs_f64(),
-        latency: LatencySummary::from_micros(&mut all.latencies_us),
-        response_bytes_mean: per_ok(all.response_bytes as f64),
-        injector_histogram: ServerHistogram::of(&after.histogram.since(&before.histogram)),
-        injector_cpu_s,
-        injector_cpu_s_per_1k: per_ok(injector_cpu_s * 1000.0),
-        client_cpu_s,
-        machine_busy_cores,
-        other_cores: (machine_busy_cores - (injector_cpu_s + client_cpu_s) / secs).max(0.0),
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn client_task(
-    target: &Target,
-    reviews: &[Review],
-    first: usize,
-    stride: usize,
-    pace: Pace,
-    begin: Instant,
-    start: Instant,
-    end: Instant,
-) -> anyhow::Result<TaskStats> {
-    let mut stats = TaskStats::default();
-    let mut conn: Option<Http1Client> = None;
-    let mut next = first % reviews.len();
-    // Applying a patch costs far more than checking its shape: once per pod and connection
-    // proves the injector's patches apply without making the client the bottleneck.
-    let mut applied = vec![false; reviews.len()];
-    let mut seq = 0u64;
-    let mut schedule = pace.schedule(begin);
-    loop {
-        let t0 = schedule.next().await;
-        if t0 >= end {
-            return Ok(stats);
-        }
-        let c = match conn.as_mut() {
-            Some(c) if c.is_open() => c,
-            _ => conn.insert(Http1Client::connect(target.addr, target.tls.clone()).await?),
-        };
-        let index = next;
-        let review = &reviews[index];
-        next = (next + stride) % reviews.len();
-        seq += 1;
-        let uid = uid(first, seq);
-        let req = http::Request::post(INJECT_URI)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(review.body(&uid)))?;
-        let outcome = c.send(req).await;
-        let t1 = Instant::now();
-        let in_window = t0 >= start && t1 <= end;
-        let checked = match outcome {
-            Ok(reply) => {
-                let len = reply.body.len() as u64;
-                check_reply(reply.status, &reply.body, &uid)
-                    .and_then(|patch| {
-                        if applied[index] {
-                            return Ok(());
-                        }
-                        check_injected(&review.pod, &patch)?;
-                        applied[index] = true;
-                        Ok(())
-                    })
-                    .map(|()| len)
-                    .map_err(|f| format!("{} [{}]", f.reason(), review.source))
-            }
-            Err(e) => {
-                conn = None;
-                Err(format!("transport: {e:#}"))
-            }
-        };
-        match checked {
-            Ok(len) if in_window => {
-                stats.ok += 1;
-                stats.response_bytes += len;
-                let us = u64::try_from((t1 - t0).as_micros()).unwrap_or(u64::MAX);
-                stats.latencies_us.push(us);
-            }
-            Ok(_) => {}
-            // Counted in the warm-up too: a wrong answer is wrong whenever it comes.
-            Err(reason) => *stats.errors.entry(reason).or_default() += 1,
-        }
-    }
-}
-
-struct Snapshot {
-    at: Instant,
-    histogram: Histogram,
-    injector_cpu_s: f64,
-    client_cpu_s: f64,
-    machine_busy_s: f64,
-}
-
-async fn snapshot(target: &Arc<Target>) -> anyhow::Result<Snapshot> {
-    let target = target.clone();
-    tokio::task::spawn_blocking(move || {
-        let at = Instant::now();
-        let injector_cpu_s = util::cpu_seconds(target.pid)?;
-        let client_cpu_s = util::cpu_seconds(std::process::id())?;
-        let (machine_busy_s, _) = util::machine_cpu_seconds()?;
-        let histogram = moat_e2e::net::scrape(&target.admin)?
-            .histogram(HISTOGRAM, &[("result", "injected")])
-            .unwrap_or_default();
-        Ok(Snapshot {
-            at,
-            histogram,
-            injector_cpu_s,
-            client_cpu_s,
-            machine_busy_s,
-        })
-    })
-    .await
-    .context("snapshot task")?
 }
 
 /// `x` rounded to an integer with thousands separators: `5,200`.
@@ -886,61 +749,17 @@ fn grouped(x: f64) -> String {
     out
 }
 
-fn print_phase(p: &PhaseReport) {
-    match p.offered_rate {
-        None => println!("  saturation (closed loop):"),
-        Some(r) => println!("  fixed rate (open loop, {r:.0} admissions/s offered):"),
-    }
-    println!(
-        "    throughput     {:>8.0} admissions/s ({} admissions in {:.1} s, answers {:.0} bytes on average)",
-        p.admissions_per_sec, p.admissions, p.duration_s, p.response_bytes_mean
-    );
-    println!("    client latency {}", p.latency.line());
-    println!(
-        "    injector hist. {} (bucket bounds; JSON work only)",
-        p.injector_histogram.line("injections")
-    );
-    println!(
-        "    CPU            injector {:.2} cores ({:.3} s per 1,000 admissions), client {:.2} cores, other processes {:.2} cores",
-        p.injector_cpu_s / p.duration_s,
-        p.injector_cpu_s_per_1k,
-        p.client_cpu_s / p.duration_s,
-        p.other_cores
-    );
-    if !p.errors.is_empty() {
-        println!("    ERRORS         {:?}", p.errors);
-    }
-}
-
-fn print_report(r: &InjectorReport) {
-    println!();
-    println!(
+/// The report as printed.
+fn report_lines(r: &InjectorReport) -> Vec<String> {
+    let heading = format!(
         "Injector admission: {} connections, {} corpus pods (requests {:.0} bytes on average), {} CPUs shared by client and injector",
         r.concurrency,
         r.pods.len(),
         r.request_bytes_mean,
         r.host_cpus
     );
-    print_phase(&r.saturation);
-    if let Some(p) = &r.fixed_rate {
-        print_phase(p);
-    }
-    println!(
-        "  injector memory  RSS {:.1} MiB, peak {:.1} MiB",
-        r.injector_rss_mib, r.injector_peak_rss_mib
-    );
-    let busy = r
-        .fixed_rate
-        .iter()
-        .chain(std::iter::once(&r.saturation))
-        .map(|p| p.other_cores)
-        .fold(0.0, f64::max);
-    if busy > 0.25 {
-        println!(
-            "  NOTE             other processes used up to {busy:.2} cores during the run: figures are pessimistic"
-        );
-    }
     let p99 = r
+        .phases
         .fixed_rate
         .as_ref()
         .map_or("not measured (--rate 0)".to_string(), |p| {
@@ -948,22 +767,25 @@ fn print_report(r: &InjectorReport) {
                 "{:.2} ms at {:.0}/s offered, {:.0}/s answered",
                 p.latency.p99_ms,
                 p.offered_rate.unwrap_or(0.0),
-                p.admissions_per_sec
+                p.answers_per_sec
             )
         });
-    println!(
-        "  target           p99 < {:.0} ms at {:.0} admissions/s: {} (p99 {}; saturation {:.0}/s)",
+    let target = format!(
+        "p99 < {:.0} ms at {:.0} admissions/s: {} (p99 {}; saturation {:.0}/s)",
         r.target_p99_ms,
         r.target_rate,
         if r.met { "MET" } else { "MISSED" },
         p99,
-        r.saturation.admissions_per_sec
+        r.phases.saturation.answers_per_sec
     );
+    let rss = (r.injector_rss_mib, r.injector_peak_rss_mib);
+    phase::report_lines(&heading, &r.phases, rss, &target)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::phase::Phase;
 
     fn reply(response: Value) -> Vec<u8> {
         serde_json::to_vec(&json!({
@@ -1212,35 +1034,17 @@ mod tests {
 
     #[test]
     fn summary_line_reads_like_the_example() {
-        let phase = |mode, rate: Option<f64>, per_sec: f64, p50: f64, p99: f64| PhaseReport {
-            mode,
-            offered_rate: rate,
-            duration_s: 10.0,
-            admissions: (per_sec * 10.0) as u64,
-            errors: BTreeMap::new(),
-            admissions_per_sec: per_sec,
-            latency: LatencySummary {
-                p50_ms: p50,
-                p99_ms: p99,
-                ..LatencySummary::default()
-            },
-            response_bytes_mean: 0.0,
-            injector_histogram: ServerHistogram::default(),
-            injector_cpu_s: 0.0,
-            injector_cpu_s_per_1k: 0.0,
-            client_cpu_s: 0.0,
-            machine_busy_cores: 0.0,
-            other_cores: 0.0,
-        };
         let mut r = InjectorReport {
             bench: "injector",
             concurrency: 8,
             pods: vec![],
-            request_bytes_mean: 0.0,
+            request_bytes_mean: 1834.4,
             warmup_s: 1.0,
             host_cpus: 2,
-            saturation: phase("saturation", None, 5200.4, 1.5, 3.0),
-            fixed_rate: Some(phase("fixed_rate", Some(1000.0), 999.0, 0.314, 0.92)),
+            phases: Phases {
+                saturation: Phase::sample(&NAMES, None, 5200.4, 1.5, 3.0),
+                fixed_rate: Some(Phase::sample(&NAMES, Some(1000.0), 999.0, 0.314, 0.92)),
+            },
             injector_rss_mib: 0.0,
             injector_peak_rss_mib: 0.0,
             target_rate: TARGET_RATE,
@@ -1251,9 +1055,43 @@ mod tests {
             r.summary_line(),
             "5,200/s saturated; at 1,000/s p50 0.31 ms, p99 0.92 ms (target p99 < 2 ms: met)"
         );
+        let histogram = "0 injections, mean 0.000 ms; p50 <= 0 ms, p99 <= 0 ms, p99.9 <= 0 ms";
+        assert_eq!(
+            report_lines(&r),
+            [
+                String::new(),
+                "Injector admission: 8 connections, 0 corpus pods (requests 1834 bytes on average), 2 CPUs shared by client and injector".into(),
+                "  saturation (closed loop):".into(),
+                "    throughput         5200 admissions/s (52004 admissions in 10.0 s, answers 0 bytes on average)".into(),
+                "    client latency p50 1.50 ms  p90 0.00 ms  p99 3.00 ms  p99.9 0.00 ms  max 0.00 ms  mean 0.00 ms".into(),
+                format!("    injector hist. {histogram} (bucket bounds; JSON work only)"),
+                "    CPU            injector 0.05 cores (0.010 s per 1,000 admissions), client 0.00 cores, other processes 0.00 cores".into(),
+                "  fixed rate (open loop, 1000 admissions/s offered):".into(),
+                "    throughput          999 admissions/s (9990 admissions in 10.0 s, answers 0 bytes on average)".into(),
+                "    client latency p50 0.31 ms  p90 0.00 ms  p99 0.92 ms  p99.9 0.00 ms  max 0.00 ms  mean 0.00 ms".into(),
+                format!("    injector hist. {histogram} (bucket bounds; JSON work only)"),
+                "    CPU            injector 0.05 cores (0.050 s per 1,000 admissions), client 0.00 cores, other processes 0.00 cores".into(),
+                "  injector memory  RSS 0.0 MiB, peak 0.0 MiB".into(),
+                "  target           p99 < 2 ms at 1000 admissions/s: MET (p99 0.92 ms at 1000/s offered, 999/s answered; saturation 5200/s)".into(),
+            ]
+        );
+        // The JSON keys benches/results and earlier reports have.
+        let json = phase::report_json(
+            &r,
+            "bench concurrency pods request_bytes_mean warmup_s host_cpus saturation fixed_rate \
+             injector_rss_mib injector_peak_rss_mib target_rate target_p99_ms met",
+            "admissions admissions_per_sec response_bytes_mean injector_histogram injector_cpu_s \
+             injector_cpu_s_per_1k",
+        );
+        assert_eq!(json["saturation"]["admissions"], 52004);
+        assert_eq!(
+            json["saturation"]["injector_cpu_s_per_1k"],
+            0.5 * 1000.0 / 52004.0
+        );
+
         r.met = false;
-        r.saturation.errors.insert("http 500".into(), 1234);
-        r.fixed_rate = None;
+        r.phases.saturation.errors.insert("http 500".into(), 1234);
+        r.phases.fixed_rate = None;
         assert_eq!(
             r.summary_line(),
             "5,200/s saturated; fixed rate not measured (--rate 0) (target p99 < 2 ms: missed); 1,234 failed admissions (ERRORS)"

@@ -13,6 +13,7 @@ mod all;
 mod ca;
 mod injector;
 mod mesh;
+mod phase;
 mod util;
 
 /// Moat's benchmarks (expects release binaries: `cargo build --release --workspace`).

@@ -5,8 +5,6 @@
 //! (spawn with logs to files, SIGTERM/SIGKILL on drop) and [`moat_e2e::proc::kill_pid`]; the
 //! fixtures ([`moat_e2e::CaFixture`], ...) build on them.
 
-use std::time::{Duration, Instant};
-
 use anyhow::{bail, Context};
 use serde::Serialize;
 
@@ -76,111 +74,6 @@ impl LatencySummary {
     }
 }
 
-/// How a client task paces its requests.
-#[derive(Debug, Clone, Copy)]
-pub enum Pace {
-    /// Next request as soon as the previous answer is in.
-    Closed,
-    /// One request every `interval`, the first at `offset` after the phase starts.
-    Open {
-        /// Time between this task's requests.
-        interval: Duration,
-        /// This task's first request, after the start.
-        offset: Duration,
-    },
-}
-
-impl Pace {
-    /// Task `t` of `n`: a closed loop, or its share of an open loop at `rate` requests/s
-    /// (every `n / rate` seconds, staggered so the tasks together send evenly).
-    pub fn for_task(rate: Option<f64>, t: usize, n: usize) -> Self {
-        match rate {
-            None => Pace::Closed,
-            Some(r) => {
-                let interval = Duration::from_secs_f64(n as f64 / r);
-                Pace::Open {
-                    interval,
-                    offset: interval.mul_f64(t as f64 / n as f64),
-                }
-            }
-        }
-    }
-
-    /// The task's schedule from `begin`.
-    pub fn schedule(self, begin: Instant) -> Schedule {
-        let due = match self {
-            Pace::Closed => begin,
-            Pace::Open { offset, .. } => begin + offset,
-        };
-        Schedule { pace: self, due }
-    }
-}
-
-/// When a client task's requests are due.
-#[derive(Debug)]
-pub struct Schedule {
-    pace: Pace,
-    due: Instant,
-}
-
-impl Schedule {
-    /// Waits for the next request's turn; returns when it counts as sent: now (closed loop, or
-    /// open loop on schedule), or its scheduled time when the task is behind, because then the
-    /// wait is the server's doing (coordinated omission corrected).
-    pub async fn next(&mut self) -> Instant {
-        let t0 = match self.pace {
-            Pace::Closed => Instant::now(),
-            Pace::Open { .. } if Instant::now() >= self.due => self.due,
-            Pace::Open { .. } => {
-                tokio::time::sleep_until(self.due.into()).await;
-                Instant::now()
-            }
-        };
-        if let Pace::Open { interval, .. } = self.pace {
-            self.due += interval;
-        }
-        t0
-    }
-}
-
-/// A server's own view of a window, from its Prometheus latency histogram (so at bucket
-/// resolution): what it spent per request, apart from the network and the client.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ServerHistogram {
-    /// Requests answered in the window.
-    pub count: u64,
-    /// Mean time to answer, milliseconds.
-    pub mean_ms: f64,
-    /// Upper bound of the bucket holding the median, milliseconds.
-    pub p50_le_ms: f64,
-    /// Upper bound of the bucket holding the 99th percentile, milliseconds.
-    pub p99_le_ms: f64,
-    /// Upper bound of the bucket holding the 99.9th percentile, milliseconds.
-    pub p999_le_ms: f64,
-}
-
-impl ServerHistogram {
-    /// `<count> <noun>, mean … ms; p50 <= … ms, p99 <= … ms, p99.9 <= … ms`.
-    pub fn line(&self, noun: &str) -> String {
-        format!(
-            "{} {noun}, mean {:.3} ms; p50 <= {} ms, p99 <= {} ms, p99.9 <= {} ms",
-            self.count, self.mean_ms, self.p50_le_ms, self.p99_le_ms, self.p999_le_ms
-        )
-    }
-
-    /// Summarises `h` (seconds).
-    pub fn of(h: &moat_e2e::net::Histogram) -> Self {
-        let le = |q| h.quantile_upper_bound(q).map_or(0.0, |s| s * 1000.0);
-        Self {
-            count: h.count.max(0.0) as u64,
-            mean_ms: h.mean().map_or(0.0, |m| m * 1000.0),
-            p50_le_ms: le(0.5),
-            p99_le_ms: le(0.99),
-            p999_le_ms: le(0.999),
-        }
-    }
-}
-
 /// Fields of `/proc/<pid>/stat` after the command name, starting with the state (field 3).
 fn stat_fields(stat: &str) -> Option<Vec<&str>> {
     let after = stat.get(stat.rfind(')')? + 1..)?;
@@ -226,6 +119,13 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<(u64, u64)> {
         (Some(rss), Some(hwm)) => Ok((rss * 1024, hwm * 1024)),
         _ => bail!("{path}: no VmRSS/VmHWM"),
     }
+}
+
+/// Resident memory of process `pid`: (current, peak) in MiB.
+pub fn rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let (rss, peak) = rss_bytes(pid)?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Ok((mib(rss), mib(peak)))
 }
 
 /// Private (anonymous) resident memory of process `pid`, in bytes: what it costs beyond the
