@@ -56,7 +56,7 @@ pub(crate) async fn accept_loop<F, Fut>(
             Ok(p) => p,
             Err(refusal) => {
                 crate::metrics::refused(dir, refusal.reason());
-                tracing::warn!(%remote, reason = refusal.reason(), "{} connection refused: connection limit reached", dir.as_str());
+                tracing::warn!(%remote, reason = %refusal.reason(), "{} connection refused: connection limit reached", dir.as_str());
                 net::reset(tcp);
                 continue;
             }

@@ -20,7 +20,7 @@ use crate::conns::Authorized;
 use crate::detect::{self, Protocol};
 use crate::forward::{copy_observed, Observer, Rewind};
 use crate::http::{self, Labels};
-use crate::metrics::{self as m, ConnMetrics, Direction};
+use crate::metrics::{self as m, ConnMetrics, Direction, RefuseReason};
 use crate::net;
 use crate::observe::Http1Observer;
 use crate::policy::{Decision, Policy};
@@ -111,15 +111,15 @@ pub enum TargetRefusal {
 }
 
 impl TargetRefusal {
-    /// Metric reason label.
-    pub fn reason(&self) -> &'static str {
+    /// Why the stream is refused.
+    pub fn reason(&self) -> RefuseReason {
         match self {
-            Self::NoOriginalDestination => "no_original_destination",
-            Self::PortMismatch { .. } => "port_mismatch",
-            Self::NotExposed(_) => "port_not_exposed",
-            Self::NoPort => "no_destination_port",
-            Self::ProxyPort(_) => "proxy_port",
-            Self::NotPodAddress(_) => "not_pod_address",
+            Self::NoOriginalDestination => RefuseReason::NoOriginalDestination,
+            Self::PortMismatch { .. } => RefuseReason::PortMismatch,
+            Self::NotExposed(_) => RefuseReason::PortNotExposed,
+            Self::NoPort => RefuseReason::NoDestinationPort,
+            Self::ProxyPort(_) => RefuseReason::ProxyPort,
+            Self::NotPodAddress(_) => RefuseReason::NotPodAddress,
         }
     }
 }
@@ -193,7 +193,7 @@ async fn plaintext(
     ctx: Arc<Ctx>,
 ) {
     if orig.is_none() {
-        m::refused(Direction::Inbound, "no_original_destination");
+        m::refused(Direction::Inbound, RefuseReason::NoOriginalDestination);
         tracing::warn!(%remote, caller = UNAUTHENTICATED, protocol = proto.label(), "refused plaintext connection made directly to the inbound port (no original destination)");
         net::reset(tcp);
         return;
@@ -202,7 +202,7 @@ async fn plaintext(
         Ok(t) => t,
         Err(e) => {
             m::refused(Direction::Inbound, e.reason());
-            tracing::warn!(%remote, caller = UNAUTHENTICATED, reason = e.reason(), "refused plaintext connection: {e}");
+            tracing::warn!(%remote, caller = UNAUTHENTICATED, reason = %e.reason(), "refused plaintext connection: {e}");
             net::reset(tcp);
             return;
         }
@@ -228,7 +228,7 @@ async fn plaintext(
         None => match connect_app(&ctx, target).await {
             Ok(a) => a,
             Err(e) => {
-                m::refused(Direction::Inbound, "app_unreachable");
+                m::refused(Direction::Inbound, RefuseReason::AppUnreachable);
                 tracing::warn!(%remote, %target, error = %e, "cannot reach the app");
                 net::reset(tcp);
                 return;
@@ -260,8 +260,7 @@ fn authorize<'p>(
 ) -> (Authorized, Decision<'p>) {
     // Registered before the decision, so a policy published in between revokes it.
     let guard = ctx.conns.authorize(caller, port);
-    let decision = policy.evaluate(caller, port);
-    m::authz(decision.label(), decision.rule);
+    let decision = policy.authorize(caller, port);
     let who = caller.map(SpiffeId::as_str).unwrap_or(UNAUTHENTICATED);
     if !decision.allowed() {
         tracing::warn!(%remote, caller = who, port, rule = decision.rule, "denied: policy does not admit this caller");
@@ -308,7 +307,7 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
     if orig.is_none() && ctx.cfg.inbound_target.is_none() {
         let e = TargetRefusal::NoOriginalDestination;
         m::refused(Direction::Inbound, e.reason());
-        tracing::warn!(%remote, caller = %peer, reason = e.reason(), "refused peer: {e}");
+        tracing::warn!(%remote, caller = %peer, reason = %e.reason(), "refused peer: {e}");
         net::reset(tls.into_inner().0.into_inner());
         return;
     }
@@ -324,7 +323,7 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
         };
         let target = match next {
             Ok(Ok(Some(_))) if std::time::SystemTime::now() >= expires => {
-                m::refused(Direction::Inbound, "peer_cert_expired");
+                m::refused(Direction::Inbound, RefuseReason::PeerCertExpired);
                 tracing::warn!(%remote, peer = %peer, "refused a stream and closed the tunnel: the peer's certificate has expired");
                 let _ =
                     tunnel::write_reset(&mut tls, ResetCode::Closed, "certificate expired").await;
@@ -334,7 +333,7 @@ async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx:
                 Ok(target) => target,
                 Err(e) => {
                     m::refused(Direction::Inbound, e.reason());
-                    tracing::warn!(%remote, caller = %peer, requested, reason = e.reason(), "refused a stream and closed the tunnel: {e}");
+                    tracing::warn!(%remote, caller = %peer, requested, reason = %e.reason(), "refused a stream and closed the tunnel: {e}");
                     let _ = tunnel::write_reset(&mut tls, ResetCode::Denied, &e.to_string()).await;
                     return;
                 }
@@ -401,7 +400,7 @@ async fn serve_stream(
     let app = match connect_app(ctx, target).await {
         Ok(a) => a,
         Err(e) => {
-            m::refused(Direction::Inbound, "app_unreachable");
+            m::refused(Direction::Inbound, RefuseReason::AppUnreachable);
             tracing::warn!(%remote, caller = %peer, %target, error = %e, "cannot reach the app");
             let _ = stream
                 .reset(ResetCode::ConnectFailed, &format!("app port {port}: {e}"))

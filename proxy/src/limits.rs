@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::RefuseReason;
+
 /// Connection budgets: inbound and outbound apart, so a flood of callers can never take the
 /// app's own outbound calls down with it, and a per-source share of the inbound one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,11 +82,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// Metric reason label.
-    pub fn reason(self) -> &'static str {
+    /// Why the connection is refused.
+    pub fn reason(self) -> RefuseReason {
         match self {
-            Refusal::Budget => "max_connections",
-            Refusal::PerSource => "max_connections_per_source",
+            Refusal::Budget => RefuseReason::MaxConnections,
+            Refusal::PerSource => RefuseReason::MaxConnectionsPerSource,
         }
     }
 }

@@ -140,9 +140,117 @@ impl Drop for ConnMetrics {
     }
 }
 
+/// Why a connection was refused before anything was forwarded: the `reason` label of
+/// `moat_proxy_connections_refused_total` and of the log line that goes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// The direction's connection budget is used up.
+    MaxConnections,
+    /// The caller's source IP holds its share of the inbound budget.
+    MaxConnectionsPerSource,
+    /// The connection was not redirected (no `SO_ORIGINAL_DST`) and no explicit route names a
+    /// destination.
+    NoOriginalDestination,
+    /// The original destination is one of the proxy's own listeners.
+    Loop,
+    /// An inbound stream asked for another port than the one its connection was redirected
+    /// from.
+    PortMismatch,
+    /// The port is not among `--inbound-ports` (explicit-route mode).
+    PortNotExposed,
+    /// An inbound stream named no port and the connection has no original destination.
+    NoDestinationPort,
+    /// An inbound stream asked for one of the proxy's own ports.
+    ProxyPort,
+    /// The original destination is not a pod address (loopback, unspecified, link-local).
+    NotPodAddress,
+    /// The local app refused or did not answer.
+    AppUnreachable,
+    /// The peer's certificate expired while its tunnel was open.
+    PeerCertExpired,
+    /// Outbound to a destination outside the mesh networks that no egress rule allows.
+    EgressDenied,
+    /// An allowed egress destination could not be reached.
+    EgressUnreachable,
+    /// Discovery does not know who answers at a mesh destination (or has not said in time).
+    UnknownDestination,
+    /// Discovery says the destination pod runs no sidecar: no plaintext fallback.
+    NotMeshed,
+    /// The Service has no ready endpoint.
+    NoEndpoints,
+    /// The peer sidecar could not be reached.
+    ConnectFailed,
+    /// The peer sidecar did not answer in time.
+    Timeout,
+    /// No workload certificate yet, so no mTLS connection can be made.
+    NoIdentity,
+    /// The peer failed the mTLS handshake or its identity check; the handshake's own reason
+    /// (`wrong_identity`, `untrusted_issuer`, ...: [`moat_core::tls::rustls_reason`]).
+    Handshake(&'static str),
+}
+
+impl RefuseReason {
+    /// Every reason but [`RefuseReason::Handshake`], whose labels are the handshake's (the
+    /// docs are checked against it).
+    #[cfg(test)]
+    pub const ALL: &[RefuseReason] = &[
+        Self::MaxConnections,
+        Self::MaxConnectionsPerSource,
+        Self::NoOriginalDestination,
+        Self::Loop,
+        Self::PortMismatch,
+        Self::PortNotExposed,
+        Self::NoDestinationPort,
+        Self::ProxyPort,
+        Self::NotPodAddress,
+        Self::AppUnreachable,
+        Self::PeerCertExpired,
+        Self::EgressDenied,
+        Self::EgressUnreachable,
+        Self::UnknownDestination,
+        Self::NotMeshed,
+        Self::NoEndpoints,
+        Self::ConnectFailed,
+        Self::Timeout,
+        Self::NoIdentity,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::MaxConnectionsPerSource => "max_connections_per_source",
+            Self::NoOriginalDestination => "no_original_destination",
+            Self::Loop => "loop",
+            Self::PortMismatch => "port_mismatch",
+            Self::PortNotExposed => "port_not_exposed",
+            Self::NoDestinationPort => "no_destination_port",
+            Self::ProxyPort => "proxy_port",
+            Self::NotPodAddress => "not_pod_address",
+            Self::AppUnreachable => "app_unreachable",
+            Self::PeerCertExpired => "peer_cert_expired",
+            Self::EgressDenied => "egress_denied",
+            Self::EgressUnreachable => "egress_unreachable",
+            Self::UnknownDestination => "unknown_destination",
+            Self::NotMeshed => "not_meshed",
+            Self::NoEndpoints => "no_endpoints",
+            Self::ConnectFailed => "connect_failed",
+            Self::Timeout => "timeout",
+            Self::NoIdentity => "no_identity",
+            Self::Handshake(reason) => reason,
+        }
+    }
+}
+
+impl std::fmt::Display for RefuseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Counts a refused connection.
-pub fn refused(dir: Direction, reason: &'static str) {
-    counter!(REFUSED, "direction" => dir.as_str(), "reason" => reason).increment(1);
+pub fn refused(dir: Direction, reason: RefuseReason) {
+    counter!(REFUSED, "direction" => dir.as_str(), "reason" => reason.as_str()).increment(1);
 }
 
 /// Admin requests refused because of who asked, by route.
@@ -158,14 +266,147 @@ pub fn handshake_failed(dir: Direction, reason: &'static str) {
     counter!(HANDSHAKE_FAILURES, "direction" => dir.as_str(), "reason" => reason).increment(1);
 }
 
-/// Counts an authorization decision.
-pub fn authz(decision: &'static str, rule: &str) {
-    counter!(AUTHZ, "decision" => decision, "rule" => rule.to_string()).increment(1);
+/// The series of authorization decisions `verdict` by `rule`, registered (at 0) now: a policy
+/// registers one per rule when it is parsed, so a rule that never matched shows as 0 and a
+/// decision only increments a handle.
+pub fn authz_counter(verdict: crate::policy::Verdict, rule: &str) -> Counter {
+    counter!(AUTHZ, "decision" => verdict.label(), "rule" => rule.to_string())
+}
+
+/// A recorder for tests: keeps the latest value of every counter and gauge.
+#[cfg(test)]
+pub(crate) mod test_recorder {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+
+    /// Records the latest value of every counter and gauge, keyed `name{k=v,...}`.
+    #[derive(Default)]
+    pub(crate) struct TestRecorder {
+        values: Values,
+        registered: Arc<Mutex<BTreeSet<String>>>,
+    }
+
+    type Values = Arc<Mutex<BTreeMap<String, f64>>>;
+
+    struct Cell(Values, String);
+
+    impl Cell {
+        fn update(&self, f: impl FnOnce(f64) -> f64) {
+            let mut m = self.0.lock().unwrap();
+            let v = m.entry(self.1.clone()).or_insert(0.0);
+            *v = f(*v);
+        }
+    }
+
+    impl metrics::CounterFn for Cell {
+        fn increment(&self, n: u64) {
+            self.update(|v| v + n as f64)
+        }
+        fn absolute(&self, n: u64) {
+            self.update(|v| v.max(n as f64))
+        }
+    }
+
+    impl metrics::GaugeFn for Cell {
+        fn increment(&self, n: f64) {
+            self.update(|v| v + n)
+        }
+        fn decrement(&self, n: f64) {
+            self.update(|v| v - n)
+        }
+        fn set(&self, n: f64) {
+            self.update(|_| n)
+        }
+    }
+
+    impl TestRecorder {
+        fn cell(&self, key: &metrics::Key) -> Arc<Cell> {
+            let labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            let name = if labels.is_empty() {
+                key.name().to_string()
+            } else {
+                format!("{}{{{}}}", key.name(), labels.join(","))
+            };
+            self.registered.lock().unwrap().insert(name.clone());
+            Arc::new(Cell(self.values.clone(), name))
+        }
+
+        /// The last value of series `name{k=v,...}`, if it ever changed.
+        pub(crate) fn get(&self, name: &str) -> Option<f64> {
+            self.values.lock().unwrap().get(name).copied()
+        }
+
+        /// Every series registered so far, changed or not.
+        pub(crate) fn registered(&self) -> BTreeSet<String> {
+            self.registered.lock().unwrap().clone()
+        }
+    }
+
+    impl metrics::Recorder for TestRecorder {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            metrics::Counter::from_arc(self.cell(key))
+        }
+        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::from_arc(self.cell(key))
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_reason_is_documented_once() {
+        let docs = documented();
+        let row = docs
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{REFUSED}`")))
+            .expect("docs/proxy.md has a row for the refusal counter");
+        let mut seen = std::collections::BTreeSet::new();
+        for r in RefuseReason::ALL {
+            assert!(seen.insert(r.as_str()), "{r} is listed twice");
+            assert!(
+                row.contains(&format!("`{r}`")),
+                "docs/proxy.md does not list {r}"
+            );
+        }
+    }
 
     fn documented() -> String {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/proxy.md");

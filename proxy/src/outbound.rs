@@ -20,7 +20,7 @@ use crate::detect::{self, Protocol};
 use crate::discovery::Resolver;
 use crate::forward::{copy_bidirectional, copy_observed, Observer, Rewind};
 use crate::http::{self, Labels};
-use crate::metrics::{self as m, ConnMetrics, Direction};
+use crate::metrics::{self as m, ConnMetrics, Direction, RefuseReason};
 use crate::net;
 use crate::observe::Http1Observer;
 use crate::pool::{DialError, Key};
@@ -43,16 +43,16 @@ pub enum Destination {
     /// Outside the mesh, allowed by configuration: forwarded as-is.
     Egress(SocketAddr),
     /// Refused, with a bounded reason.
-    Refused(&'static str),
+    Refused(RefuseReason),
 }
 
 /// Decides where a captured connection to `orig` may go. Pure, so it can be tested alone.
 pub fn classify(ctx_cfg: &crate::config::Config, orig: Option<SocketAddr>) -> Destination {
     let Some(dst) = orig else {
-        return Destination::Refused("no_original_destination");
+        return Destination::Refused(RefuseReason::NoOriginalDestination);
     };
     if ctx_cfg.is_own_listener(dst) {
-        return Destination::Refused("loop");
+        return Destination::Refused(RefuseReason::Loop);
     }
     if ctx_cfg
         .service_networks
@@ -73,7 +73,7 @@ pub fn classify(ctx_cfg: &crate::config::Config, orig: Option<SocketAddr>) -> De
     if ctx_cfg.allow_egress.iter().any(|n| n.contains(dst.ip())) {
         return Destination::Egress(dst);
     }
-    Destination::Refused("egress_denied")
+    Destination::Refused(RefuseReason::EgressDenied)
 }
 
 /// Accepts app connections on the transparent outbound listener, or on an explicit route's
@@ -123,15 +123,15 @@ async fn handle(app: TcpStream, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
                 Ok(up) => (up, 0),
                 Err(reason) => return refuse(app, orig, reason),
             },
-            None => return refuse(app, orig, "unknown_destination"),
+            None => return refuse(app, orig, RefuseReason::UnknownDestination),
         },
     };
     mesh(app, upstream, port, ctx).await
 }
 
-fn refuse(app: TcpStream, orig: Option<SocketAddr>, reason: &'static str) {
+fn refuse(app: TcpStream, orig: Option<SocketAddr>, reason: RefuseReason) {
     m::refused(Direction::Outbound, reason);
-    tracing::warn!(destination = ?orig, reason, "refused outbound connection (fail closed)");
+    tracing::warn!(destination = ?orig, %reason, "refused outbound connection (fail closed)");
     net::reset(app);
 }
 
@@ -151,10 +151,10 @@ enum Upstream {
 
 /// Asks discovery who answers at `dst`. Fails closed: an address discovery does not know (or
 /// has not answered for within `--discovery-wait`) is refused, never dialed with any identity.
-async fn discover(d: &Resolver, dst: SocketAddr, ctx: &Ctx) -> Result<Upstream, &'static str> {
+async fn discover(d: &Resolver, dst: SocketAddr, ctx: &Ctx) -> Result<Upstream, RefuseReason> {
     let Some(res) = d.resolve(dst, ctx.cfg.discovery_wait).await else {
         tracing::warn!(destination = %dst, wait = ?ctx.cfg.discovery_wait, "discovery has not answered for this destination");
-        return Err("unknown_destination");
+        return Err(RefuseReason::UnknownDestination);
     };
     match &*res {
         Resolution::Pod {
@@ -167,14 +167,16 @@ async fn discover(d: &Resolver, dst: SocketAddr, ctx: &Ctx) -> Result<Upstream, 
         })),
         Resolution::Pod { pod, .. } => {
             tracing::warn!(destination = %dst, pod, "destination pod runs no sidecar: refusing rather than sending plaintext");
-            Err("not_meshed")
+            Err(RefuseReason::NotMeshed)
         }
-        Resolution::Service { endpoints, .. } if endpoints.is_empty() => Err("no_endpoints"),
+        Resolution::Service { endpoints, .. } if endpoints.is_empty() => {
+            Err(RefuseReason::NoEndpoints)
+        }
         Resolution::Service { service, .. } => Ok(Upstream::Service {
             name: service.clone(),
             endpoints: res.clone(),
         }),
-        Resolution::Unknown => Err("unknown_destination"),
+        Resolution::Unknown => Err(RefuseReason::UnknownDestination),
     }
 }
 
@@ -183,7 +185,7 @@ async fn egress(mut app: TcpStream, dst: SocketAddr, ctx: Arc<Ctx>) {
     let mut up = match up {
         Ok(Ok(u)) => u,
         _ => {
-            m::refused(Direction::Outbound, "egress_unreachable");
+            m::refused(Direction::Outbound, RefuseReason::EgressUnreachable);
             net::reset(app);
             return;
         }
@@ -196,13 +198,13 @@ async fn egress(mut app: TcpStream, dst: SocketAddr, ctx: Arc<Ctx>) {
 /// Logs and counts a failed dial to a peer sidecar.
 fn dial_failed(key: &Key, e: &DialError) {
     let reason = e.reason();
-    if matches!(e, DialError::Handshake { .. }) {
-        m::handshake_failed(Direction::Outbound, reason);
+    if let RefuseReason::Handshake(handshake) = reason {
+        m::handshake_failed(Direction::Outbound, handshake);
     }
     tracing::warn!(
         peer_addr = %key.addr,
         expected = key.expected.as_ref().map(SpiffeId::as_str).unwrap_or("any identity of the trust domain"),
-        reason,
+        %reason,
         error = %e,
         "the destination could not be verified or reached (fail closed)"
     );
@@ -217,7 +219,7 @@ async fn connect(
     upstream: &Upstream,
     port: u16,
     ctx: &Arc<Ctx>,
-) -> Result<(Stream<crate::pool::TlsConn>, SpiffeId, Key, Option<Pick>), &'static str> {
+) -> Result<(Stream<crate::pool::TlsConn>, SpiffeId, Key, Option<Pick>), RefuseReason> {
     let (name, endpoints) = match upstream {
         Upstream::Peer(key) => {
             return match open_stream(key, port, ctx).await {
@@ -231,7 +233,7 @@ async fn connect(
         Upstream::Service { name, endpoints } => (name, endpoints.endpoints()),
     };
     let mut tried = Vec::new();
-    let mut last = "not_meshed";
+    let mut last = RefuseReason::NotMeshed;
     while tried.len() < MAX_ENDPOINT_ATTEMPTS {
         let Some(pick) = ctx.balancer.pick(endpoints, &tried) else {
             break;
@@ -436,11 +438,11 @@ mod tests {
         let cfg = config(&["--mesh-networks", "10.0.0.0/16"]);
         assert_eq!(
             classify(&cfg, Some(addr("192.0.2.1:443"))),
-            Destination::Refused("egress_denied")
+            Destination::Refused(RefuseReason::EgressDenied)
         );
         assert_eq!(
             classify(&cfg, None),
-            Destination::Refused("no_original_destination")
+            Destination::Refused(RefuseReason::NoOriginalDestination)
         );
         let cfg = config(&[
             "--mesh-networks",
@@ -481,7 +483,7 @@ mod tests {
         ] {
             assert_eq!(
                 classify(&cfg, Some(addr(dst))),
-                Destination::Refused("loop"),
+                Destination::Refused(RefuseReason::Loop),
                 "{dst}"
             );
         }

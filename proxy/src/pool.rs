@@ -16,7 +16,7 @@ use rustls::crypto::CryptoProvider;
 use tokio::net::TcpStream;
 
 use crate::bufio::BufIo;
-use crate::metrics::{self as m, Direction};
+use crate::metrics::{self as m, Direction, RefuseReason};
 use crate::tunnel;
 
 /// An established client-side mTLS connection to a peer sidecar.
@@ -52,13 +52,13 @@ pub enum DialError {
 }
 
 impl DialError {
-    /// Bounded label for metrics.
-    pub fn reason(&self) -> &'static str {
+    /// Why the connection that needed this dial is refused.
+    pub fn reason(&self) -> RefuseReason {
         match self {
-            Self::Connect { .. } => "connect_failed",
-            Self::Timeout(_) => "timeout",
-            Self::Handshake { reason, .. } => reason,
-            Self::NoIdentity => "no_identity",
+            Self::Connect { .. } => RefuseReason::ConnectFailed,
+            Self::Timeout(_) => RefuseReason::Timeout,
+            Self::Handshake { reason, .. } => RefuseReason::Handshake(reason),
+            Self::NoIdentity => RefuseReason::NoIdentity,
         }
     }
 }
@@ -454,7 +454,7 @@ mod tests {
             .await
             .err()
             .expect("wrong peer");
-        assert_eq!(err.reason(), "wrong_identity", "{err}");
+        assert_eq!(err.reason().as_str(), "wrong_identity", "{err}");
     }
 
     #[tokio::test]
@@ -479,7 +479,7 @@ mod tests {
             .await
             .err()
             .expect("wrong peer");
-        assert_eq!(err.reason(), "wrong_identity", "{err}");
+        assert_eq!(err.reason().as_str(), "wrong_identity", "{err}");
         assert_eq!(pool.idle_count(), 1);
 
         let co = pool.get(&api).await.unwrap();

@@ -13,9 +13,9 @@
 use std::cell::RefCell;
 use std::fmt;
 
-use moat_core::{SpiffeId, TrustDomain};
-use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 
+use super::from::FromList;
 use super::DefaultAction;
 
 /// The only `apiVersion` this build understands.
@@ -49,7 +49,7 @@ thread_local! {
 
 /// Runs a semantic check: passes `Ok` through, turns `Err` into a located serde error unless
 /// an earlier run already reported this very check, in which case `placeholder` stands in.
-fn check<T, E: de::Error>(
+pub(super) fn check<T, E: de::Error>(
     result: Result<T, String>,
     placeholder: impl FnOnce() -> T,
 ) -> Result<T, E> {
@@ -84,7 +84,7 @@ fn set_rule(index: Option<usize>) {
 
 /// Deserializes a scalar as text and validates it *inside* the visitor: serde_yaml attaches
 /// the scalar's own location only to errors raised while it is visiting that scalar.
-fn validated_str<'de, D, T>(
+pub(super) fn validated_str<'de, D, T>(
     d: D,
     expecting: &'static str,
     validate: impl FnOnce(&str) -> Result<T, String>,
@@ -513,254 +513,5 @@ impl<'de> Deserialize<'de> for PortRange {
             }
         }
         d.deserialize_any(V)
-    }
-}
-
-/// `from`: a non-empty list of caller matchers.
-pub(crate) struct FromList(pub Vec<From>);
-
-impl<'de> Deserialize<'de> for FromList {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = FromList;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of callers (identity, serviceAccount, namespace, trustDomain, authenticated or unauthenticated entries)")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FromList, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(entry) = seq.next_element()? {
-                    entries.push(entry);
-                }
-                let r =
-                    if entries.is_empty() {
-                        Err("from is empty, so the rule could never match; list at least one caller"
-                        .to_string())
-                    } else {
-                        Ok(())
-                    };
-                check(r, || ()).map(|()| FromList(entries))
-            }
-        }
-        d.deserialize_seq(V)
-    }
-}
-
-/// One `from` entry, validated but not yet tied to the local trust domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum From {
-    Identity(String),
-    ServiceAccount { namespace: String, name: String },
-    Namespace(String),
-    TrustDomain(String),
-    Authenticated,
-    Unauthenticated,
-}
-
-#[derive(Debug, Clone, Copy, serde::Deserialize)]
-#[serde(field_identifier, rename_all = "camelCase")]
-enum FromKey {
-    Identity,
-    ServiceAccount,
-    Namespace,
-    TrustDomain,
-    Authenticated,
-    Unauthenticated,
-}
-
-impl FromKey {
-    fn as_str(self) -> &'static str {
-        match self {
-            FromKey::Identity => "identity",
-            FromKey::ServiceAccount => "serviceAccount",
-            FromKey::Namespace => "namespace",
-            FromKey::TrustDomain => "trustDomain",
-            FromKey::Authenticated => "authenticated",
-            FromKey::Unauthenticated => "unauthenticated",
-        }
-    }
-}
-
-const FROM_KEYS: &str =
-    "identity, serviceAccount, namespace, trustDomain, authenticated or unauthenticated";
-
-impl<'de> Deserialize<'de> for From {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = From;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "a caller: a mapping with one key, {FROM_KEYS}")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<From, A::Error> {
-                let Some(key) = map.next_key::<FromKey>()? else {
-                    let r = Err(format!("a from entry needs one key: {FROM_KEYS}"));
-                    return check(r, || From::Unauthenticated);
-                };
-                let entry = match key {
-                    FromKey::Identity => From::Identity(map.next_value::<IdentityV>()?.0),
-                    FromKey::ServiceAccount => {
-                        let ServiceAccountV(namespace, name) = map.next_value()?;
-                        From::ServiceAccount { namespace, name }
-                    }
-                    FromKey::Namespace => From::Namespace(map.next_value::<NamespaceV>()?.0),
-                    FromKey::TrustDomain => From::TrustDomain(map.next_value::<TrustDomainV>()?.0),
-                    FromKey::Authenticated => {
-                        map.next_value::<OnlyTrue>()?;
-                        From::Authenticated
-                    }
-                    FromKey::Unauthenticated => {
-                        map.next_value::<OnlyTrue>()?;
-                        From::Unauthenticated
-                    }
-                };
-                if let Some(extra) = map.next_key::<FromKey>()? {
-                    // Drain the mapping so that, when this check is stepped over, the run goes on.
-                    map.next_value::<IgnoredAny>()?;
-                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    let r = Err(format!(
-                        "a from entry has exactly one key, but this one has {} and {}; make them separate list items (a caller matching any entry is enough)",
-                        key.as_str(),
-                        extra.as_str()
-                    ));
-                    return check(r, || entry);
-                }
-                Ok(entry)
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-/// A SPIFFE ID, kept as the validated string evaluation compares against.
-struct IdentityV(String);
-
-impl<'de> Deserialize<'de> for IdentityV {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        validated_str(
-            d,
-            "a SPIFFE ID",
-            |s| match SpiffeId::parse(s) {
-                Ok(id) => Ok(IdentityV(id.as_str().to_string())),
-                Err(e) => Err(format!("identity {s:?} is not a valid SPIFFE ID: {e}")),
-            },
-            || IdentityV(String::new()),
-        )
-    }
-}
-
-/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters: a Kubernetes namespace.
-pub(crate) fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// Dot-separated DNS labels, at most 253 characters: a Kubernetes service account name.
-pub(crate) fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253
-        && s.split('.').all(|label| {
-            let b = label.as_bytes();
-            !b.is_empty()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0] != b'-'
-                && b[b.len() - 1] != b'-'
-        })
-}
-
-fn namespace_problem(s: &str) -> Option<String> {
-    (!is_dns_label(s)).then(|| {
-        format!("namespace {s:?} is not a valid Kubernetes namespace name (1-63 lowercase letters, digits or '-', starting and ending with a letter or digit)")
-    })
-}
-
-struct NamespaceV(String);
-
-impl<'de> Deserialize<'de> for NamespaceV {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        validated_str(
-            d,
-            "a namespace name",
-            |s| match namespace_problem(s) {
-                Some(problem) => Err(problem),
-                None => Ok(NamespaceV(s.to_string())),
-            },
-            || NamespaceV(String::new()),
-        )
-    }
-}
-
-struct ServiceAccountV(String, String);
-
-impl<'de> Deserialize<'de> for ServiceAccountV {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        validated_str(
-            d,
-            "<namespace>/<service-account>",
-            |s| match s.split_once('/') {
-                None => Err(format!(
-                    "serviceAccount {s:?} must be written <namespace>/<name>, e.g. shop/web"
-                )),
-                Some((ns, name)) => {
-                    if let Some(problem) = namespace_problem(ns) {
-                        Err(format!("serviceAccount {s:?}: {problem}"))
-                    } else if !is_dns_subdomain(name) {
-                        Err(format!("serviceAccount {s:?}: {name:?} is not a valid Kubernetes service account name (lowercase letters, digits, '-' and '.', at most 253 characters)"))
-                    } else {
-                        Ok(ServiceAccountV(ns.to_string(), name.to_string()))
-                    }
-                }
-            },
-            || ServiceAccountV(String::new(), String::new()),
-        )
-    }
-}
-
-/// A trust domain name, kept as the validated string evaluation compares against.
-struct TrustDomainV(String);
-
-impl<'de> Deserialize<'de> for TrustDomainV {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        validated_str(
-            d,
-            "a trust domain name",
-            |s| match TrustDomain::new(s) {
-                Ok(td) => Ok(TrustDomainV(td.as_str().to_string())),
-                Err(e) => Err(format!(
-                    "trustDomain {s:?} is not a valid trust domain: {e}"
-                )),
-            },
-            || TrustDomainV(String::new()),
-        )
-    }
-}
-
-/// `authenticated: true` / `unauthenticated: true`; `false` would be a matcher that matches
-/// nothing, which is never what the author meant.
-struct OnlyTrue;
-
-impl<'de> Deserialize<'de> for OnlyTrue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = OnlyTrue;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("true")
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<OnlyTrue, E> {
-                let r = if v {
-                    Ok(OnlyTrue)
-                } else {
-                    Err("only `true` is allowed here; remove the entry to stop matching these callers".to_string())
-                };
-                check(r, || OnlyTrue)
-            }
-        }
-        d.deserialize_bool(V)
     }
 }

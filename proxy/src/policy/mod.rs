@@ -8,6 +8,7 @@
 
 pub mod cli;
 mod file;
+mod from;
 pub mod watch;
 
 #[cfg(test)]
@@ -15,7 +16,10 @@ mod tests;
 
 use std::fmt;
 
+use metrics::Counter;
 use moat_core::{SpiffeId, TrustDomain};
+
+use from::{Caller, Matcher};
 
 pub use watch::{load_initial, spawn_watcher};
 
@@ -65,6 +69,17 @@ pub enum Verdict {
     AuditDeny,
 }
 
+impl Verdict {
+    /// Metric label: `allow`, `deny` or `audit_deny`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::AuditDeny => "audit_deny",
+        }
+    }
+}
+
 /// A verdict and the rule that produced it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision<'a> {
@@ -82,11 +97,7 @@ impl Decision<'_> {
 
     /// Metric label of the verdict: `allow`, `deny` or `audit_deny`.
     pub fn label(&self) -> &'static str {
-        match self.verdict {
-            Verdict::Allow => "allow",
-            Verdict::Deny => "deny",
-            Verdict::AuditDeny => "audit_deny",
-        }
+        self.verdict.label()
     }
 }
 
@@ -154,50 +165,6 @@ impl fmt::Display for DisplayLines<'_> {
     }
 }
 
-/// A caller matcher, tied to the local trust domain at parse time so evaluation only compares.
-#[derive(Debug, Clone)]
-enum Matcher {
-    /// Exact SPIFFE ID, any trust domain.
-    Identity(Box<str>),
-    /// Workload identity `ns/<namespace>/sa/<name>` of the local trust domain.
-    ServiceAccount { namespace: Box<str>, name: Box<str> },
-    /// Any workload identity of the namespace, local trust domain.
-    Namespace(Box<str>),
-    /// Any identity of the trust domain.
-    TrustDomain(Box<str>),
-    /// Any identity of the local trust domain.
-    Authenticated,
-    /// A caller without a client certificate.
-    Unauthenticated,
-}
-
-/// What evaluation needs to know about a caller, worked out once per evaluation.
-struct Caller<'a> {
-    id: Option<&'a SpiffeId>,
-    local: bool,
-    workload: Option<(&'a str, &'a str)>,
-}
-
-impl Matcher {
-    fn matches(&self, caller: &Caller<'_>) -> bool {
-        match self {
-            Matcher::Unauthenticated => caller.id.is_none(),
-            Matcher::Authenticated => caller.local,
-            Matcher::Identity(id) => caller.id.is_some_and(|c| c.as_str() == &**id),
-            Matcher::TrustDomain(td) => caller.id.is_some_and(|c| c.trust_domain_str() == &**td),
-            Matcher::Namespace(ns) => {
-                caller.local && caller.workload.is_some_and(|(n, _)| n == &**ns)
-            }
-            Matcher::ServiceAccount { namespace, name } => {
-                caller.local
-                    && caller
-                        .workload
-                        .is_some_and(|(n, s)| n == &**namespace && s == &**name)
-            }
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Rule {
     name: Box<str>,
@@ -205,6 +172,8 @@ struct Rule {
     /// Inclusive ranges; `None` means every port.
     ports: Option<Box<[(u16, u16)]>>,
     from: Box<[Matcher]>,
+    /// This rule's series of `moat_proxy_authz_decisions_total`.
+    decisions: Counter,
 }
 
 impl Rule {
@@ -228,6 +197,8 @@ pub struct Policy {
     /// The exact file contents this policy came from, so the watcher can tell a real change
     /// from a re-read of the same file; `None` for the builtin policy.
     source_text: Option<Box<str>>,
+    /// The default action's series of `moat_proxy_authz_decisions_total`.
+    default_decisions: Counter,
 }
 
 impl Policy {
@@ -290,14 +261,18 @@ impl Policy {
             .rules
             .0
             .into_iter()
-            .map(|r| Rule {
-                name: r.name.0.into(),
-                verdict: match r.action {
+            .map(|r| {
+                let verdict = match r.action {
                     file::Action::Allow => Verdict::Allow,
                     file::Action::Deny => Verdict::Deny,
-                },
-                ports: r.ports.map(|p| p.0.into()),
-                from: r.from.0.into_iter().map(compile_from).collect(),
+                };
+                Rule {
+                    decisions: crate::metrics::authz_counter(verdict, &r.name.0),
+                    name: r.name.0.into(),
+                    verdict,
+                    ports: r.ports.map(|p| p.0.into()),
+                    from: r.from.0.into(),
+                }
             })
             .collect();
         Ok(Policy {
@@ -306,6 +281,7 @@ impl Policy {
             rules,
             metrics_from: raw.admin.map(|a| a.metrics_from.0.into()),
             source_text: Some(yaml.into()),
+            default_decisions: default_counter(raw.default),
         })
     }
 
@@ -320,9 +296,11 @@ impl Policy {
                 verdict: Verdict::Allow,
                 ports: None,
                 from: Box::new([Matcher::Authenticated]),
+                decisions: crate::metrics::authz_counter(Verdict::Allow, BUILTIN_RULE),
             }]),
             metrics_from: None,
             source_text: None,
+            default_decisions: default_counter(DefaultAction::Deny),
         }
     }
 
@@ -330,6 +308,20 @@ impl Policy {
     ///
     /// Never allocates: it runs for every connection and request.
     pub fn evaluate(&self, peer: Option<&SpiffeId>, port: u16) -> Decision<'_> {
+        self.decide(peer, port).0
+    }
+
+    /// [`Policy::evaluate`], and the decision counted in `moat_proxy_authz_decisions_total`
+    /// under its rule. The series were registered when the policy was parsed, so counting is
+    /// one atomic add: no label is built per decision.
+    pub fn authorize(&self, peer: Option<&SpiffeId>, port: u16) -> Decision<'_> {
+        let (decision, counter) = self.decide(peer, port);
+        counter.increment(1);
+        decision
+    }
+
+    /// The decision and the deciding rule's counter.
+    fn decide(&self, peer: Option<&SpiffeId>, port: u16) -> (Decision<'_>, &Counter) {
         let local = peer.is_some_and(|p| p.is_member_of(&self.local_td));
         let caller = Caller {
             id: peer,
@@ -342,21 +334,18 @@ impl Policy {
         };
         for rule in self.rules.iter() {
             if rule.matches(&caller, port) {
-                return Decision {
+                let decision = Decision {
                     verdict: rule.verdict,
                     rule: &rule.name,
                 };
+                return (decision, &rule.decisions);
             }
         }
-        let verdict = match self.default {
-            DefaultAction::Deny => Verdict::Deny,
-            DefaultAction::Allow => Verdict::Allow,
-            DefaultAction::Audit => Verdict::AuditDeny,
-        };
-        Decision {
-            verdict,
+        let decision = Decision {
+            verdict: default_verdict(self.default),
             rule: DEFAULT_RULE,
-        }
+        };
+        (decision, &self.default_decisions)
     }
 
     /// Whether the policy lets a caller at `ip` scrape `/metrics` (true without an `admin`
@@ -398,18 +387,16 @@ impl Policy {
     }
 }
 
-fn compile_from(from: file::From) -> Matcher {
-    match from {
-        file::From::Identity(id) => Matcher::Identity(id.into()),
-        file::From::ServiceAccount { namespace, name } => Matcher::ServiceAccount {
-            namespace: namespace.into(),
-            name: name.into(),
-        },
-        file::From::Namespace(ns) => Matcher::Namespace(ns.into()),
-        file::From::TrustDomain(td) => Matcher::TrustDomain(td.into()),
-        file::From::Authenticated => Matcher::Authenticated,
-        file::From::Unauthenticated => Matcher::Unauthenticated,
+fn default_verdict(action: DefaultAction) -> Verdict {
+    match action {
+        DefaultAction::Deny => Verdict::Deny,
+        DefaultAction::Allow => Verdict::Allow,
+        DefaultAction::Audit => Verdict::AuditDeny,
     }
+}
+
+fn default_counter(action: DefaultAction) -> Counter {
+    crate::metrics::authz_counter(default_verdict(action), DEFAULT_RULE)
 }
 
 /// Decodes file bytes as UTF-8, pointing at the first bad byte otherwise.

@@ -61,6 +61,26 @@ fn one_rule(body: &str) -> String {
 
 const SHOP_WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
+/// A decision table: each row is a caller (a SPIFFE ID, or `plaintext`), a port, and the
+/// verdict and rule that must decide; a failing row names itself.
+macro_rules! decides {
+    (@caller plaintext) => { None::<SpiffeId> };
+    (@caller $id:expr) => { Some(id($id)) };
+    ($policy:expr, { $( $caller:tt : $port:literal => $verdict:ident by $rule:literal ),+ $(,)? }) => {{
+        let policy = &$policy;
+        $(
+            let caller = decides!(@caller $caller);
+            assert_eq!(
+                policy.evaluate(caller.as_ref(), $port),
+                Decision { verdict: Verdict::$verdict, rule: $rule },
+                "{} on port {}",
+                stringify!($caller),
+                $port
+            );
+        )+
+    }};
+}
+
 // ---------------------------------------------------------------- matchers
 
 #[test]
@@ -229,36 +249,13 @@ rules:
         p.rule_names().collect::<Vec<_>>(),
         ["deny-web-admin", "allow-shop", "deny-shop-never-reached"]
     );
-    let web = id(SHOP_WEB);
-    assert_eq!(
-        p.evaluate(Some(&web), 9000),
-        Decision {
-            verdict: Verdict::Deny,
-            rule: "deny-web-admin"
-        }
-    );
-    // The deny rule's ports do not match, so evaluation moves on.
-    assert_eq!(
-        p.evaluate(Some(&web), 8080),
-        Decision {
-            verdict: Verdict::Allow,
-            rule: "allow-shop"
-        }
-    );
-    assert_eq!(
-        p.evaluate(Some(&id("spiffe://cluster.local/ns/shop/sa/api")), 9000),
-        Decision {
-            verdict: Verdict::Allow,
-            rule: "allow-shop"
-        }
-    );
-    assert_eq!(
-        p.evaluate(None, 9000),
-        Decision {
-            verdict: Verdict::Allow,
-            rule: "default"
-        }
-    );
+    decides!(p, {
+        SHOP_WEB: 9000 => Deny by "deny-web-admin",
+        // The deny rule's ports do not match, so evaluation moves on.
+        SHOP_WEB: 8080 => Allow by "allow-shop",
+        "spiffe://cluster.local/ns/shop/sa/api": 9000 => Allow by "allow-shop",
+        plaintext: 9000 => Allow by "default",
+    });
 }
 
 #[test]
@@ -355,37 +352,51 @@ fn policy_audit_default_does_not_affect_matching_rules() {
 }
 
 #[test]
+fn policy_registers_a_decision_series_per_rule_and_authorize_counts_the_decider() {
+    let rec = crate::metrics::test_recorder::TestRecorder::default();
+    metrics::with_local_recorder(&rec, || {
+        let p = parse(&format!(
+            "{HEADER}default: audit\nrules:\n  - name: block\n    action: deny\n    from: [{{namespace: bad}}]\n  - name: ok\n    from: [{{namespace: good}}]\n"
+        ));
+        let series = |decision: &str, rule: &str| {
+            format!("moat_proxy_authz_decisions_total{{decision={decision},rule={rule}}}")
+        };
+        // Every rule's series exists from the start (a rule that never matched reads 0),
+        // under the verdict it gives.
+        let want = [
+            series("audit_deny", "default"),
+            series("allow", "ok"),
+            series("deny", "block"),
+        ];
+        assert_eq!(rec.registered(), want.iter().cloned().collect());
+        assert_eq!(rec.get(&series("deny", "block")), None);
+
+        let bad = id("spiffe://cluster.local/ns/bad/sa/x");
+        assert_eq!(p.authorize(Some(&bad), 1).rule, "block");
+        assert_eq!(p.authorize(Some(&bad), 2).rule, "block");
+        assert_eq!(p.authorize(None, 1).rule, "default");
+        // Evaluating without enforcing (explain, revocation checks) counts nothing.
+        assert_eq!(p.evaluate(Some(&bad), 1).rule, "block");
+        assert_eq!(rec.get(&series("deny", "block")), Some(2.0));
+        assert_eq!(rec.get(&series("audit_deny", "default")), Some(1.0));
+        assert_eq!(rec.get(&series("allow", "ok")), None);
+        // Authorizing registers nothing new: the handles were made at parse time.
+        assert_eq!(rec.registered(), want.iter().cloned().collect());
+    });
+}
+
+#[test]
 fn policy_builtin_allows_local_identities_only() {
     let p = Policy::builtin(&td());
     assert!(p.is_builtin());
     assert_eq!(p.default_action(), DefaultAction::Deny);
     assert_eq!(p.rule_count(), 1);
-    assert_eq!(
-        p.evaluate(Some(&id(SHOP_WEB)), 8080),
-        Decision {
-            verdict: Verdict::Allow,
-            rule: "default-authenticated"
-        }
-    );
-    assert_eq!(
-        p.evaluate(Some(&id("spiffe://cluster.local/some/service")), 1)
-            .verdict,
-        Verdict::Allow
-    );
-    assert_eq!(
-        p.evaluate(Some(&id("spiffe://partner.example/ns/shop/sa/web")), 8080),
-        Decision {
-            verdict: Verdict::Deny,
-            rule: "default"
-        }
-    );
-    assert_eq!(
-        p.evaluate(None, 8080),
-        Decision {
-            verdict: Verdict::Deny,
-            rule: "default"
-        }
-    );
+    decides!(p, {
+        SHOP_WEB: 8080 => Allow by "default-authenticated",
+        "spiffe://cluster.local/some/service": 1 => Allow by "default-authenticated",
+        "spiffe://partner.example/ns/shop/sa/web": 8080 => Deny by "default",
+        plaintext: 8080 => Deny by "default",
+    });
 }
 
 #[test]

@@ -246,110 +246,13 @@ mod tests {
         rx.borrow_and_update().clone()
     }
 
-    /// Records the latest value of every counter and gauge, keyed `name{k=v,...}`.
-    #[derive(Default)]
-    struct TestRecorder(Arc<std::sync::Mutex<std::collections::BTreeMap<String, f64>>>);
-
-    struct Cell(
-        Arc<std::sync::Mutex<std::collections::BTreeMap<String, f64>>>,
-        String,
-    );
-
-    impl Cell {
-        fn update(&self, f: impl FnOnce(f64) -> f64) {
-            let mut m = self.0.lock().unwrap();
-            let v = m.entry(self.1.clone()).or_insert(0.0);
-            *v = f(*v);
-        }
-    }
-
-    impl metrics::CounterFn for Cell {
-        fn increment(&self, n: u64) {
-            self.update(|v| v + n as f64)
-        }
-        fn absolute(&self, n: u64) {
-            self.update(|v| v.max(n as f64))
-        }
-    }
-
-    impl metrics::GaugeFn for Cell {
-        fn increment(&self, n: f64) {
-            self.update(|v| v + n)
-        }
-        fn decrement(&self, n: f64) {
-            self.update(|v| v - n)
-        }
-        fn set(&self, n: f64) {
-            self.update(|_| n)
-        }
-    }
-
-    impl TestRecorder {
-        fn cell(&self, key: &metrics::Key) -> Arc<Cell> {
-            let labels: Vec<String> = key
-                .labels()
-                .map(|l| format!("{}={}", l.key(), l.value()))
-                .collect();
-            let name = if labels.is_empty() {
-                key.name().to_string()
-            } else {
-                format!("{}{{{}}}", key.name(), labels.join(","))
-            };
-            Arc::new(Cell(self.0.clone(), name))
-        }
-        fn get(&self, name: &str) -> Option<f64> {
-            self.0.lock().unwrap().get(name).copied()
-        }
-    }
-
-    impl metrics::Recorder for TestRecorder {
-        fn describe_counter(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_gauge(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_histogram(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn register_counter(
-            &self,
-            key: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Counter {
-            metrics::Counter::from_arc(self.cell(key))
-        }
-        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-            metrics::Gauge::from_arc(self.cell(key))
-        }
-        fn register_histogram(
-            &self,
-            _: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Histogram {
-            metrics::Histogram::noop()
-        }
-    }
-
     fn not_found() -> std::io::Result<Option<Vec<u8>>> {
         Err(std::io::Error::from(std::io::ErrorKind::NotFound))
     }
 
     #[test]
     fn policy_watcher_metrics_follow_the_file() {
-        let rec = TestRecorder::default();
+        let rec = crate::metrics::test_recorder::TestRecorder::default();
         let ok = "moat_proxy_policy_reloads_total{result=ok}";
         let error = "moat_proxy_policy_reloads_total{result=error}";
         metrics::with_local_recorder(&rec, || {
@@ -399,7 +302,7 @@ mod tests {
 
     #[test]
     fn policy_watcher_metrics_with_builtin_policy() {
-        let rec = TestRecorder::default();
+        let rec = crate::metrics::test_recorder::TestRecorder::default();
         metrics::with_local_recorder(&rec, || {
             let builtin = Arc::new(Policy::builtin(&td()));
             let mut w = Watcher {
