@@ -241,12 +241,12 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let daemon = args.daemon.clone();
-    daemon::block_on("moat-ca", &daemon, run(args)).map_err(anyhow::Error::msg)?
+    daemon::block_on("moat-ca", &daemon, run(args))?
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
     check_ttl(args.cert_ttl, args.test_allow_short_ttl)?;
-    let metrics = telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let metrics = telemetry::install_metrics()?;
     let authority = match (
         &args.dir,
         &args.signing_cert,
@@ -305,12 +305,8 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     install_serving_cert(&authority, &args.sans, &serving)?;
     let tls = moat_core::https::server_config(serving.clone())?;
 
-    let listener = daemon::listen(args.listen, "API")
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let admin_listener = daemon::listen(args.admin_listen, "admin")
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let listener = daemon::listen(args.listen, "API").await?;
+    let admin_listener = daemon::listen(args.admin_listen, "admin").await?;
 
     let limits = Limits {
         cert_ttl: args.cert_ttl,

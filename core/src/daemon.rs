@@ -29,23 +29,53 @@ pub struct DaemonArgs {
     pub log_level: String,
 }
 
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Logging could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    /// The runtime could not start.
+    #[error("cannot start runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What it is for: `API`, `admin`...
+        what: String,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Installs logging as `args` say, then runs `main` to completion on a multi-threaded runtime
 /// whose threads are named `name`.
-pub fn block_on<F: Future>(name: &str, args: &DaemonArgs, main: F) -> Result<F::Output, String> {
+pub fn block_on<F: Future>(
+    name: &str,
+    args: &DaemonArgs,
+    main: F,
+) -> Result<F::Output, StartError> {
     telemetry::init_logging(args.log_format, &args.log_level)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name(name)
         .build()
-        .map_err(|e| format!("cannot start runtime: {e}"))?;
+        .map_err(StartError::Runtime)?;
     Ok(rt.block_on(main))
 }
 
 /// Binds a TCP listener; the error names the address and what it is for (`API`, `admin`).
-pub async fn listen(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+pub async fn listen(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+        .map_err(|source| StartError::Listen {
+            addr,
+            what: what.to_string(),
+            source,
+        })
 }
 
 /// A running server's lifecycle: its readiness and the stop signal its tasks watch.

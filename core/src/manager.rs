@@ -215,11 +215,16 @@ impl IdentityManager {
                 }
                 Err(e) => self.failed(attempt, "install", &e),
             },
-            Err(e) => self.failed(attempt, e.reason(), &e.to_string()),
+            Err(e) => self.failed(attempt, e.reason(), &e),
         }
     }
 
-    fn failed(&self, attempt: &mut u32, reason: &'static str, err: &str) -> Duration {
+    fn failed(
+        &self,
+        attempt: &mut u32,
+        reason: &'static str,
+        err: &dyn std::error::Error,
+    ) -> Duration {
         metrics::counter!(metric::RENEWALS, "result" => "error", "reason" => reason).increment(1);
         let remaining = (**self.not_after.load())
             .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default());
@@ -242,10 +247,8 @@ impl IdentityManager {
         delay
     }
 
-    fn install(&self, svid: &Svid) -> Result<(), String> {
-        let ck = svid
-            .certified_key(&self.provider)
-            .map_err(|e| e.to_string())?;
+    fn install(&self, svid: &Svid) -> Result<(), crate::svid::SvidKeyError> {
+        let ck = svid.certified_key(&self.provider)?;
         self.cert.set(ck);
         self.not_after.store(Arc::new(Some(svid.info.not_after)));
         self.summary

@@ -30,11 +30,38 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// Why logging or metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The log filter does not parse.
+    #[error("invalid log level {filter:?}: {source}")]
+    LogFilter {
+        /// The filter as given.
+        filter: String,
+        /// What is wrong with it.
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    /// A global logger is already installed.
+    #[error("cannot install logger: {0}")]
+    Logger(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The Prometheus exporter refused its configuration.
+    #[error("cannot build the metrics recorder: {0}")]
+    Recorder(#[source] metrics_exporter_prometheus::BuildError),
+    /// A global metrics recorder is already installed.
+    #[error("cannot install the metrics recorder: a recorder is already installed")]
+    RecorderInstalled,
+}
+
 /// Installs the global tracing subscriber. `filter` uses `RUST_LOG` syntax (e.g. `info`,
 /// `moat_proxy=debug`).
-pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("invalid log level {filter:?}: {e}"))?;
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), TelemetryError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|source| {
+        TelemetryError::LogFilter {
+            filter: filter.to_string(),
+            source,
+        }
+    })?;
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
@@ -54,7 +81,7 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init()
     };
-    res.map_err(|e| format!("cannot install logger: {e}"))
+    res.map_err(TelemetryError::Logger)
 }
 
 /// Latency buckets in seconds, fine enough for sub-millisecond proxy hops.
@@ -65,19 +92,19 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// The Prometheus recorder every Moat binary exports through: `*_seconds` histograms with
 /// [`LATENCY_BUCKETS`].
-pub fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, String> {
+pub fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, TelemetryError> {
     Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-        .map_err(|e| e.to_string())?
+        .map_err(TelemetryError::Recorder)?
         .build_recorder())
 }
 
 /// Installs the global Prometheus recorder and starts its upkeep task (histogram
 /// maintenance). Every `*_seconds` histogram uses [`LATENCY_BUCKETS`].
-pub fn install_metrics() -> Result<PrometheusHandle, String> {
+pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
     let recorder = recorder()?;
     let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+    metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::RecorderInstalled)?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

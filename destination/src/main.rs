@@ -91,7 +91,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let metrics_handle = telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let metrics_handle = telemetry::install_metrics()?;
     moat_destination::metrics::describe();
     let provider = moat_core::tls::provider();
     let lifecycle = Lifecycle::new("moat-destination");
@@ -142,12 +142,8 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("TLS configuration")?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
 
-    let listener = daemon::listen(args.listen, "discovery API")
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let admin_listener = daemon::listen(args.admin_listen, "admin")
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let listener = daemon::listen(args.listen, "discovery API").await?;
+    let admin_listener = daemon::listen(args.admin_listen, "admin").await?;
     lifecycle.serve_admin(admin_listener, metrics_handle);
     {
         // Ready once every kind was listed and while a valid certificate is held.

@@ -155,6 +155,23 @@ impl FileCert {
     }
 }
 
+/// Why the injector's CA client could not be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum CaClientConfigError {
+    /// `--ca-url` is not a URL.
+    #[error("--ca-url {url:?}: {source}")]
+    CaUrl {
+        /// The flag's value.
+        url: String,
+        /// Why it does not parse.
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    /// The trust domain makes no valid injector identity.
+    #[error("the injector's identity: {0}")]
+    Identity(#[from] moat_core::spiffe::SpiffeIdError),
+}
+
 /// How the injector asks moat-ca for its serving certificate: its own SPIFFE identity plus
 /// the DNS SAN the API server verifies ([`SERVICE_DNS_NAME`]; moat-ca grants it to this
 /// identity only, `moat-ca serve --dns-san`).
@@ -162,11 +179,14 @@ pub fn ca_client_config(
     ca_url: &str,
     token_file: &Path,
     td: &TrustDomain,
-) -> Result<CaClientConfig, String> {
+) -> Result<CaClientConfig, CaClientConfigError> {
     Ok(CaClientConfig {
         url: ca_url
             .parse()
-            .map_err(|e| format!("--ca-url {ca_url:?}: {e}"))?,
+            .map_err(|source| CaClientConfigError::CaUrl {
+                url: ca_url.to_string(),
+                source,
+            })?,
         token_file: token_file.to_path_buf(),
         identity: injector_identity(td)?,
         key_algorithm: KeyAlgorithm::default(),
@@ -176,8 +196,8 @@ pub fn ca_client_config(
 }
 
 /// The injector's SPIFFE identity in `td`.
-pub fn injector_identity(td: &TrustDomain) -> Result<SpiffeId, String> {
-    SpiffeId::workload(td, CONTROL_PLANE_NAMESPACE, SERVICE_ACCOUNT).map_err(|e| e.to_string())
+pub fn injector_identity(td: &TrustDomain) -> Result<SpiffeId, moat_core::spiffe::SpiffeIdError> {
+    SpiffeId::workload(td, CONTROL_PLANE_NAMESPACE, SERVICE_ACCOUNT)
 }
 
 /// Keeps the caBundle of webhook configuration `name` equal to `bundle`, checking every

@@ -157,11 +157,11 @@ fn inject(args: InjectArgs) -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let daemon = args.daemon.clone();
-    daemon::block_on("moat-injector", &daemon, run(args)).map_err(anyhow::Error::msg)?
+    daemon::block_on("moat-injector", &daemon, run(args))?
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let metrics_handle = telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let metrics_handle = telemetry::install_metrics()?;
     metrics::describe();
     let cfg = args.config.load()?;
     let provider = moat_core::tls::provider();
@@ -185,8 +185,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             &args.config.ca_url,
             &args.token_file,
             &args.config.trust_domain,
-        )
-        .map_err(anyhow::Error::msg)?;
+        )?;
         let identity = ca_cfg.identity.clone();
         let client =
             CaClient::new(ca_cfg, bundle.clone(), provider.clone()).context("CA client")?;
@@ -243,12 +242,8 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let tls =
         Arc::new(moat_core::https::server_config(serving.clone()).context("TLS configuration")?);
-    let listener = daemon::listen(args.listen, "webhook")
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let admin_listener = daemon::listen(args.admin_listen, "admin")
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let listener = daemon::listen(args.listen, "webhook").await?;
+    let admin_listener = daemon::listen(args.admin_listen, "admin").await?;
 
     let admin_local = admin_listener.local_addr().unwrap_or(args.admin_listen);
     lifecycle.serve_admin(admin_listener, metrics_handle);

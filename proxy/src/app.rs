@@ -31,8 +31,7 @@ use crate::{admin_routes, inbound, net, outbound, probes};
 
 /// Runs the sidecar until it is told to stop.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    moat_core::telemetry::init_logging(args.log_format, &args.log_level)
-        .map_err(anyhow::Error::msg)?;
+    moat_core::telemetry::init_logging(args.log_format, &args.log_level)?;
     let cfg = Config::from_args(&args)?;
     let rt = match args.worker_threads {
         0 => anyhow::bail!("--worker-threads must be at least 1"),
@@ -126,7 +125,7 @@ fn addresses(listeners: &[TcpListener]) -> Vec<String> {
 }
 
 async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
-    let metrics = moat_core::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let metrics = moat_core::telemetry::install_metrics()?;
     crate::metrics::describe();
     let provider = tls::provider();
     let (bundle, bundle_file) = load_bundle(&args)?;
@@ -154,8 +153,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let policy0 = crate::policy::watch::load_initial(&args.policy, &cfg.trust_domain)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let probes =
-        probes::AppProbes::parse(args.app_probes.as_deref()).map_err(anyhow::Error::msg)?;
+    let probes = probes::AppProbes::parse(args.app_probes.as_deref())?;
 
     // Bind everything first: a port conflict is a start-up error, not a silent half-proxy.
     let inbound_ls = bind_captured(cfg.inbound_listen, "inbound", false)?;

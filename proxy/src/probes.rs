@@ -48,18 +48,47 @@ pub struct Header {
     pub value: String,
 }
 
+/// `MOAT_APP_PROBES` could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("MOAT_APP_PROBES is not valid probe JSON: {0}")]
+pub struct ProbesError(#[source] serde_json::Error);
+
+/// Why an app probe failed: the body of the 503 the kubelet gets.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Nothing accepted the connection on the app's port.
+    #[error("connect to 127.0.0.1:{port}: {source}")]
+    Connect {
+        /// The app port.
+        port: u16,
+        /// The connect error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The app accepted but the HTTP exchange failed.
+    #[error("HTTP probe failed: {0}")]
+    Http(#[source] hyper::Error),
+    /// The probe's path or headers do not make a valid request.
+    #[error("bad probe request: {0}")]
+    Request(#[source] http::Error),
+    /// The app answered with a status outside 200..400.
+    #[error("app answered {0}")]
+    Status(http::StatusCode),
+    /// No answer in time.
+    #[error("probe timed out after {0:?}")]
+    Timeout(Duration),
+}
+
 /// The app probes, keyed `<container>/<probe>`.
 #[derive(Debug, Default, Clone)]
 pub struct AppProbes(HashMap<String, Probe>);
 
 impl AppProbes {
     /// Parses `MOAT_APP_PROBES` (absent = no probes).
-    pub fn parse(json: Option<&str>) -> Result<Self, String> {
+    pub fn parse(json: Option<&str>) -> Result<Self, ProbesError> {
         match json.map(str::trim) {
             None | Some("") => Ok(Self::default()),
-            Some(j) => serde_json::from_str(j)
-                .map(Self)
-                .map_err(|e| format!("MOAT_APP_PROBES is not valid probe JSON: {e}")),
+            Some(j) => serde_json::from_str(j).map(Self).map_err(ProbesError),
         }
     }
 
@@ -70,7 +99,7 @@ impl AppProbes {
 }
 
 /// Runs `probe` against the app on loopback; `Err` carries why it failed.
-pub async fn check(probe: &Probe, timeout: Duration) -> Result<(), String> {
+pub async fn check(probe: &Probe, timeout: Duration) -> Result<(), ProbeError> {
     let fut = async {
         match probe {
             Probe::Tcp { port } => connect(*port).await.map(|_| ()),
@@ -87,20 +116,20 @@ pub async fn check(probe: &Probe, timeout: Duration) -> Result<(), String> {
     };
     tokio::time::timeout(timeout, fut)
         .await
-        .map_err(|_| format!("probe timed out after {timeout:?}"))?
+        .map_err(|_| ProbeError::Timeout(timeout))?
 }
 
-async fn connect(port: u16) -> Result<tokio::net::TcpStream, String> {
+async fn connect(port: u16) -> Result<tokio::net::TcpStream, ProbeError> {
     tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .map_err(|e| format!("connect to 127.0.0.1:{port}: {e}"))
+        .map_err(|source| ProbeError::Connect { port, source })
 }
 
-async fn http_get(port: u16, path: &str, headers: &[Header]) -> Result<(), String> {
+async fn http_get(port: u16, path: &str, headers: &[Header]) -> Result<(), ProbeError> {
     let tcp = connect(port).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ProbeError::Http)?;
     let task = tokio::spawn(conn);
     let mut req = http::Request::get(path).header(http::header::HOST, format!("127.0.0.1:{port}"));
     for h in headers {
@@ -108,14 +137,14 @@ async fn http_get(port: u16, path: &str, headers: &[Header]) -> Result<(), Strin
     }
     let req = req
         .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| format!("bad probe request: {e}"))?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string());
+        .map_err(ProbeError::Request)?;
+    let resp = send.send_request(req).await.map_err(ProbeError::Http);
     task.abort();
     let status = resp?.status();
     if (200..400).contains(&status.as_u16()) {
         Ok(())
     } else {
-        Err(format!("app answered {status}"))
+        Err(ProbeError::Status(status))
     }
 }
 
@@ -170,7 +199,19 @@ mod tests {
             headers: vec![],
         };
         assert!(check(&ok, t).await.is_ok());
-        assert!(check(&bad, t).await.unwrap_err().contains("500"));
+        let err = check(&bad, t).await.unwrap_err();
+        assert!(matches!(err, ProbeError::Status(s) if s == 500), "{err}");
+        assert_eq!(err.to_string(), "app answered 500 Internal Server Error");
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let err = check(&Probe::Tcp { port: closed_port }, t)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProbeError::Connect { port, .. } if port == closed_port),
+            "{err}"
+        );
         assert!(check(&Probe::Tcp { port }, t).await.is_ok());
     }
 }
