@@ -23,6 +23,39 @@ use crate::net;
 use crate::policy::Policy;
 use crate::pool::Pool;
 
+/// The caller's address, as the proxy's listener saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Where the caller was going before the nat table redirected it to the proxy
+/// (`SO_ORIGINAL_DST`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrigDstAddr(pub SocketAddr);
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Display for OrigDstAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One accepted connection: the socket, who connected, and where they were going.
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    /// The socket.
+    pub tcp: TcpStream,
+    /// Who connected.
+    pub client: ClientAddr,
+    /// Where the caller was going; `None` when the connection was not redirected (made
+    /// straight to the listener).
+    pub orig_dst: Option<OrigDstAddr>,
+}
+
 /// Accepts connections on `listener` until `stop` turns true and runs `handle` for each in its
 /// own task, holding a connection permit (over the limit: refused with RST and counted) and an
 /// entry in the drain registry while it runs.
@@ -33,7 +66,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     mut stop: watch::Receiver<bool>,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Arc<Ctx>) -> Fut,
+    F: Fn(Accepted, Arc<Ctx>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -62,7 +95,12 @@ pub(crate) async fn accept_loop<F, Fut>(
             }
         };
         let active = ctx.conns.active();
-        let conn = handle(tcp, remote, ctx.clone());
+        let accepted = Accepted {
+            orig_dst: net::original_dst(&tcp).map(OrigDstAddr),
+            client: ClientAddr(remote),
+            tcp,
+        };
+        let conn = handle(accepted, ctx.clone());
         tokio::spawn(async move {
             let (_permit, _active) = (permit, active);
             conn.await;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
-use crate::accept::Ctx;
+use crate::accept::{Accepted, ClientAddr, Ctx, OrigDstAddr};
 use crate::bufio::BufIo;
 use crate::config::Config;
 use crate::conns::Authorized;
@@ -37,9 +37,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, stop: watch::Receiver<b
     crate::accept::accept_loop(listener, Direction::Inbound, ctx, stop, handle).await;
 }
 
-async fn handle(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
-    net::tune(&tcp, Some(ctx.cfg.keepalive));
-    let orig = net::original_dst(&tcp);
+async fn handle(conn: Accepted, ctx: Arc<Ctx>) {
+    net::tune(&conn.tcp, Some(ctx.cfg.keepalive));
+    let orig = conn.orig_dst;
     let started = Instant::now();
 
     // A silent caller may be waiting for a server-speaks-first app (MySQL, SMTP...). If
@@ -62,17 +62,17 @@ async fn handle(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         }
     };
     let proto = tokio::select! {
-        p = detect::peek(&tcp, ctx.cfg.detect_timeout, detect::inbound) => p,
+        p = detect::peek(&conn.tcp, ctx.cfg.detect_timeout, detect::inbound) => p,
         Some(app) = greeting => {
             record_detect(Protocol::Opaque, started);
-            return plaintext(tcp, remote, orig, Protocol::Opaque, Some(app), ctx).await;
+            return plaintext(conn, Protocol::Opaque, Some(app), ctx).await;
         }
     };
     record_detect(proto, started);
     if proto == Protocol::MoatTls {
-        mesh(tcp, remote, orig, ctx).await;
+        mesh(conn, ctx).await;
     } else {
-        plaintext(tcp, remote, orig, proto, None, ctx).await;
+        plaintext(conn, proto, None, ctx).await;
     }
 }
 
@@ -134,9 +134,10 @@ impl TargetRefusal {
 /// against the port returned here, the one actually reached.
 pub fn resolve_target(
     cfg: &Config,
-    orig: Option<SocketAddr>,
+    orig: Option<OrigDstAddr>,
     requested: u16,
 ) -> Result<SocketAddr, TargetRefusal> {
+    let orig = orig.map(|o| o.0);
     if let Some(ip) = cfg.inbound_target {
         let port = match (requested, orig) {
             (0, Some(o)) => o.port(),
@@ -184,14 +185,12 @@ async fn connect_app(ctx: &Ctx, target: SocketAddr) -> std::io::Result<TcpStream
 }
 
 /// A caller without a verified identity.
-async fn plaintext(
-    tcp: TcpStream,
-    remote: SocketAddr,
-    orig: Option<SocketAddr>,
-    proto: Protocol,
-    app: Option<TcpStream>,
-    ctx: Arc<Ctx>,
-) {
+async fn plaintext(conn: Accepted, proto: Protocol, app: Option<TcpStream>, ctx: Arc<Ctx>) {
+    let Accepted {
+        tcp,
+        client: remote,
+        orig_dst: orig,
+    } = conn;
     if orig.is_none() {
         m::refused(Direction::Inbound, RefuseReason::NoOriginalDestination);
         tracing::warn!(%remote, caller = UNAUTHENTICATED, protocol = proto.label(), "refused plaintext connection made directly to the inbound port (no original destination)");
@@ -255,7 +254,7 @@ fn authorize<'p>(
     ctx: &Ctx,
     policy: &'p Policy,
     caller: Option<&SpiffeId>,
-    remote: SocketAddr,
+    remote: ClientAddr,
     port: u16,
 ) -> (Authorized, Decision<'p>) {
     // Registered before the decision, so a policy published in between revokes it.
@@ -279,7 +278,12 @@ async fn unless_revoked(guard: &Authorized, forward: impl std::future::Future<Ou
 }
 
 /// A peer sidecar: terminate mTLS, then serve its streams one after another.
-async fn mesh(tcp: TcpStream, remote: SocketAddr, orig: Option<SocketAddr>, ctx: Arc<Ctx>) {
+async fn mesh(conn: Accepted, ctx: Arc<Ctx>) {
+    let Accepted {
+        tcp,
+        client: remote,
+        orig_dst: orig,
+    } = conn;
     let acceptor = tokio_rustls::TlsAcceptor::from(ctx.server_tls.clone());
     let tls =
         match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(BufIo::new(tcp)))
@@ -364,7 +368,7 @@ async fn serve_stream(
     mut stream: Stream<TlsConn>,
     peer: &SpiffeId,
     peer_label: &Arc<str>,
-    remote: SocketAddr,
+    remote: ClientAddr,
     target: SocketAddr,
     ctx: &Arc<Ctx>,
 ) {
@@ -503,7 +507,7 @@ mod tests {
     #[test]
     fn capture_mode_streams_reach_only_the_dialed_pod_port() {
         let cfg = test_config(&[]);
-        let orig = Some(addr("10.0.0.7:8080"));
+        let orig = Some(OrigDstAddr(addr("10.0.0.7:8080")));
         assert_eq!(resolve_target(&cfg, orig, 0), Ok(addr("10.0.0.7:8080")));
         assert_eq!(resolve_target(&cfg, orig, 8080), Ok(addr("10.0.0.7:8080")));
         // The attack: dial an allowed port, then name another one in OPEN.
@@ -523,7 +527,10 @@ mod tests {
         }
         // Never the proxy's own ports, never loopback or link-local.
         for port in moat_core::contract::PROXY_PORTS {
-            let o = Some(SocketAddr::new("10.0.0.7".parse().unwrap(), port));
+            let o = Some(OrigDstAddr(SocketAddr::new(
+                "10.0.0.7".parse().unwrap(),
+                port,
+            )));
             assert_eq!(
                 resolve_target(&cfg, o, 0),
                 Err(TargetRefusal::ProxyPort(port))
@@ -537,7 +544,7 @@ mod tests {
         ] {
             let o = addr(ip);
             assert_eq!(
-                resolve_target(&cfg, Some(o), 0),
+                resolve_target(&cfg, Some(OrigDstAddr(o)), 0),
                 Err(TargetRefusal::NotPodAddress(o.ip())),
                 "{ip}"
             );

@@ -491,6 +491,18 @@ HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
         all_equal(run(client, server), &[200, 201, 204, 200, 404]);
     }
 
+    /// Heads whose empty line is LF CR LF (a bare-LF header line, then CRLF) end there, as
+    /// servers read them: each such request is timed, and its response counted once. (Found by
+    /// the `http1_observer` fuzz target, whose property had counted only CRLF CRLF and LF LF.)
+    #[test]
+    fn heads_ending_in_lf_crlf_are_requests_too() {
+        let client = b"GET / HTTP/1.1\r\nHost: a\n\r\nGET /b HTTP/1.1\r\nHost: a\n\r\n";
+        let server = b"HTTP/1.1 100 Continue\r\n\r\n\
+HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n\
+HTTP/1.1 204 No Content\n\r\n";
+        all_equal(run(client, server), &[200, 204]);
+    }
+
     #[test]
     fn read_until_close_and_upgrades_step_aside() {
         all_equal(

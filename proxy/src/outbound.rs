@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::accept::Ctx;
+use crate::accept::{Accepted, Ctx, OrigDstAddr};
 use crate::balance::Pick;
 use crate::config::Route;
 use crate::detect::{self, Protocol};
@@ -47,8 +47,8 @@ pub enum Destination {
 }
 
 /// Decides where a captured connection to `orig` may go. Pure, so it can be tested alone.
-pub fn classify(ctx_cfg: &crate::config::Config, orig: Option<SocketAddr>) -> Destination {
-    let Some(dst) = orig else {
+pub fn classify(ctx_cfg: &crate::config::Config, orig: Option<OrigDstAddr>) -> Destination {
+    let Some(OrigDstAddr(dst)) = orig else {
         return Destination::Refused(RefuseReason::NoOriginalDestination);
     };
     if ctx_cfg.is_own_listener(dst) {
@@ -84,15 +84,16 @@ pub async fn serve(
     ctx: Arc<Ctx>,
     stop: watch::Receiver<bool>,
 ) {
-    let handle = move |app, _remote, ctx| handle(app, route.clone(), ctx);
+    let handle = move |conn, ctx| handle(conn, route.clone(), ctx);
     crate::accept::accept_loop(listener, Direction::Outbound, ctx, stop, handle).await;
 }
 
-async fn handle(app: TcpStream, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
+async fn handle(conn: Accepted, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
+    let app = conn.tcp;
     // The app is local (same pod, or a route's local client): no keepalive probes needed.
     net::tune(&app, None);
     // A route names its destination; only a captured connection has an original one.
-    let orig = route.is_none().then(|| net::original_dst(&app)).flatten();
+    let orig = conn.orig_dst.filter(|_| route.is_none());
     let dest = match &route {
         Some(r) => Destination::Mesh {
             key: Key {
@@ -129,9 +130,9 @@ async fn handle(app: TcpStream, route: Option<Arc<Route>>, ctx: Arc<Ctx>) {
     mesh(app, upstream, port, ctx).await
 }
 
-fn refuse(app: TcpStream, orig: Option<SocketAddr>, reason: RefuseReason) {
+fn refuse(app: TcpStream, orig: Option<OrigDstAddr>, reason: RefuseReason) {
     m::refused(Direction::Outbound, reason);
-    tracing::warn!(destination = ?orig, %reason, "refused outbound connection (fail closed)");
+    tracing::warn!(destination = ?orig.map(|o| o.0), %reason, "refused outbound connection (fail closed)");
     net::reset(app);
 }
 
@@ -407,6 +408,11 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A connection redirected from `s`.
+    fn orig(s: &str) -> Option<OrigDstAddr> {
+        Some(OrigDstAddr(addr(s)))
+    }
+
     #[test]
     fn mesh_networks_go_over_mtls_with_the_pinned_identity_when_known() {
         let api = "spiffe://cluster.local/ns/shop/sa/api";
@@ -416,7 +422,7 @@ mod tests {
             "--peer-identity",
             &format!("10.0.0.7={api}"),
         ]);
-        let pinned = classify(&cfg, Some(addr("10.0.0.7:8080")));
+        let pinned = classify(&cfg, orig("10.0.0.7:8080"));
         assert_eq!(
             pinned,
             Destination::Mesh {
@@ -427,7 +433,7 @@ mod tests {
                 port: 0,
             }
         );
-        let Destination::Mesh { key, .. } = classify(&cfg, Some(addr("[fd00::9]:80"))) else {
+        let Destination::Mesh { key, .. } = classify(&cfg, orig("[fd00::9]:80")) else {
             panic!("IPv6 mesh destination not meshed");
         };
         assert_eq!(key.expected, None, "no identity was configured for it");
@@ -437,7 +443,7 @@ mod tests {
     fn everything_else_fails_closed_unless_egress_allows_it() {
         let cfg = config(&["--mesh-networks", "10.0.0.0/16"]);
         assert_eq!(
-            classify(&cfg, Some(addr("192.0.2.1:443"))),
+            classify(&cfg, orig("192.0.2.1:443")),
             Destination::Refused(RefuseReason::EgressDenied)
         );
         assert_eq!(
@@ -451,7 +457,7 @@ mod tests {
             "192.0.2.0/24",
         ]);
         assert_eq!(
-            classify(&cfg, Some(addr("192.0.2.1:443"))),
+            classify(&cfg, orig("192.0.2.1:443")),
             Destination::Egress(addr("192.0.2.1:443"))
         );
         // Inside both: the mesh wins, so an egress rule can't downgrade a pod to plaintext.
@@ -462,7 +468,7 @@ mod tests {
             "10.0.0.0/8",
         ]);
         assert!(matches!(
-            classify(&cfg, Some(addr("10.1.2.3:80"))),
+            classify(&cfg, orig("10.1.2.3:80")),
             Destination::Mesh { .. }
         ));
     }
@@ -482,13 +488,13 @@ mod tests {
             "10.0.0.5:15020",
         ] {
             assert_eq!(
-                classify(&cfg, Some(addr(dst))),
+                classify(&cfg, orig(dst)),
                 Destination::Refused(RefuseReason::Loop),
                 "{dst}"
             );
         }
         assert!(matches!(
-            classify(&cfg, Some(addr("10.0.0.5:8080"))),
+            classify(&cfg, orig("10.0.0.5:8080")),
             Destination::Mesh { .. }
         ));
     }
