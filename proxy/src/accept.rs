@@ -128,7 +128,7 @@ pub struct Ctx {
     /// Who answers at each destination, when the discovery service is configured.
     pub discovery: Option<Arc<Resolver>>,
     /// Endpoint choice for Service destinations.
-    pub balancer: Balancer,
+    pub balancer: Arc<Balancer>,
 }
 
 impl Ctx {

@@ -224,7 +224,7 @@ async fn serve(args: RunArgs, cfg: Config) -> anyhow::Result<()> {
     let conns = Arc::new(Registry::default());
     let ctx = Arc::new(Ctx {
         discovery,
-        balancer: Balancer::default(),
+        balancer: Arc::new(Balancer::default()),
         local_label: Arc::from(cfg.identity.as_str()),
         inbound_limit: Budget::new(cfg.limits.inbound, Some(cfg.limits.per_source)),
         outbound_limit: Budget::new(cfg.limits.outbound, None),

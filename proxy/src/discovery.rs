@@ -99,6 +99,16 @@ impl Resolver {
         }
     }
 
+    /// The answer held for `target` now, without waiting or registering it: for a connection
+    /// that already resolved it and re-reads it per request.
+    pub fn current(&self, target: SocketAddr) -> Option<Arc<Resolution>> {
+        let mut map = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.get_mut(&target)?;
+        // In use: a long-lived connection keeps its Service watched.
+        e.used = Instant::now();
+        e.resolution.clone()
+    }
+
     /// The current answer for `target`; registers it (and wakes the watch) when new.
     fn lookup(&self, target: SocketAddr) -> Option<Arc<Resolution>> {
         let mut map = self.targets.lock().unwrap_or_else(|p| p.into_inner());

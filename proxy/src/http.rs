@@ -91,7 +91,7 @@ pub struct Labels {
     pub local: Arc<str>,
 }
 
-fn synthetic(
+pub(crate) fn synthetic(
     status: StatusCode,
     header_name: &'static str,
     value: &str,
@@ -134,11 +134,19 @@ fn http1_server(dir: Direction) -> hyper::server::conn::http1::Builder {
     b
 }
 
-fn http2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+pub(crate) fn http2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(1024);
+    b
+}
+
+/// HTTP/2 client settings for the upstream side (a tunnel stream or the app).
+pub(crate) fn http2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
     b
 }
 
@@ -157,11 +165,7 @@ where
 {
     let metrics = Arc::new(ReqMetrics::new(labels.dir, &labels.peer, &labels.local));
     if proto == Protocol::Http2 {
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .handshake(TokioIo::new(upstream))
-            .await?;
+        let (sender, conn) = http2_client().handshake(TokioIo::new(upstream)).await?;
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let mut sender = sender.clone();
             let metrics = metrics.clone();
@@ -272,7 +276,7 @@ fn is_synthetic(resp: &Response<Body>) -> bool {
     resp.headers().contains_key(PROXY_ERROR)
 }
 
-fn upstream_failed(e: &hyper::Error) -> Response<Body> {
+pub(crate) fn upstream_failed(e: &hyper::Error) -> Response<Body> {
     tracing::debug!(error = %e, "upstream request failed");
     synthetic(
         StatusCode::BAD_GATEWAY,

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::accept::{Accepted, Ctx, OrigDstAddr};
-use crate::balance::Pick;
+use crate::balance::{self, Pick};
 use crate::config::Route;
 use crate::detect::{self, Protocol};
 use crate::discovery::Resolver;
@@ -143,6 +143,8 @@ enum Upstream {
     Peer(Key),
     /// A Service: one of its endpoints, each with its own pinned identity.
     Service {
+        /// The cluster IP and port the app dialed.
+        target: SocketAddr,
         /// `namespace/name`, for logs.
         name: String,
         /// Its endpoints, as discovery last listed them (shared, not copied per connection).
@@ -174,6 +176,7 @@ async fn discover(d: &Resolver, dst: SocketAddr, ctx: &Ctx) -> Result<Upstream, 
             Err(RefuseReason::NoEndpoints)
         }
         Resolution::Service { service, .. } => Ok(Upstream::Service {
+            target: dst,
             name: service.clone(),
             endpoints: res.clone(),
         }),
@@ -231,7 +234,9 @@ async fn connect(
                 }
             }
         }
-        Upstream::Service { name, endpoints } => (name, endpoints.endpoints()),
+        Upstream::Service {
+            name, endpoints, ..
+        } => (name, endpoints.endpoints()),
     };
     let mut tried = Vec::new();
     let mut last = RefuseReason::NotMeshed;
@@ -303,6 +308,21 @@ async fn mesh(app: TcpStream, upstream: Upstream, port: u16, ctx: Arc<Ctx>) {
         .record(started.elapsed().as_secs_f64());
 
     if proto == Protocol::Http2 && upstream_first.is_empty() {
+        if let Upstream::Service {
+            target,
+            name,
+            endpoints,
+        } = upstream
+        {
+            // Per request from here on: the endpoint this connection dialed is only the first.
+            drop(_pick);
+            let svc = balanced_service(target, name, endpoints, port, &ctx);
+            let first = Some((key.addr, stream, peer));
+            if let Err(e) = balance::http2::serve(app, first, svc, ctx.conns.drain_signal()).await {
+                tracing::debug!(error = %e, "balanced outbound HTTP/2 connection ended with error");
+            }
+            return;
+        }
         if let Err(e) = http::proxy(app, stream, proto, labels, ctx.conns.drain_signal()).await {
             tracing::debug!(peer = %peer, error = %e, "outbound HTTP/2 connection ended with error");
         }
@@ -331,6 +351,58 @@ async fn mesh(app: TcpStream, upstream: Upstream, port: u16, ctx: Arc<Ctx>) {
     }
 }
 
+/// How a balanced HTTP/2 connection reaches the Service `name` at `target`: discovery's
+/// current endpoints (the answer it started with while discovery has none), and streams opened
+/// like any other, each pinned to its endpoint's identity.
+fn balanced_service(
+    target: SocketAddr,
+    name: String,
+    first: Arc<Resolution>,
+    port: u16,
+    ctx: &Arc<Ctx>,
+) -> balance::http2::Service<OutboundStream> {
+    let resolver = ctx.discovery.clone();
+    let dial_ctx = ctx.clone();
+    balance::http2::Service {
+        name,
+        endpoints: Box::new(move || {
+            resolver
+                .as_ref()
+                .and_then(|r| r.current(target))
+                .unwrap_or_else(|| first.clone())
+        }),
+        dial: Box::new(move |ep| {
+            let ctx = dial_ctx.clone();
+            let key = Key {
+                addr: ep.addr,
+                expected: ep.identity.clone(),
+            };
+            Box::pin(async move {
+                match open_stream(&key, port, &ctx).await {
+                    Ok(o) => {
+                        let stream = Retrying::new(o.stream, 1, redial(key, port, ctx));
+                        Ok((stream, o.peer))
+                    }
+                    Err(e) => {
+                        dial_failed(&key, &e);
+                        Err(e.reason())
+                    }
+                }
+            })
+        }),
+        balancer: ctx.balancer.clone(),
+        local: ctx.local_label.clone(),
+    }
+}
+
+/// A stream to a peer sidecar as outbound forwards over it: replayed once if the peer's app
+/// refused it.
+type OutboundStream = Retrying<Stream<crate::pool::TlsConn>, Redialer>;
+
+/// Replays a refused stream ([`redial`]).
+type Redialer =
+    Box<dyn FnMut(Vec<u8>, bool) -> Redial<Stream<crate::pool::TlsConn>> + Send + Unpin>;
+
 async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> std::io::Result<()> {
     let mut chunk = [0u8; 1024];
     let n = stream.read(&mut chunk).await?;
@@ -340,12 +412,8 @@ async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> s
 
 /// How a stream the peer's app refused is replayed: a new connection (never a pooled one),
 /// the same OPEN, the bytes the app had sent, and its FIN if it had sent one.
-fn redial(
-    key: Key,
-    port: u16,
-    ctx: Arc<Ctx>,
-) -> impl FnMut(Vec<u8>, bool) -> Redial<Stream<crate::pool::TlsConn>> + Unpin {
-    move |bytes, fin| {
+fn redial(key: Key, port: u16, ctx: Arc<Ctx>) -> Redialer {
+    Box::new(move |bytes, fin| {
         let (key, ctx) = (key.clone(), ctx.clone());
         Box::pin(async move {
             let co = ctx.pool.dial(&key).await.map_err(std::io::Error::other)?;
@@ -359,7 +427,7 @@ fn redial(
             }
             Ok(stream)
         })
-    }
+    })
 }
 
 /// Checks out a tunnel connection and opens a stream on it. A pooled connection that turns

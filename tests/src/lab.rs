@@ -67,6 +67,11 @@
 //! * Expected peer identities (`MOAT_PEER_IDENTITIES`) cannot be expressed through the
 //!   injector; [`DeployOptions::sidecar_env`] adds such variables to the `moat-proxy`
 //!   container's environment after injection (like a kustomize patch on the injected pod).
+//! * There is no Kubernetes API server, so a lab started [`LabOptions::with_discovery`] runs
+//!   moat-destination's own API and index in this process (node namespace, SVID from the
+//!   lab's CA) and feeds the index the objects a watch would list: each pod as it is deployed,
+//!   and the Services and address changes a test publishes. Without it the injector writes
+//!   `--destination-addr off`. The cluster suite runs the real watch.
 //!
 //! # Teardown
 //!
@@ -137,6 +142,10 @@ pub const CA_ADMIN_PORT: u16 = 9090;
 pub const INJECTOR_PORT: u16 = 9443;
 /// `moat-injector` admin port on the node.
 pub const INJECTOR_ADMIN_PORT: u16 = 9091;
+/// The lab's discovery API port on the node ([`LabOptions::with_discovery`]).
+pub const DESTINATION_PORT: u16 = 8086;
+/// The Service network (cluster IPs) of a lab with discovery.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// Prefix length of the lab network.
 pub const PREFIX_LEN: u8 = 24;
 /// Longest a probe is waited for, whatever the spec allows.
@@ -269,6 +278,9 @@ pub struct LabOptions {
     /// `moat-ca serve --cert-ttl` with `--test-allow-short-ttl` (e.g. `"1m"`); `None`: the
     /// CA's default.
     pub cert_ttl: Option<String>,
+    /// Run the discovery service ([`crate::discovery::LabDiscovery`]): sidecars then pin
+    /// every mesh destination's identity from it, and reach Services in [`SERVICE_CIDR`].
+    pub discovery: bool,
 }
 
 impl LabOptions {
@@ -278,7 +290,14 @@ impl LabOptions {
             tag: tag.into(),
             subnet,
             cert_ttl: None,
+            discovery: false,
         }
+    }
+
+    /// With the discovery service.
+    pub fn with_discovery(mut self) -> Self {
+        self.discovery = true;
+        self
     }
 
     /// Short-lived certificates.
@@ -465,6 +484,7 @@ pub struct MeshLab {
     pods: Vec<PodRuntime>,
     extra_procs: Vec<Proc>,
     injector: Option<Proc>,
+    discovery: Option<crate::discovery::LabDiscovery>,
     ca: Option<Proc>,
     ca_args: Vec<OsString>,
     net: Option<Lab>,
@@ -643,6 +663,7 @@ impl MeshLab {
             pods: Vec::new(),
             extra_procs: Vec::new(),
             injector: None,
+            discovery: None,
             ca: None,
             ca_args,
             net: Some(net),
@@ -661,6 +682,31 @@ impl MeshLab {
             torn_down: false,
         };
         lab.start_ca()?;
+        let destination_addr = if opts.discovery {
+            let dir = lab.dir_path.join("destination");
+            mkdir(&dir)?;
+            let token_file = dir.join("token");
+            let token = lab
+                .issuer
+                .mint(&TokenSpec::new("moat-system", "moat-destination"))?;
+            write_file(&token_file, token.as_bytes())?;
+            let addr = SocketAddr::from((gateway, DESTINATION_PORT));
+            let d = crate::discovery::LabDiscovery::start(
+                lab.node()?,
+                addr,
+                TRUST_DOMAIN,
+                &lab.ca_url(),
+                &lab.bundle_path,
+                &token_file,
+            )
+            .context("the lab's discovery service")?;
+            lab.discovery = Some(d);
+            addr.to_string()
+        } else {
+            // No discovery: the lab's sidecars pin peers only where a test gives them an
+            // identity.
+            "off".to_string()
+        };
 
         let node = lab.node()?.clone();
         let mut cmd = clean_command(&node, &injector_bin)?;
@@ -678,9 +724,8 @@ impl MeshLab {
             .arg(lab.ca_url())
             .arg("--mesh-networks")
             .arg(&lab.cidr)
-            // No Kubernetes API here, so no discovery service: the lab's sidecars pin peers
-            // only where a test gives them an identity (the cluster suite runs discovery).
-            .args(["--destination-addr", "off"])
+            .args(["--destination-addr", &destination_addr])
+            .args(["--service-networks", SERVICE_CIDR])
             .args(["--trust-domain", TRUST_DOMAIN, "--proxy-image", PROXY_IMAGE])
             .args(["--failure-mode", "closed", "--log-format", "json"])
             // The lab's namespace enforces the mesh; its unmeshed pods (`unmeshed`) are an
@@ -735,6 +780,13 @@ impl MeshLab {
     /// The token issuer the CA trusts.
     pub fn issuer(&self) -> &TokenIssuer {
         &self.issuer
+    }
+
+    /// The discovery service, in a lab started [`LabOptions::with_discovery`].
+    pub fn discovery(&self) -> anyhow::Result<&crate::discovery::LabDiscovery> {
+        self.discovery
+            .as_ref()
+            .context("this lab runs no discovery service (LabOptions::with_discovery)")
     }
 
     /// The lab's working directory (pods' volumes and logs, CA and injector files).
@@ -897,6 +949,11 @@ impl MeshLab {
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
         let meshed = all_containers(&spec).any(|c| c.name == "moat-proxy");
+        // The API server would now list the pod with its IP; discovery hears of it.
+        if let Some(d) = &self.discovery {
+            d.publish_pod(&spec, ip)
+                .with_context(|| format!("publishing pod {name} to discovery"))?;
+        }
         let handle = PodHandle {
             spiffe_id: format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"),
             name,
@@ -1239,6 +1296,9 @@ impl MeshLab {
         }
         procs.append(&mut self.extra_procs);
         procs.extend(self.injector.take());
+        if let Some(d) = self.discovery.take() {
+            d.stop();
+        }
         procs.extend(self.ca.take());
         let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
         t.stopped = procs

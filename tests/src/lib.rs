@@ -15,6 +15,8 @@
 //!   addresses) and the file-descriptor limit it needs.
 //! * [`logs`]: capturing the test process' own `tracing` output, reading a child's JSON logs.
 //! * [`tools`]: external tools (`openssl`, `curl`) that a test requires.
+//! * [`discovery`]: the lab's discovery service (moat-destination's API and index, fed by
+//!   the lab).
 //! * [`lab`]: the mesh lab — pods produced through the real injector and run like a kubelet
 //!   would, in network namespaces (root), plus sniffing and man-in-the-middle tools.
 //! * [`demo`]: the README demo's story (sample apps, three sidecars, traffic, checks), run by
@@ -29,6 +31,7 @@ pub mod bin;
 pub mod ca;
 pub mod cluster;
 pub mod demo;
+pub mod discovery;
 pub mod flood;
 pub mod https;
 pub mod kube_api;

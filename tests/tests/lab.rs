@@ -1,14 +1,15 @@
 //! The mesh lab (root): pods produced by the real `moat-injector` from Kubernetes pod specs and
 //! run like a kubelet would, in network namespaces on one bridge, with the real `moat-ca` and
-//! `moat-proxy`. Six scenarios prove, on one machine, that the mesh is transparent to apps, that
-//! sniffing the node's bridge and man-in-the-middle attacks get nothing, that strangers and
-//! unlisted callers are refused, and that certificates rotate without failing a request, even
-//! through a CA outage. See `moat_e2e::lab` for how pods are produced.
+//! `moat-proxy`. The scenarios prove, on one machine, that the mesh is transparent to apps, that
+//! sniffing the node's bridge and man-in-the-middle attacks get nothing (an insider with a
+//! valid certificate included, once discovery pins identities), that Services are balanced per
+//! HTTP/2 request, that strangers and unlisted callers are refused, and that certificates
+//! rotate without failing a request, even through a CA outage. See `moat_e2e::lab` for how pods are produced.
 //!
 //! The scenarios run one at a time (they share the machine's two cores and the `ip netns`
 //! namespace list they check at the end).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -651,6 +652,206 @@ fn man_in_the_middle_gets_nothing() {
         "mitm (b): note: c, without MOAT_PEER_IDENTITIES, reached the rogue pod (peer {id_attacker})"
     );
     finish(lab, "man in the middle", started);
+}
+
+/// Scenario 3b: discovery. Pod a's sidecar learns who answers at each address from the
+/// discovery service, with no `MOAT_PEER_IDENTITIES`. (1) HTTP/2 requests to a Service's
+/// cluster IP, all on one app connection, are spread over its three endpoints, and so are
+/// HTTP/1 connections; (2) an insider whose sidecar holds a valid SVID of another service
+/// account takes over b's address and is refused as `wrong_identity`, logged and counted;
+/// (3) once discovery says the address now belongs to that pod (IP reuse after b is gone),
+/// a reaches it as its new identity; (4) an address no pod holds is refused.
+#[test]
+fn discovery_pins_every_identity_and_balances_services() {
+    require_netns!();
+    let h2load = moat_e2e::tools::require_tool("h2load");
+    let _one_at_a_time = serial();
+    let started = Instant::now();
+    let subnet = [10, 81, 9];
+    let mut lab = start(LabOptions::new("ds", subnet).with_discovery());
+    let gw = lab.gateway();
+    let a = deploy(&mut lab, client_pod("a", "a"));
+    let b = deploy(&mut lab, server_pod("b", "b"));
+    let rogue = deploy(&mut lab, server_pod("rogue", "attacker"));
+    let api: Vec<PodHandle> = (1..=3)
+        .map(|i| deploy(&mut lab, server_pod(&format!("api-{i}"), "api")))
+        .collect();
+    let (id_b, id_attacker) = (spiffe_id("b"), spiffe_id("attacker"));
+    let whoami = |target| http_get_in(&a.netns, target, "/whoami");
+    let r = expect_reply(whoami(b.addr(HTTP_PORT)), "baseline");
+    assert_eq!(r.text(), "b\n");
+    assert_eq!(
+        value(&a, "moat_proxy_discovery_connected", &[]),
+        1.0,
+        "a's sidecar is not connected to discovery"
+    );
+
+    // (1) A Service: cluster IP 10.96.0.10:80 → the api pods' port 8080.
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
+    let endpoints: Vec<moat_e2e::discovery::EndpointPod> = api
+        .iter()
+        .map(|p| moat_e2e::discovery::EndpointPod {
+            name: p.name.clone(),
+            ip: p.ip,
+        })
+        .collect();
+    lab.discovery()
+        .expect("discovery")
+        .publish_service(lab::NAMESPACE, "api", cluster_ip, 80, HTTP_PORT, &endpoints)
+        .expect("publish the Service");
+    let served = |lab: &MeshLab| -> Vec<u64> {
+        api.iter()
+            .map(|p| lab.app(p).expect("api app").requests())
+            .collect()
+    };
+    let before = served(&lab);
+    let url = format!("http://{cluster_ip}/whoami");
+    let out = a
+        .netns
+        .command(&h2load)
+        .args(["-n", "90", "-c", "1", "-m", "1", &url])
+        .output()
+        .expect("run h2load");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("90 succeeded"),
+        "h2load over one connection: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("1 total client(s)") && text.contains("Application protocol: h2c"),
+        "h2load did not use one HTTP/2 connection: {text}"
+    );
+    let per_endpoint: Vec<u64> = served(&lab)
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| n - b)
+        .collect();
+    eprintln!("discovery: 90 HTTP/2 requests on one connection, per endpoint: {per_endpoint:?}");
+    assert!(
+        per_endpoint.iter().all(|n| *n >= 15),
+        "HTTP/2 requests were not balanced per request: {per_endpoint:?}"
+    );
+    let before = served(&lab);
+    for i in 0..30 {
+        let r = expect_reply(
+            whoami(SocketAddr::from((cluster_ip, 80))),
+            &format!("HTTP/1 connection {i} to the Service"),
+        );
+        assert!(r.text().starts_with("api-"), "{}", r.text());
+    }
+    let per_endpoint: Vec<u64> = served(&lab)
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| n - b)
+        .collect();
+    eprintln!("discovery: 30 HTTP/1 connections, per endpoint: {per_endpoint:?}");
+    assert!(
+        per_endpoint.iter().all(|n| *n >= 3),
+        "HTTP/1 connections were not balanced: {per_endpoint:?}"
+    );
+
+    // (2) The insider takes over b's address; discovery still (rightly) says it is b's.
+    let node = lab.node().expect("node").clone();
+    let b_new = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 200);
+    b.netns
+        .readdress(b.ip, b_new, lab::PREFIX_LEN, gw)
+        .expect("move b");
+    rogue
+        .netns
+        .add_address(b.ip, lab::PREFIX_LEN)
+        .expect("rogue takes b's address");
+    for ns in [&a.netns, &node, &rogue.netns] {
+        ns.flush_neighbours().expect("flush");
+    }
+    let refused = |reason: &str| {
+        value(
+            &a,
+            HS_FAIL,
+            &[("direction", "outbound"), ("reason", reason)],
+        )
+    };
+    let rogue_app_before = lab.app(&rogue).expect("rogue app").requests();
+    let before = refused("wrong_identity");
+    for attempt in 0.. {
+        match whoami(b.addr(HTTP_PORT)) {
+            Ok(r) => panic!(
+                "a's app got an answer from the insider: {} {}",
+                r.status,
+                r.text()
+            ),
+            Err(e) => eprintln!("discovery: takeover attempt {attempt}: a's app saw: {e:#}"),
+        }
+        if refused("wrong_identity") > before {
+            break;
+        }
+        assert!(attempt < 5, "a's sidecar never counted wrong_identity");
+    }
+    assert_eq!(
+        lab.app(&rogue).expect("rogue app").requests(),
+        rogue_app_before,
+        "a's request reached the insider's app"
+    );
+    let logs = logged(&a, &[("reason", "wrong_identity"), ("expected", &id_b)]);
+    assert!(!logs.is_empty(), "the refusal is not in a's logs");
+    eprintln!(
+        "discovery: takeover refused, wrong_identity; a logged: {}",
+        logs[0]
+    );
+
+    // (3) b is gone and its IP is reused by the other pod: refused until discovery says so,
+    // then reached as the new identity (its own policy decides the rest).
+    let d = lab.discovery().expect("discovery");
+    d.withdraw_pod(lab::NAMESPACE, "b").expect("withdraw b");
+    d.publish_pod(lab.pod_spec(&rogue).expect("rogue spec"), b.ip)
+        .expect("rogue holds b's IP");
+    let told = Instant::now();
+    let reply = loop {
+        match whoami(b.addr(HTTP_PORT)) {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    told.elapsed() < Duration::from_secs(10),
+                    "the reused address was still refused 10 s after discovery changed: {e:#}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(reply.text(), "rogue\n");
+    assert!(
+        value(
+            &a,
+            HTTP_REQUESTS,
+            &[("direction", "outbound"), ("peer", &id_attacker)]
+        ) >= 1.0,
+        "a's metrics do not name the new identity"
+    );
+    eprintln!(
+        "discovery: the reused address answered as {id_attacker} {:.1?} after discovery said so",
+        told.elapsed()
+    );
+
+    // (4) An address no pod holds: refused, never dialed with any identity.
+    let unknown_before = value(
+        &a,
+        REFUSED,
+        &[("direction", "outbound"), ("reason", "unknown_destination")],
+    );
+    let nobody = SocketAddr::from((
+        Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 250),
+        HTTP_PORT,
+    ));
+    assert!(whoami(nobody).is_err(), "an address no pod holds answered");
+    assert!(
+        value(
+            &a,
+            REFUSED,
+            &[("direction", "outbound"), ("reason", "unknown_destination")]
+        ) > unknown_before,
+        "the unknown address was not refused as unknown_destination"
+    );
+    finish(lab, "discovery", started);
 }
 
 const PUBLIC_ALT_POLICY: &str = "apiVersion: moat.dev/v1

@@ -1,10 +1,13 @@
-//! Picking a Service's endpoint for a new connection: power of two choices over a cost that
-//! is a latency EWMA times the connections in flight (Linkerd's "P2C + peak EWMA"), so a slow
-//! or failing endpoint gets less traffic without a global view.
+//! Picking a Service's endpoint for a new connection or request: power of two choices over a
+//! cost that is a latency EWMA times what is in flight (Linkerd's "P2C + peak EWMA"), so a
+//! slow or failing endpoint gets less traffic without a global view.
 //!
-//! The latency sample is the time to dial the endpoint (TCP connect and mTLS handshake; a
-//! stream over a pooled connection says nothing and is not sampled); a failed dial is
-//! recorded as a large sample so the endpoint is avoided until it answers quickly again.
+//! Opaque TCP and HTTP/1 are balanced per connection, and their latency sample is the time to
+//! dial the endpoint (TCP connect and mTLS handshake; a stream over a pooled connection says
+//! nothing and is not sampled). HTTP/2 (so gRPC) is balanced per request ([`http2`]), and its
+//! sample is the time to the response head. A failure is recorded as a large sample so the
+//! endpoint is avoided until it answers quickly again.
+//!
 //! Estimates below [`FLOOR`] count as equal: sub-millisecond differences between handshakes
 //! are noise, and letting them decide would starve an endpoint whose one sample came out a
 //! little slower (its estimate only moves when it is picked). Among equals, the connections
@@ -17,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moat_core::discovery::Endpoint;
+
+pub(crate) mod http2;
 
 /// How fast the estimate forgets: after this long without samples, a past peak (a slow
 /// answer or a failed connect) has decayed to 37 % of its distance from the starting estimate.
@@ -90,7 +95,7 @@ pub struct Balancer {
     stats: Mutex<HashMap<SocketAddr, Arc<Stats>>>,
 }
 
-/// A chosen endpoint, counted as in flight until dropped.
+/// A chosen endpoint, counted as in flight (a connection, or an HTTP/2 request) until dropped.
 #[derive(Debug)]
 pub struct Pick {
     /// The endpoint.
@@ -101,6 +106,11 @@ pub struct Pick {
 impl Pick {
     /// Records how long dialing the endpoint took (TCP connect and handshake).
     pub fn dialed(&self, took: Duration) {
+        self.stats.record(took, Instant::now());
+    }
+
+    /// Records how long a request took to its response head.
+    pub fn answered(&self, took: Duration) {
         self.stats.record(took, Instant::now());
     }
 

@@ -1,0 +1,456 @@
+//! Per-request balancing of an app's HTTP/2 connection (so gRPC too) over a Service's
+//! endpoints.
+//!
+//! The app's connection is served by a hyper server. Each request takes the Service's endpoints
+//! from discovery's latest answer, picks one with [`Balancer`] and goes out on that endpoint's
+//! own HTTP/2 connection: a tunnel stream pinned to the endpoint's identity, dialed on first
+//! use and then shared by every request of this app connection that picks the endpoint.
+//!
+//! * An endpoint that leaves the Service gets no new request; its connection is let go and
+//!   closes once the requests on it have finished, so scaling down fails none.
+//! * A request that could not be sent (the dial failed, or the endpoint's connection was
+//!   closing) goes to another endpoint. A request that was sent is never replayed: it may not
+//!   be idempotent, so the app gets a 502 marked [`PROXY_ERROR`](crate::http::PROXY_ERROR).
+//! * An endpoint stays "in flight" for the balancer until its response head arrives.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ::http::{Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::TokioIo;
+use moat_core::discovery::{Endpoint, Resolution};
+use moat_core::spiffe::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::Balancer;
+use crate::http::{self, Body, ReqMetrics};
+use crate::metrics::{self as m, Direction, RefuseReason};
+
+/// How many endpoints one request tries before the app gets a 503.
+const MAX_ATTEMPTS: usize = 3;
+
+/// A dial in progress: the stream to an endpoint, and the identity it proved.
+pub(crate) type Dialing<S> =
+    Pin<Box<dyn Future<Output = Result<(S, SpiffeId), RefuseReason>> + Send>>;
+
+/// Starts a dial to an endpoint.
+pub(crate) type Dialer<S> = Box<dyn Fn(&Endpoint) -> Dialing<S> + Send + Sync>;
+
+/// What a balanced connection needs from the rest of the proxy.
+pub(crate) struct Service<S> {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    /// The Service's endpoints now (discovery's latest answer; cheap to call per request).
+    pub endpoints: Box<dyn Fn() -> Arc<Resolution> + Send + Sync>,
+    /// Opens a stream to an endpoint, verified as the endpoint's identity in the handshake.
+    pub dial: Dialer<S>,
+    /// Endpoint load, shared with the rest of the proxy.
+    pub balancer: Arc<Balancer>,
+    /// Our own identity, for metrics.
+    pub local: Arc<str>,
+}
+
+/// One endpoint's HTTP/2 connection.
+#[derive(Clone)]
+struct Upstream {
+    sender: SendRequest<Incoming>,
+    metrics: Arc<ReqMetrics>,
+}
+
+struct Conns {
+    /// The answer `by_addr` was last pruned against.
+    seen: Arc<Resolution>,
+    by_addr: HashMap<SocketAddr, Upstream>,
+}
+
+struct Shared<S> {
+    svc: Service<S>,
+    conns: Mutex<Conns>,
+}
+
+impl<S> Shared<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn conns(&self) -> std::sync::MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current endpoints; connections to endpoints no longer listed are let go (their
+    /// requests in flight finish, then the connection closes).
+    fn endpoints(&self) -> Arc<Resolution> {
+        let now = (self.svc.endpoints)();
+        let mut conns = self.conns();
+        if !Arc::ptr_eq(&conns.seen, &now) {
+            let listed = now.endpoints();
+            conns
+                .by_addr
+                .retain(|addr, _| listed.iter().any(|e| e.addr == *addr));
+            conns.seen = now.clone();
+        }
+        now
+    }
+
+    /// The endpoint's connection, dialed now if there is none (or it is closing).
+    async fn upstream(&self, ep: &Endpoint) -> Result<Upstream, RefuseReason> {
+        if let Some(up) = self.conns().by_addr.get(&ep.addr) {
+            if up.sender.is_ready() {
+                return Ok(up.clone());
+            }
+        }
+        let (io, peer) = (self.svc.dial)(ep).await?;
+        let up = self.attach(ep.addr, io, &peer).await?;
+        Ok(up)
+    }
+
+    /// Starts HTTP/2 over a dialed stream and keeps it as `addr`'s connection.
+    async fn attach(
+        &self,
+        addr: SocketAddr,
+        io: S,
+        peer: &SpiffeId,
+    ) -> Result<Upstream, RefuseReason> {
+        let (sender, conn) = http::http2_client()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| {
+                tracing::debug!(endpoint = %addr, error = %e, "HTTP/2 handshake with the endpoint failed");
+                RefuseReason::ConnectFailed
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %addr, error = %e, "endpoint HTTP/2 connection ended");
+            }
+        });
+        let up = Upstream {
+            sender,
+            metrics: Arc::new(ReqMetrics::new(
+                Direction::Outbound,
+                peer.as_str(),
+                &self.svc.local,
+            )),
+        };
+        self.conns().by_addr.insert(addr, up.clone());
+        Ok(up)
+    }
+
+    fn forget(&self, addr: SocketAddr, broken: &Upstream) {
+        let mut conns = self.conns();
+        if conns
+            .by_addr
+            .get(&addr)
+            .is_some_and(|u| u.sender.is_closed() || Arc::ptr_eq(&u.metrics, &broken.metrics))
+        {
+            conns.by_addr.remove(&addr);
+        }
+    }
+
+    /// Sends one request to an endpoint the balancer picks, failing over while it was not
+    /// sent.
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let current = self.endpoints();
+        let mut tried = Vec::new();
+        let mut last = RefuseReason::NoEndpoints;
+        while tried.len() < MAX_ATTEMPTS {
+            let Some(pick) = self.svc.balancer.pick(current.endpoints(), &tried) else {
+                break;
+            };
+            let addr = pick.endpoint.addr;
+            let up = match self.upstream(&pick.endpoint).await {
+                Ok(up) => up,
+                Err(reason) => {
+                    pick.failed();
+                    tracing::info!(service = %self.svc.name, endpoint = %addr, %reason, "endpoint unavailable; trying another");
+                    last = reason;
+                    tried.push(addr);
+                    continue;
+                }
+            };
+            let mut sender = up.sender.clone();
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    pick.answered(start.elapsed());
+                    up.metrics.record(Some(resp.status()), start);
+                    return resp.map(Either::Left);
+                }
+                Err(mut e) => {
+                    pick.failed();
+                    self.forget(addr, &up);
+                    match e.take_message() {
+                        Some(unsent) => {
+                            tracing::debug!(service = %self.svc.name, endpoint = %addr, error = %e.error(), "request not sent; trying another endpoint");
+                            req = unsent;
+                            last = RefuseReason::ConnectFailed;
+                            tried.push(addr);
+                        }
+                        None => {
+                            up.metrics.record(None, start);
+                            return http::upstream_failed(e.error());
+                        }
+                    }
+                }
+            }
+        }
+        m::refused(Direction::Outbound, last);
+        tracing::warn!(service = %self.svc.name, tried = tried.len(), reason = %last, "no endpoint of the Service could take the request");
+        http::synthetic(
+            StatusCode::SERVICE_UNAVAILABLE,
+            http::PROXY_ERROR,
+            last.as_str(),
+            format!(
+                "moat: no endpoint of {} could take the request ({last})\n",
+                self.svc.name
+            ),
+        )
+    }
+}
+
+/// Serves the app's HTTP/2 connection `app`, balancing each request over `svc`'s endpoints,
+/// until either side closes or `drain` asks for a graceful stop. `first` is a stream already
+/// open to one endpoint (the one that decided the protocol), used as that endpoint's
+/// connection.
+pub(crate) async fn serve<C, S>(
+    app: C,
+    first: Option<(SocketAddr, S, SpiffeId)>,
+    svc: Service<S>,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let seen = (svc.endpoints)();
+    let shared = Arc::new(Shared {
+        svc,
+        conns: Mutex::new(Conns {
+            seen,
+            by_addr: HashMap::new(),
+        }),
+    });
+    if let Some((addr, io, peer)) = first {
+        // A failure here only means the first request dials afresh.
+        let _ = shared.attach(addr, io, &peer).await;
+    }
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(shared.forward(req).await) }
+    });
+    let server = http::http2_server().serve_connection(TokioIo::new(app), svc);
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        r = server.as_mut() => r,
+        _ = moat_core::shutdown::signalled(&mut drain) => {
+            server.as_mut().graceful_shutdown();
+            server.await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::rt::TokioExecutor;
+    use tokio::io::DuplexStream;
+
+    const LOCAL: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn identity(sa: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap()
+    }
+
+    fn endpoint(n: u8) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([10, 0, 0, n], 8080)),
+            pod: Some(format!("shop/api-{n}")),
+            identity: Some(identity("api")),
+            meshed: true,
+            zone: None,
+            weight: 1,
+        }
+    }
+
+    fn service(endpoints: &[Endpoint]) -> Arc<Resolution> {
+        Arc::new(Resolution::Service {
+            service: "shop/api".into(),
+            endpoints: endpoints.to_vec(),
+        })
+    }
+
+    /// Endpoints served in memory: each answers with its own address; `/slow` waits for
+    /// `release`. Dials to addresses in `down` fail.
+    #[derive(Clone)]
+    struct Fleet {
+        answer: Arc<Mutex<Arc<Resolution>>>,
+        down: Arc<Mutex<Vec<SocketAddr>>>,
+        dials: Arc<AtomicUsize>,
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    impl Fleet {
+        fn new(endpoints: &[Endpoint]) -> Self {
+            Self {
+                answer: Arc::new(Mutex::new(service(endpoints))),
+                down: Arc::default(),
+                dials: Arc::default(),
+                release: Arc::default(),
+            }
+        }
+
+        fn set(&self, endpoints: &[Endpoint]) {
+            *self.answer.lock().unwrap() = service(endpoints);
+        }
+
+        fn service(&self) -> Service<DuplexStream> {
+            let answer = self.answer.clone();
+            let fleet = self.clone();
+            Service {
+                name: "shop/api".into(),
+                endpoints: Box::new(move || answer.lock().unwrap().clone()),
+                dial: Box::new(move |ep: &Endpoint| {
+                    let (fleet, addr) = (fleet.clone(), ep.addr);
+                    Box::pin(async move {
+                        fleet.dials.fetch_add(1, Ordering::SeqCst);
+                        if fleet.down.lock().unwrap().contains(&addr) {
+                            return Err(RefuseReason::ConnectFailed);
+                        }
+                        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                        tokio::spawn(endpoint_server(theirs, addr, fleet.release.clone()));
+                        Ok((ours, identity("api")))
+                    })
+                }),
+                balancer: Arc::new(Balancer::default()),
+                local: Arc::from(LOCAL),
+            }
+        }
+    }
+
+    async fn endpoint_server(
+        io: DuplexStream,
+        addr: SocketAddr,
+        release: Arc<tokio::sync::Notify>,
+    ) {
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let release = release.clone();
+            async move {
+                if req.uri().path() == "/slow" {
+                    release.notified().await;
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(addr.to_string()))))
+            }
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), svc)
+            .await;
+    }
+
+    /// The app: one HTTP/2 connection to a balanced [`serve`].
+    async fn app(fleet: &Fleet) -> SendRequest<Empty<Bytes>> {
+        let (app, proxy_side) = tokio::io::duplex(64 * 1024);
+        let (_never, drain) = watch::channel(false);
+        let svc = fleet.service();
+        tokio::spawn(async move {
+            let _keep = _never;
+            serve::<_, DuplexStream>(proxy_side, None, svc, drain).await
+        });
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(app))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    async fn get(sender: &SendRequest<Empty<Bytes>>, path: &str) -> (StatusCode, String) {
+        let req = Request::get(format!("http://api{path}"))
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.clone().send_request(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn requests_on_one_app_connection_spread_over_every_endpoint() {
+        let eps = [endpoint(1), endpoint(2), endpoint(3)];
+        let fleet = Fleet::new(&eps);
+        let app = app(&fleet).await;
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..300 {
+            let (status, by) = get(&app, "/").await;
+            assert_eq!(status, StatusCode::OK);
+            *counts.entry(by).or_default() += 1;
+        }
+        for ep in &eps {
+            let n = counts.get(&ep.addr.to_string()).copied().unwrap_or(0);
+            assert!(n >= 50, "{} got {n} of 300: {counts:?}", ep.addr);
+        }
+        // One connection per endpoint, reused by every later request.
+        assert_eq!(fleet.dials.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_removed_endpoint_finishes_its_requests_and_gets_no_new_ones() {
+        let (one, two) = (endpoint(1), endpoint(2));
+        let fleet = Fleet::new(std::slice::from_ref(&one));
+        let app = app(&fleet).await;
+        // A slow request in flight on endpoint 1...
+        let slow = tokio::spawn({
+            let app = app.clone();
+            async move { get(&app, "/slow").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...when discovery replaces it with endpoint 2.
+        fleet.set(std::slice::from_ref(&two));
+        for _ in 0..20 {
+            assert_eq!(get(&app, "/").await, (StatusCode::OK, two.addr.to_string()));
+        }
+        fleet.release.notify_waiters();
+        let finished = tokio::time::timeout(Duration::from_secs(5), slow)
+            .await
+            .expect("the request on the removed endpoint finishes")
+            .unwrap();
+        assert_eq!(finished, (StatusCode::OK, one.addr.to_string()));
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_cannot_be_dialed_is_skipped_without_failing_requests() {
+        let eps = [endpoint(1), endpoint(2), endpoint(3)];
+        let fleet = Fleet::new(&eps);
+        fleet.down.lock().unwrap().push(eps[1].addr);
+        let app = app(&fleet).await;
+        for _ in 0..60 {
+            let (status, by) = get(&app, "/").await;
+            assert_eq!(status, StatusCode::OK);
+            assert_ne!(by, eps[1].addr.to_string());
+        }
+    }
+
+    #[tokio::test]
+    async fn with_no_usable_endpoint_the_app_gets_503_marked_as_moats() {
+        let mut unmeshed = endpoint(1);
+        unmeshed.meshed = false;
+        let fleet = Fleet::new(&[unmeshed]);
+        let app = app(&fleet).await;
+        let req = Request::get("http://api/").body(Empty::new()).unwrap();
+        let resp = app.clone().send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[http::PROXY_ERROR], "no_endpoints");
+        assert_eq!(fleet.dials.load(Ordering::SeqCst), 0);
+    }
+}
