@@ -49,4 +49,5 @@ MOAT_CA_BIN="$PWD/target/release/moat-ca" MOAT_PROXY_BIN="$PWD/target/release/mo
 step "benchmark harness (plot script tests, then every benchmark in smoke mode)"
 python3 benches/test_plot.py
 target/release/moat-bench all --smoke --out target/bench-smoke
+target/release/moat-bench discovery --smoke
 printf '\nall checks passed in %ss\n' "$(( $(date +%s) - start ))"

@@ -9,8 +9,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
+
 mod all;
+mod alloc;
 mod ca;
+mod discovery;
 mod injector;
 mod mesh;
 mod phase;
@@ -32,6 +37,8 @@ enum Cmd {
     Injector(injector::InjectorArgs),
     /// Data plane: Moat's sidecar pair against HAProxy and no proxy, side by side.
     Mesh(mesh::MeshArgs),
+    /// Discovery at cluster scale: index memory, one sidecar's state, change fan-out.
+    Discovery(discovery::DiscoveryArgs),
     /// Everything: the data-plane comparison with CA and injector lines, one report.
     All(all::AllArgs),
 }
@@ -40,6 +47,7 @@ enum Cmd {
 fn dispatch(cmd: Cmd) -> anyhow::Result<bool> {
     match cmd {
         Cmd::Ca(args) => ca::main(args),
+        Cmd::Discovery(args) => discovery::main(args),
         Cmd::Mesh(args) => mesh::main(args),
         Cmd::All(args) => all::main(args),
         Cmd::Injector(args) => injector::main(args),

@@ -1,6 +1,9 @@
 //! `POST /v1/watch` (see [`moat_core::discovery`]): answers a sidecar's targets that changed,
 //! or holds the request until one does.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,12 +21,26 @@ use crate::watch::Shared;
 /// Largest request body: `MAX_TARGETS` targets of ~60 bytes each.
 const MAX_BODY: usize = 512 * 1024;
 
+/// Most answers kept between two index changes (beyond it the cache starts afresh).
+const MAX_CACHED: usize = 65_536;
+
 /// The discovery API.
 #[derive(Debug)]
 pub struct Api {
     shared: Shared,
     stop: watch::Receiver<bool>,
     limits: Limits,
+    answers: Mutex<Answers>,
+}
+
+/// Answers computed since the index last changed, shared by every held request. Every change
+/// wakes every held request; with this each target is then resolved (and hashed) once, not
+/// once per sidecar watching it, so a change costs a map lookup per watched target, not a
+/// rebuilt answer: the fan-out stays fast with thousands of sidecars.
+#[derive(Debug, Default)]
+struct Answers {
+    generation: u64,
+    by_target: HashMap<SocketAddr, (u64, Arc<discovery::Resolution>)>,
 }
 
 impl Api {
@@ -33,6 +50,7 @@ impl Api {
             shared,
             stop,
             limits,
+            answers: Mutex::default(),
         }
     }
 
@@ -52,15 +70,26 @@ impl Api {
     /// The targets of `req` whose resolution differs from what the sidecar holds.
     fn changed(&self, req: &WatchRequest) -> Vec<Update> {
         let ix = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        // Read under the index lock: the generation is bumped only after a change is written,
+        // so answers cached under it never predate it.
+        let generation = *self.shared.generation.borrow();
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if answers.generation != generation || answers.by_target.len() >= MAX_CACHED {
+            answers.by_target.clear();
+            answers.generation = generation;
+        }
         req.targets
             .iter()
             .filter_map(|k| {
-                let resolution = ix.resolve(k.target);
-                let version = resolution.version();
-                (version != k.version).then_some(Update {
+                let (version, resolution) =
+                    answers.by_target.entry(k.target).or_insert_with(|| {
+                        let r = ix.resolve(k.target);
+                        (r.version(), Arc::new(r))
+                    });
+                (*version != k.version).then(|| Update {
                     target: k.target,
-                    version,
-                    resolution,
+                    version: *version,
+                    resolution: (**resolution).clone(),
                 })
             })
             .collect()

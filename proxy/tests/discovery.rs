@@ -6,66 +6,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use k8s_openapi::api::core::v1::Pod;
 use moat_core::discovery::{server_identity, Resolution};
 use moat_core::tls::{self, CurrentCert, SpiffeVerifier};
-use moat_core::{TrustBundle, TrustDomain};
+use moat_core::TrustDomain;
 use moat_destination::api::Api;
 use moat_destination::index::Index;
 use moat_destination::watch::Shared;
 use moat_proxy::discovery::{Resolver, Server};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 const TD: &str = "cluster.local";
 
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    bundle: Arc<ArcSwap<TrustBundle>>,
+type Ca = moat_e2e::pki::TestCa;
+
+/// A CurrentCert holding an SVID for `ns/sa`, valid now.
+fn leaf(ca: &Ca, ns: &str, sa: &str) -> Arc<CurrentCert> {
+    ca.svid(ns, sa).unwrap()
 }
 
-impl Ca {
-    fn new() -> Self {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
-        let bundle = TrustBundle::from_certs(vec![issuer.der().clone()]).unwrap();
-        Self {
-            issuer,
-            bundle: Arc::new(ArcSwap::from_pointee(bundle)),
-        }
-    }
-
-    /// A CurrentCert holding an SVID for `ns/sa`, valid now.
-    fn leaf(&self, ns: &str, sa: &str) -> Arc<CurrentCert> {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        let id = format!("spiffe://{TD}/ns/{ns}/sa/{sa}");
-        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ];
-        let now = std::time::SystemTime::now();
-        p.not_before = (now - Duration::from_secs(300)).into();
-        p.not_after = (now + Duration::from_secs(3600)).into();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let ck = moat_core::svid::certified_key(vec![cert.der().clone()], der, &tls::provider())
-            .unwrap();
-        let current = Arc::new(CurrentCert::default());
-        current.set(ck);
-        current
-    }
+fn new_ca() -> Ca {
+    Ca::new(TD).unwrap()
 }
 
 fn td() -> TrustDomain {
@@ -107,7 +70,7 @@ fn client(ca: &Ca, server: SocketAddr) -> (Arc<Resolver>, watch::Sender<bool>) {
     let server = Server::new(
         server.to_string(),
         &td(),
-        ca.leaf("shop", "web"),
+        leaf(ca, "shop", "web"),
         ca.bundle.clone(),
         tls::provider(),
         Duration::from_secs(2),
@@ -128,12 +91,12 @@ fn identity_of(r: Option<Arc<Resolution>>) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_identities_arrive_and_follow_ip_reuse() {
-    let ca = Ca::new();
+    let ca = new_ca();
     assert_eq!(
         server_identity(&td()).as_str(),
         "spiffe://cluster.local/ns/moat-system/sa/moat-destination"
     );
-    let (addr, shared, _stop) = serve(&ca, ca.leaf("moat-system", "moat-destination")).await;
+    let (addr, shared, _stop) = serve(&ca, leaf(&ca, "moat-system", "moat-destination")).await;
     shared.update(|ix| ix.apply_pod(&pod("api-0", "api", "10.0.0.7")).unwrap());
     let (resolver, _client) = client(&ca, addr);
 
@@ -168,9 +131,9 @@ async fn pod_identities_arrive_and_follow_ip_reuse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_another_identity_is_not_believed() {
-    let ca = Ca::new();
+    let ca = new_ca();
     // A valid SVID of the trust domain, but not the discovery service's.
-    let (addr, shared, _stop) = serve(&ca, ca.leaf("shop", "api")).await;
+    let (addr, shared, _stop) = serve(&ca, leaf(&ca, "shop", "api")).await;
     shared.update(|ix| ix.apply_pod(&pod("api-0", "api", "10.0.0.7")).unwrap());
     let (resolver, _client) = client(&ca, addr);
     let r = resolver
@@ -184,8 +147,8 @@ async fn a_server_with_another_identity_is_not_believed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_survive_an_outage_and_new_addresses_wait_bounded() {
-    let ca = Ca::new();
-    let (addr, shared, stop) = serve(&ca, ca.leaf("moat-system", "moat-destination")).await;
+    let ca = new_ca();
+    let (addr, shared, stop) = serve(&ca, leaf(&ca, "moat-system", "moat-destination")).await;
     shared.update(|ix| ix.apply_pod(&pod("api-0", "api", "10.0.0.7")).unwrap());
     let (resolver, _client) = client(&ca, addr);
     let target: SocketAddr = "10.0.0.7:8080".parse().unwrap();

@@ -682,6 +682,7 @@ impl MeshLab {
             torn_down: false,
         };
         lab.start_ca()?;
+        let service_networks = if opts.discovery { SERVICE_CIDR } else { "" };
         let destination_addr = if opts.discovery {
             let dir = lab.dir_path.join("destination");
             mkdir(&dir)?;
@@ -725,7 +726,8 @@ impl MeshLab {
             .arg("--mesh-networks")
             .arg(&lab.cidr)
             .args(["--destination-addr", &destination_addr])
-            .args(["--service-networks", SERVICE_CIDR])
+            // Cluster IPs need discovery (the sidecar refuses the flag without it).
+            .args(["--service-networks", service_networks])
             .args(["--trust-domain", TRUST_DOMAIN, "--proxy-image", PROXY_IMAGE])
             .args(["--failure-mode", "closed", "--log-format", "json"])
             // The lab's namespace enforces the mesh; its unmeshed pods (`unmeshed`) are an

@@ -17,6 +17,7 @@
 //! * [`tools`]: external tools (`openssl`, `curl`) that a test requires.
 //! * [`discovery`]: the lab's discovery service (moat-destination's API and index, fed by
 //!   the lab).
+//! * [`pki`]: an in-process CA issuing SVIDs, for tests and benchmarks without moat-ca.
 //! * [`lab`]: the mesh lab — pods produced through the real injector and run like a kubelet
 //!   would, in network namespaces (root), plus sniffing and man-in-the-middle tools.
 //! * [`demo`]: the README demo's story (sample apps, three sidecars, traffic, checks), run by
@@ -40,6 +41,7 @@ pub mod logs;
 pub mod mesh;
 pub mod net;
 pub mod netns;
+pub mod pki;
 pub mod proc;
 pub mod token;
 pub mod tools;

@@ -18,6 +18,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -64,6 +65,10 @@ pub(crate) struct Service<S> {
 struct Upstream {
     sender: SendRequest<Incoming>,
     metrics: Arc<ReqMetrics>,
+    /// Whether a request has gone out on it: the first also waits for the connection's set-up
+    /// on the far side (the peer sidecar reaching its app, HTTP/2 settings), so its round
+    /// trip says nothing about how fast the endpoint answers and is not sampled.
+    used: Arc<AtomicBool>,
 }
 
 struct Conns {
@@ -138,6 +143,7 @@ where
                 peer.as_str(),
                 &self.svc.local,
             )),
+            used: Arc::new(AtomicBool::new(false)),
         };
         self.conns().by_addr.insert(addr, up.clone());
         Ok(up)
@@ -177,9 +183,16 @@ where
                 }
             };
             let mut sender = up.sender.clone();
+            // The sample is the request's own round trip: a dial it waited for says how far
+            // the endpoint is, not how fast it answers, and one slow handshake would otherwise
+            // keep the endpoint out of the picks until its estimate decays.
+            let sent = Instant::now();
+            let first = !up.used.swap(true, Ordering::Relaxed);
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    pick.answered(start.elapsed());
+                    if !first {
+                        pick.answered(sent.elapsed());
+                    }
                     up.metrics.record(Some(resp.status()), start);
                     return resp.map(Either::Left);
                 }

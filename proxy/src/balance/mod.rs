@@ -5,13 +5,14 @@
 //! Opaque TCP and HTTP/1 are balanced per connection, and their latency sample is the time to
 //! dial the endpoint (TCP connect and mTLS handshake; a stream over a pooled connection says
 //! nothing and is not sampled). HTTP/2 (so gRPC) is balanced per request ([`http2`]), and its
-//! sample is the time to the response head. A failure is recorded as a large sample so the
+//! sample is the time from sending the request to its response head. A failure is recorded as a large sample so the
 //! endpoint is avoided until it answers quickly again.
 //!
-//! Estimates below [`FLOOR`] count as equal: sub-millisecond differences between handshakes
-//! are noise, and letting them decide would starve an endpoint whose one sample came out a
-//! little slower (its estimate only moves when it is picked). Among equals, the connections
-//! in flight decide, then chance.
+//! Estimates below [`FLOOR`] count as equal, and so do estimates within a factor of
+//! [`SIMILAR`] of each other: differences of a few milliseconds between handshakes or answers
+//! are noise on a busy node, and letting them decide would starve an endpoint whose one sample
+//! came out a little slower (its estimate only moves when it is picked). Among equals, what is
+//! in flight decides, then chance; only a clearly slower endpoint loses on latency.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,12 +25,14 @@ use moat_core::discovery::Endpoint;
 pub(crate) mod http2;
 
 /// How fast the estimate forgets: after this long without samples, a past peak (a slow
-/// answer or a failed connect) has decayed to 37 % of its distance from the starting estimate.
+/// answer or a failed connect) has decayed to 37 %.
 const DECAY: Duration = Duration::from_secs(10);
 /// The sample recorded for a failed connect.
 const FAILURE_PENALTY: Duration = Duration::from_secs(1);
-/// Estimates below this are equal (see the module docs); penalties decay back to it.
+/// Estimates below this are equal (see the module docs).
 const FLOOR: Duration = Duration::from_millis(5);
+/// Estimates within this factor of each other are equal (see the module docs).
+const SIMILAR: f64 = 2.0;
 /// Most endpoints tracked; stats of endpoints gone from every Service are dropped beyond it.
 const MAX_TRACKED: usize = 16_384;
 
@@ -56,9 +59,13 @@ impl Stats {
         decayed(ewma, now.saturating_duration_since(at))
     }
 
+    /// The estimate, never below [`FLOOR`].
+    fn floored(&self, now: Instant) -> f64 {
+        self.estimate(now).max(FLOOR.as_nanos() as f64)
+    }
+
     fn cost(&self, now: Instant) -> f64 {
-        let estimate = self.estimate(now).max(FLOOR.as_nanos() as f64);
-        estimate * f64::from(self.active.load(Ordering::Relaxed) + 1)
+        self.floored(now) * f64::from(self.active.load(Ordering::Relaxed) + 1)
     }
 
     fn record(&self, sample: Duration, now: Instant) {
@@ -81,12 +88,12 @@ impl Stats {
     }
 }
 
+/// The estimate `elapsed` after it was last updated. It decays toward zero, not toward the
+/// floor: an endpoint not picked because of one slow answer gets no new sample, so its
+/// estimate must fall below [`FLOOR`] by itself for it to tie with the others again (decaying
+/// toward the floor would leave it a hair above forever, never picked while the others idle).
 fn decayed(ewma: f64, elapsed: Duration) -> f64 {
-    let initial = FLOOR.as_nanos() as f64;
-    if ewma <= initial {
-        return ewma;
-    }
-    initial + (ewma - initial) * (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
+    ewma * (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
 }
 
 /// Per-endpoint load, shared by every Service that lists the endpoint.
@@ -147,8 +154,17 @@ impl Balancer {
                 let (ea, eb) = (usable[a], usable[b]);
                 let (sa, sb) = (self.stats(ea.addr), self.stats(eb.addr));
                 let now = Instant::now();
-                // Weights scale the cost down: an endpoint of weight 2 counts as half as loaded.
-                if sa.cost(now) / f64::from(ea.weight) <= sb.cost(now) / f64::from(eb.weight) {
+                let (fa, fb) = (sa.floored(now), sb.floored(now));
+                // Weights scale the load down: an endpoint of weight 2 counts as half as loaded.
+                let (wa, wb) = (f64::from(ea.weight), f64::from(eb.weight));
+                let a_wins = if fa.max(fb) <= SIMILAR * fa.min(fb) {
+                    let load = |s: &Stats, w: f64| f64::from(s.active.load(Ordering::Relaxed)) / w;
+                    // `a` is already a random choice: it wins ties.
+                    load(&sa, wa) <= load(&sb, wb)
+                } else {
+                    sa.cost(now) / wa <= sb.cost(now) / wb
+                };
+                if a_wins {
                     ea
                 } else {
                     eb
@@ -287,6 +303,35 @@ mod tests {
         // And a fast answer then pulls the estimate down.
         s.record(Duration::from_micros(300), t0 + Duration::from_secs(60));
         assert!(s.estimate(t0 + Duration::from_secs(60)) < later);
+    }
+
+    #[test]
+    fn one_slow_answer_stops_counting_once_decayed_below_the_floor() {
+        let (slow, fresh) = (Stats::new(), Stats::new());
+        let t0 = Instant::now();
+        slow.record(Duration::from_millis(10), t0);
+        assert!(slow.cost(t0) > fresh.cost(t0));
+        // 10 ms falls under the 5 ms floor after DECAY * ln 2 (about 7 s): equal again, so
+        // the endpoint is picked (and sampled) again even while nothing is in flight.
+        let later = t0 + DECAY;
+        assert_eq!(slow.cost(later), fresh.cost(later));
+    }
+
+    #[test]
+    fn a_somewhat_slower_sample_does_not_starve_an_endpoint_with_nothing_in_flight() {
+        let b = Balancer::default();
+        let eps = vec![ep("10.0.0.1:80", true), ep("10.0.0.2:80", true)];
+        let now = Instant::now();
+        b.stats(eps[0].addr).record(Duration::from_micros(800), now);
+        // A handshake that took 8 ms on a busy node: within a factor of two of the floor.
+        b.stats(eps[1].addr).record(Duration::from_millis(8), now);
+        let picked_slower = (0..400)
+            .filter(|_| b.pick(&eps, &[]).unwrap().endpoint.addr == eps[1].addr)
+            .count();
+        assert!(
+            (120..=280).contains(&picked_slower),
+            "{picked_slower} of 400"
+        );
     }
 
     #[test]
