@@ -111,7 +111,7 @@ pub(crate) fn synthetic(
     r
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+pub(crate) fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.headers()
         .get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
@@ -124,9 +124,11 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// HTTP/1 server settings. The request-head timeout (slowloris protection) is for callers
 /// from the network; our own app on the outbound side is not held to it, which also saves a
 /// timer per request on the busiest path.
-fn http1_server(dir: Direction) -> hyper::server::conn::http1::Builder {
+pub(crate) fn http1_server(dir: Direction) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.max_buf_size(MAX_HEADER_BYTES);
+    // A client that shuts its write side after its request (`curl -T`, `nc -N`, scripts)
+    // still gets its answer, as it would from the app itself.
+    b.max_buf_size(MAX_HEADER_BYTES).half_close(true);
     if dir == Direction::Inbound {
         b.timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30));
@@ -139,6 +141,13 @@ pub(crate) fn http2_server() -> hyper::server::conn::http2::Builder<TokioExecuto
     b.timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(1024);
+    b
+}
+
+/// HTTP/1 client settings for the upstream side (a tunnel stream or the app).
+pub(crate) fn http1_client() -> hyper::client::conn::http1::Builder {
+    let mut b = hyper::client::conn::http1::Builder::new();
+    b.max_buf_size(MAX_HEADER_BYTES);
     b
 }
 
@@ -202,10 +211,7 @@ where
         }
     }
 
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(MAX_HEADER_BYTES)
-        .handshake(TokioIo::new(upstream))
-        .await?;
+    let (sender, conn) = http1_client().handshake(TokioIo::new(upstream)).await?;
     let sender = Arc::new(tokio::sync::Mutex::new(sender));
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let sender = sender.clone();
@@ -286,7 +292,10 @@ pub(crate) fn upstream_failed(e: &hyper::Error) -> Response<Body> {
     )
 }
 
-async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+pub(crate) async fn splice_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
     let (Ok(c), Ok(u)) = tokio::join!(client, upstream) else {
         return;
     };

@@ -307,22 +307,33 @@ async fn mesh(app: TcpStream, upstream: Upstream, port: u16, ctx: Arc<Ctx>) {
     metrics::histogram!(m::DETECT_DURATION, "direction" => "outbound", "protocol" => proto.label())
         .record(started.elapsed().as_secs_f64());
 
-    if proto == Protocol::Http2 && upstream_first.is_empty() {
-        if let Upstream::Service {
+    // HTTP to a Service is balanced per request: the endpoint this connection dialed (to
+    // detect the protocol) is only the first. A server that spoke first is not HTTP.
+    let version = match proto {
+        Protocol::Http1 => Some(balance::requests::Version::Http1),
+        Protocol::Http2 => Some(balance::requests::Version::Http2),
+        _ => None,
+    };
+    if let (
+        Some(version),
+        true,
+        Upstream::Service {
             target,
             name,
             endpoints,
-        } = upstream
-        {
-            // Per request from here on: the endpoint this connection dialed is only the first.
-            drop(_pick);
-            let svc = balanced_service(target, name, endpoints, port, &ctx);
-            let first = Some((key.addr, stream, peer));
-            if let Err(e) = balance::http2::serve(app, first, svc, ctx.conns.drain_signal()).await {
-                tracing::debug!(error = %e, "balanced outbound HTTP/2 connection ended with error");
-            }
-            return;
+        },
+    ) = (version, upstream_first.is_empty(), upstream)
+    {
+        drop(_pick);
+        let svc = balanced_service(target, name, endpoints, port, &ctx);
+        let first = Some((key.addr, stream, peer));
+        let drain = ctx.conns.drain_signal();
+        if let Err(e) = balance::requests::serve(app, version, first, svc, drain).await {
+            tracing::debug!(error = %e, "balanced outbound HTTP connection ended with error");
         }
+        return;
+    }
+    if proto == Protocol::Http2 && upstream_first.is_empty() {
         if let Err(e) = http::proxy(app, stream, proto, labels, ctx.conns.drain_signal()).await {
             tracing::debug!(peer = %peer, error = %e, "outbound HTTP/2 connection ended with error");
         }
@@ -351,7 +362,7 @@ async fn mesh(app: TcpStream, upstream: Upstream, port: u16, ctx: Arc<Ctx>) {
     }
 }
 
-/// How a balanced HTTP/2 connection reaches the Service `name` at `target`: discovery's
+/// How a balanced HTTP connection reaches the Service `name` at `target`: discovery's
 /// current endpoints (the answer it started with while discovery has none), and streams opened
 /// like any other, each pinned to its endpoint's identity.
 fn balanced_service(
@@ -360,10 +371,10 @@ fn balanced_service(
     first: Arc<Resolution>,
     port: u16,
     ctx: &Arc<Ctx>,
-) -> balance::http2::Service<OutboundStream> {
+) -> balance::requests::Service<OutboundStream> {
     let resolver = ctx.discovery.clone();
     let dial_ctx = ctx.clone();
-    balance::http2::Service {
+    balance::requests::Service {
         name,
         endpoints: Box::new(move || {
             resolver

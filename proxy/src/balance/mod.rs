@@ -2,10 +2,10 @@
 //! cost that is a latency EWMA times what is in flight (Linkerd's "P2C + peak EWMA"), so a
 //! slow or failing endpoint gets less traffic without a global view.
 //!
-//! Opaque TCP and HTTP/1 are balanced per connection, and their latency sample is the time to
-//! dial the endpoint (TCP connect and mTLS handshake; a stream over a pooled connection says
-//! nothing and is not sampled). HTTP/2 (so gRPC) is balanced per request ([`http2`]), and its
-//! sample is the time from sending the request to its response head. A failure is recorded as a large sample so the
+//! Opaque TCP is balanced per connection, and its latency sample is the time to dial the
+//! endpoint (TCP connect and mTLS handshake; a stream over a pooled connection says nothing
+//! and is not sampled). HTTP/1 and HTTP/2 (so gRPC) are balanced per request ([`requests`]),
+//! and their sample is the time from sending the request to its response head. A failure is recorded as a large sample so the
 //! endpoint is avoided until it answers quickly again.
 //!
 //! Estimates below [`FLOOR`] count as equal, and so do estimates within a factor of
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use moat_core::discovery::Endpoint;
 
-pub(crate) mod http2;
+pub(crate) mod requests;
 
 /// How fast the estimate forgets: after this long without samples, a past peak (a slow
 /// answer or a failed connect) has decayed to 37 %.

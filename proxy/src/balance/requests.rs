@@ -1,10 +1,13 @@
-//! Per-request balancing of an app's HTTP/2 connection (so gRPC too) over a Service's
-//! endpoints.
+//! Per-request balancing of an app's HTTP connection (HTTP/1, or HTTP/2 and so gRPC) over a
+//! Service's endpoints.
 //!
 //! The app's connection is served by a hyper server. Each request takes the Service's endpoints
 //! from discovery's latest answer, picks one with [`Balancer`] and goes out on that endpoint's
-//! own HTTP/2 connection: a tunnel stream pinned to the endpoint's identity, dialed on first
-//! use and then shared by every request of this app connection that picks the endpoint.
+//! own connection: a tunnel stream pinned to the endpoint's identity, dialed on first use and
+//! then reused by every later request of this app connection that picks the endpoint (HTTP/2
+//! multiplexes them; HTTP/1 has one request at a time on an app connection, so one connection
+//! per endpoint is enough). An HTTP/1 upgrade (WebSocket) stays on its endpoint's connection,
+//! which then becomes a byte copy.
 //!
 //! * An endpoint that leaves the Service gets no new request; its connection is let go and
 //!   closes once the requests on it have finished, so scaling down fails none.
@@ -25,7 +28,7 @@ use std::time::Instant;
 use ::http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
+use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::TokioIo;
 use moat_core::discovery::{Endpoint, Resolution};
 use moat_core::spiffe::SpiffeId;
@@ -38,6 +41,49 @@ use crate::metrics::{self as m, Direction, RefuseReason};
 
 /// How many endpoints one request tries before the app gets a 503.
 const MAX_ATTEMPTS: usize = 3;
+/// How long an HTTP/1 request waits for its endpoint connection to finish the previous
+/// response's end before another connection is dialed.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The HTTP version spoken with the app, and so with every endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// HTTP/1.1 (and 1.0).
+    Http1,
+    /// HTTP/2 (gRPC).
+    Http2,
+}
+
+/// An endpoint connection's request sender.
+enum Sender {
+    Http1(http1::SendRequest<Incoming>),
+    Http2(http2::SendRequest<Incoming>),
+}
+
+impl Sender {
+    /// Whether a request may be sent on it now (HTTP/1: once the previous response ended).
+    fn usable(&self) -> bool {
+        match self {
+            Sender::Http1(s) => !s.is_closed(),
+            Sender::Http2(s) => s.is_ready(),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+        match self {
+            Sender::Http1(s) => {
+                // The app only sends its next request once it has our last response, whose end
+                // the connection may not have processed yet.
+                let _ = tokio::time::timeout(READY_WAIT, s.ready()).await;
+                s.try_send_request(req).await
+            }
+            Sender::Http2(s) => s.try_send_request(req).await,
+        }
+    }
+}
 
 /// A dial in progress: the stream to an endpoint, and the identity it proved.
 pub(crate) type Dialing<S> =
@@ -60,10 +106,10 @@ pub(crate) struct Service<S> {
     pub local: Arc<str>,
 }
 
-/// One endpoint's HTTP/2 connection.
-#[derive(Clone)]
+/// One endpoint's connection. HTTP/2 ones are shared by the requests in flight (`sender` is
+/// cloned); an HTTP/1 one is taken out of [`Conns`] for its request and put back after.
 struct Upstream {
-    sender: SendRequest<Incoming>,
+    sender: Sender,
     metrics: Arc<ReqMetrics>,
     /// Whether a request has gone out on it: the first also waits for the connection's set-up
     /// on the far side (the peer sidecar reaching its app, HTTP/2 settings), so its round
@@ -79,7 +125,22 @@ struct Conns {
 
 struct Shared<S> {
     svc: Service<S>,
+    version: Version,
     conns: Mutex<Conns>,
+}
+
+impl Upstream {
+    /// A handle for one request: the same connection for HTTP/2.
+    fn share(&self) -> Option<Upstream> {
+        match &self.sender {
+            Sender::Http2(s) => Some(Upstream {
+                sender: Sender::Http2(s.clone()),
+                metrics: self.metrics.clone(),
+                used: self.used.clone(),
+            }),
+            Sender::Http1(_) => None,
+        }
+    }
 }
 
 impl<S> Shared<S>
@@ -105,38 +166,79 @@ where
         now
     }
 
-    /// The endpoint's connection, dialed now if there is none (or it is closing).
+    /// The endpoint's connection for one request, dialed now if there is none usable.
     async fn upstream(&self, ep: &Endpoint) -> Result<Upstream, RefuseReason> {
-        if let Some(up) = self.conns().by_addr.get(&ep.addr) {
-            if up.sender.is_ready() {
-                return Ok(up.clone());
+        {
+            let mut conns = self.conns();
+            if let Some(up) = conns.by_addr.get(&ep.addr) {
+                if up.sender.usable() {
+                    match up.share() {
+                        Some(shared) => return Ok(shared),
+                        None => {
+                            if let Some(up) = conns.by_addr.remove(&ep.addr) {
+                                return Ok(up);
+                            }
+                        }
+                    }
+                }
             }
         }
         let (io, peer) = (self.svc.dial)(ep).await?;
         let up = self.attach(ep.addr, io, &peer).await?;
-        Ok(up)
+        Ok(match up.share() {
+            Some(shared) => {
+                self.conns().by_addr.insert(ep.addr, up);
+                shared
+            }
+            None => up,
+        })
     }
 
-    /// Starts HTTP/2 over a dialed stream and keeps it as `addr`'s connection.
+    /// Puts an HTTP/1 connection back after its request (HTTP/2 ones never left).
+    fn give_back(&self, addr: SocketAddr, up: Upstream) {
+        if let Sender::Http1(_) = up.sender {
+            self.conns().by_addr.insert(addr, up);
+        }
+    }
+
+    /// Starts HTTP over a dialed stream.
     async fn attach(
         &self,
         addr: SocketAddr,
         io: S,
         peer: &SpiffeId,
     ) -> Result<Upstream, RefuseReason> {
-        let (sender, conn) = http::http2_client()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| {
-                tracing::debug!(endpoint = %addr, error = %e, "HTTP/2 handshake with the endpoint failed");
-                RefuseReason::ConnectFailed
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, error = %e, "endpoint HTTP/2 connection ended");
+        let failed = |e: hyper::Error| {
+            tracing::debug!(endpoint = %addr, error = %e, "HTTP handshake with the endpoint failed");
+            RefuseReason::ConnectFailed
+        };
+        let sender = match self.version {
+            Version::Http2 => {
+                let (sender, conn) = http::http2_client()
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(failed)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(endpoint = %addr, error = %e, "endpoint HTTP/2 connection ended");
+                    }
+                });
+                Sender::Http2(sender)
             }
-        });
-        let up = Upstream {
+            Version::Http1 => {
+                let (sender, conn) = http::http1_client()
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(failed)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(endpoint = %addr, error = %e, "endpoint HTTP/1 connection ended");
+                    }
+                });
+                Sender::Http1(sender)
+            }
+        };
+        Ok(Upstream {
             sender,
             metrics: Arc::new(ReqMetrics::new(
                 Direction::Outbound,
@@ -144,17 +246,16 @@ where
                 &self.svc.local,
             )),
             used: Arc::new(AtomicBool::new(false)),
-        };
-        self.conns().by_addr.insert(addr, up.clone());
-        Ok(up)
+        })
     }
 
+    /// Drops `addr`'s connection if it is `broken` (an HTTP/1 one was already taken out).
     fn forget(&self, addr: SocketAddr, broken: &Upstream) {
         let mut conns = self.conns();
         if conns
             .by_addr
             .get(&addr)
-            .is_some_and(|u| u.sender.is_closed() || Arc::ptr_eq(&u.metrics, &broken.metrics))
+            .is_some_and(|u| Arc::ptr_eq(&u.used, &broken.used))
         {
             conns.by_addr.remove(&addr);
         }
@@ -172,7 +273,7 @@ where
                 break;
             };
             let addr = pick.endpoint.addr;
-            let up = match self.upstream(&pick.endpoint).await {
+            let mut up = match self.upstream(&pick.endpoint).await {
                 Ok(up) => up,
                 Err(reason) => {
                     pick.failed();
@@ -182,18 +283,27 @@ where
                     continue;
                 }
             };
-            let mut sender = up.sender.clone();
+            let client_upgrade = (self.version == Version::Http1 && http::is_upgrade(&req))
+                .then(|| hyper::upgrade::on(&mut req));
             // The sample is the request's own round trip: a dial it waited for says how far
             // the endpoint is, not how fast it answers, and one slow handshake would otherwise
             // keep the endpoint out of the picks until its estimate decays.
             let sent = Instant::now();
             let first = !up.used.swap(true, Ordering::Relaxed);
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
+            match up.sender.send(req).await {
+                Ok(mut resp) => {
                     if !first {
                         pick.answered(sent.elapsed());
                     }
                     up.metrics.record(Some(resp.status()), start);
+                    match client_upgrade {
+                        // The connection is the upgraded stream's now: it is not given back.
+                        Some(client) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                            let upstream = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(http::splice_upgrade(client, upstream));
+                        }
+                        _ => self.give_back(addr, up),
+                    }
                     return resp.map(Either::Left);
                 }
                 Err(mut e) => {
@@ -228,15 +338,16 @@ where
     }
 }
 
-/// Serves the app's HTTP/2 connection `app`, balancing each request over `svc`'s endpoints,
-/// until either side closes or `drain` asks for a graceful stop. `first` is a stream already
-/// open to one endpoint (the one that decided the protocol), used as that endpoint's
-/// connection.
+/// Serves the app's connection `app` (speaking `version`), balancing each request over
+/// `svc`'s endpoints, until either side closes or `drain` asks for a graceful stop. `first` is
+/// a stream already open to one endpoint (the one that decided the protocol), used as that
+/// endpoint's connection.
 pub(crate) async fn serve<C, S>(
     app: C,
+    version: Version,
     first: Option<(SocketAddr, S, SpiffeId)>,
     svc: Service<S>,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -245,6 +356,7 @@ where
     let seen = (svc.endpoints)();
     let shared = Arc::new(Shared {
         svc,
+        version,
         conns: Mutex::new(Conns {
             seen,
             by_addr: HashMap::new(),
@@ -252,19 +364,45 @@ where
     });
     if let Some((addr, io, peer)) = first {
         // A failure here only means the first request dials afresh.
-        let _ = shared.attach(addr, io, &peer).await;
+        if let Ok(up) = shared.attach(addr, io, &peer).await {
+            shared.conns().by_addr.insert(addr, up);
+        }
     }
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(shared.forward(req).await) }
     });
-    let server = http::http2_server().serve_connection(TokioIo::new(app), svc);
-    let mut server = std::pin::pin!(server);
+    let io = TokioIo::new(app);
+    match version {
+        Version::Http2 => {
+            let server = http::http2_server().serve_connection(io, svc);
+            until_drained(server, |c| c.graceful_shutdown(), drain).await
+        }
+        Version::Http1 => {
+            let server = http::http1_server(Direction::Outbound)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            until_drained(server, |c| c.graceful_shutdown(), drain).await
+        }
+    }
+}
+
+/// Runs a server connection until it ends, shutting it down gracefully (in-flight requests
+/// finish) once `drain` is signalled.
+async fn until_drained<F>(
+    conn: F,
+    graceful: fn(Pin<&mut F>),
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    F: Future<Output = Result<(), hyper::Error>>,
+{
+    let mut conn = std::pin::pin!(conn);
     tokio::select! {
-        r = server.as_mut() => r,
+        r = conn.as_mut() => r,
         _ = moat_core::shutdown::signalled(&mut drain) => {
-            server.as_mut().graceful_shutdown();
-            server.await
+            graceful(conn.as_mut());
+            conn.await
         }
     }
 }
@@ -366,20 +504,26 @@ mod tests {
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(addr.to_string()))))
             }
         });
-        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(io), svc)
             .await;
     }
 
-    /// The app: one HTTP/2 connection to a balanced [`serve`].
-    async fn app(fleet: &Fleet) -> SendRequest<Empty<Bytes>> {
+    /// The app's side of a balanced [`serve`] speaking `version`.
+    fn connect(fleet: &Fleet, version: Version) -> DuplexStream {
         let (app, proxy_side) = tokio::io::duplex(64 * 1024);
         let (_never, drain) = watch::channel(false);
         let svc = fleet.service();
         tokio::spawn(async move {
             let _keep = _never;
-            serve::<_, DuplexStream>(proxy_side, None, svc, drain).await
+            serve::<_, DuplexStream>(proxy_side, version, None, svc, drain).await
         });
+        app
+    }
+
+    /// The app: one HTTP/2 connection to a balanced [`serve`].
+    async fn app(fleet: &Fleet) -> http2::SendRequest<Empty<Bytes>> {
+        let app = connect(fleet, Version::Http2);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(app))
             .await
@@ -388,7 +532,7 @@ mod tests {
         sender
     }
 
-    async fn get(sender: &SendRequest<Empty<Bytes>>, path: &str) -> (StatusCode, String) {
+    async fn get(sender: &http2::SendRequest<Empty<Bytes>>, path: &str) -> (StatusCode, String) {
         let req = Request::get(format!("http://api{path}"))
             .body(Empty::new())
             .unwrap();
@@ -409,12 +553,66 @@ mod tests {
             assert_eq!(status, StatusCode::OK);
             *counts.entry(by).or_default() += 1;
         }
-        for ep in &eps {
+        assert_spread(&fleet, &eps, &counts, 50);
+    }
+
+    /// Every endpoint answered at least `least` requests, each over one connection.
+    fn assert_spread(
+        fleet: &Fleet,
+        eps: &[Endpoint],
+        counts: &HashMap<String, usize>,
+        least: usize,
+    ) {
+        for ep in eps {
             let n = counts.get(&ep.addr.to_string()).copied().unwrap_or(0);
-            assert!(n >= 50, "{} got {n} of 300: {counts:?}", ep.addr);
+            assert!(n >= least, "{} got {n}: {counts:?}", ep.addr);
         }
         // One connection per endpoint, reused by every later request.
-        assert_eq!(fleet.dials.load(Ordering::SeqCst), 3);
+        assert_eq!(fleet.dials.load(Ordering::SeqCst), eps.len());
+    }
+
+    #[tokio::test]
+    async fn http1_requests_on_one_keep_alive_connection_spread_over_every_endpoint() {
+        let eps = [endpoint(1), endpoint(2), endpoint(3)];
+        let fleet = Fleet::new(&eps);
+        let (mut app, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(connect(&fleet, Version::Http1)))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..150 {
+            app.ready().await.unwrap();
+            let req = Request::get("http://api/")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = app.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            *counts
+                .entry(String::from_utf8_lossy(&body).into_owned())
+                .or_default() += 1;
+        }
+        assert_spread(&fleet, &eps, &counts, 25);
+    }
+
+    #[tokio::test]
+    async fn an_http1_request_followed_by_the_apps_fin_is_still_answered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let fleet = Fleet::new(&[endpoint(1)]);
+        let mut app = connect(&fleet, Version::Http1);
+        app.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+            .await
+            .unwrap();
+        app.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(&endpoint(1).addr.to_string()), "{answer}");
     }
 
     #[tokio::test]
