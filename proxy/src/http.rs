@@ -128,7 +128,11 @@ pub(crate) fn http1_server(dir: Direction) -> hyper::server::conn::http1::Builde
     let mut b = hyper::server::conn::http1::Builder::new();
     // A client that shuts its write side after its request (`curl -T`, `nc -N`, scripts)
     // still gets its answer, as it would from the app itself.
-    b.max_buf_size(MAX_HEADER_BYTES).half_close(true);
+    b.max_buf_size(MAX_HEADER_BYTES)
+        .half_close(true)
+        // Header names go on as the client wrote them (with `http1_client`): some apps match
+        // them case-sensitively, as they could before the mesh.
+        .preserve_header_case(true);
     if dir == Direction::Inbound {
         b.timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30));
@@ -147,7 +151,7 @@ pub(crate) fn http2_server() -> hyper::server::conn::http2::Builder<TokioExecuto
 /// HTTP/1 client settings for the upstream side (a tunnel stream or the app).
 pub(crate) fn http1_client() -> hyper::client::conn::http1::Builder {
     let mut b = hyper::client::conn::http1::Builder::new();
-    b.max_buf_size(MAX_HEADER_BYTES);
+    b.max_buf_size(MAX_HEADER_BYTES).preserve_header_case(true);
     b
 }
 

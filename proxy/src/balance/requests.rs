@@ -616,6 +616,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn http1_header_names_keep_their_case_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<String>();
+        let seen_tx = Arc::new(Mutex::new(Some(seen_tx)));
+        let answer = service(&[endpoint(1)]);
+        let svc = Service {
+            name: "shop/api".into(),
+            endpoints: Box::new(move || answer.clone()),
+            // The endpoint reads the raw request and answers with its own header case.
+            dial: Box::new(move |_ep: &Endpoint| {
+                let seen_tx = seen_tx.clone();
+                Box::pin(async move {
+                    let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+                    tokio::spawn(async move {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            if theirs.read(&mut byte).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push(byte[0]);
+                        }
+                        if let Some(tx) = seen_tx.lock().unwrap().take() {
+                            let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                        }
+                        let reply =
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Reply-Case: y\r\n\r\nok";
+                        let _ = theirs.write_all(reply).await;
+                        let _ = theirs.read(&mut byte).await;
+                    });
+                    Ok((ours, identity("api")))
+                })
+            }),
+            balancer: Arc::new(Balancer::default()),
+            local: Arc::from(LOCAL),
+        };
+        let (mut app, proxy_side) = tokio::io::duplex(64 * 1024);
+        let (_never, drain) = watch::channel(false);
+        tokio::spawn(async move {
+            let _keep = _never;
+            serve::<_, DuplexStream>(proxy_side, Version::Http1, None, svc, drain).await
+        });
+        app.write_all(b"GET / HTTP/1.1\r\nHost: api\r\nX-Mixed-Case: 1\r\n\r\n")
+            .await
+            .unwrap();
+        let forwarded = tokio::time::timeout(Duration::from_secs(5), seen_rx)
+            .await
+            .expect("the endpoint got the request")
+            .unwrap();
+        assert!(forwarded.contains("X-Mixed-Case: 1\r\n"), "{forwarded}");
+        let mut reply = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), app.read(&mut reply))
+            .await
+            .expect("answered")
+            .unwrap();
+        let reply = String::from_utf8_lossy(&reply[..n]);
+        assert!(reply.contains("X-Reply-Case: y\r\n"), "{reply}");
+    }
+
+    #[tokio::test]
     async fn a_removed_endpoint_finishes_its_requests_and_gets_no_new_ones() {
         let (one, two) = (endpoint(1), endpoint(2));
         let fleet = Fleet::new(std::slice::from_ref(&one));

@@ -366,7 +366,7 @@ impl Policy {
         self.rules.len()
     }
 
-    /// Rule names in evaluation order, e.g. to pre-register per-rule metrics.
+    /// Rule names in evaluation order.
     pub fn rule_names(&self) -> impl Iterator<Item = &str> + '_ {
         self.rules.iter().map(|r| &*r.name)
     }

@@ -10,7 +10,7 @@ use super::{Family, PortRange, RedirectConfig, INBOUND_CHAIN, OUTBOUND_CHAIN};
 const MULTIPORT_SLOTS: usize = 15;
 
 /// The jump from a built-in chain into one of Moat's chains.
-pub(super) fn jumps() -> [(&'static str, String); 2] {
+fn jumps() -> [(&'static str, String); 2] {
     [
         (
             "PREROUTING",
