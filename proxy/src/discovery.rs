@@ -86,7 +86,7 @@ impl Resolver {
         loop {
             match tokio::time::timeout_at(deadline, answered.changed()).await {
                 Ok(Ok(())) => {
-                    if let Some(r) = self.peek(target) {
+                    if let Some(r) = self.current(target) {
                         metrics::counter!(LOOKUPS, "result" => "fetched").increment(1);
                         return Some(r);
                     }
@@ -135,11 +135,6 @@ impl Resolver {
         drop(map);
         self.wanted.notify_one();
         None
-    }
-
-    fn peek(&self, target: SocketAddr) -> Option<Arc<Resolution>> {
-        let map = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&target).and_then(|e| e.resolution.clone())
     }
 
     /// The next watch request: every address dialed recently, with the version held.
@@ -502,7 +497,7 @@ mod tests {
                 resolution: Resolution::Unknown,
             }],
         });
-        assert!(r.peek(addr("10.0.0.10:80")).is_none());
+        assert!(r.current(addr("10.0.0.10:80")).is_none());
     }
 
     #[test]

@@ -268,6 +268,9 @@ where
         let current = self.endpoints();
         let mut tried = Vec::new();
         let mut last = RefuseReason::NoEndpoints;
+        // Taken once: a request not sent to one endpoint keeps its upgrade for the next.
+        let mut client_upgrade = (self.version == Version::Http1 && http::is_upgrade(&req))
+            .then(|| hyper::upgrade::on(&mut req));
         while tried.len() < MAX_ATTEMPTS {
             let Some(pick) = self.svc.balancer.pick(current.endpoints(), &tried) else {
                 break;
@@ -283,8 +286,6 @@ where
                     continue;
                 }
             };
-            let client_upgrade = (self.version == Version::Http1 && http::is_upgrade(&req))
-                .then(|| hyper::upgrade::on(&mut req));
             // The sample is the request's own round trip: a dial it waited for says how far
             // the endpoint is, not how fast it answers, and one slow handshake would otherwise
             // keep the endpoint out of the picks until its estimate decays.
@@ -296,7 +297,7 @@ where
                         pick.answered(sent.elapsed());
                     }
                     up.metrics.record(Some(resp.status()), start);
-                    match client_upgrade {
+                    match client_upgrade.take() {
                         // The connection is the upgraded stream's now: it is not given back.
                         Some(client) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                             let upstream = hyper::upgrade::on(&mut resp);
