@@ -30,13 +30,15 @@ else
 fi
 step "tests"
 cargo test --release --workspace --locked
-step "cluster suite (Moat on a live one-node Kubernetes, tests/cluster/)"
+step "cluster suite (Moat on a live one-node Kubernetes, tests/cluster/), then the controller benchmark smoke run on it"
 if [[ $(id -u) -eq 0 ]]; then
   trap 'tests/cluster/down.sh >/dev/null 2>&1 || true' EXIT
   cluster_env=$(tests/cluster/up.sh)   # exactly KUBECONFIG=... and KUBECTL=...
   eval "$cluster_env"
   export KUBECONFIG KUBECTL
   MOAT_REQUIRE_CLUSTER_TESTS=1 cargo test --release -p moat-e2e --locked --test cluster
+  # The discovery controller against this live API server, at a tenth of its scale target.
+  target/release/moat-bench controller --smoke
   tests/cluster/down.sh
   trap - EXIT
 else

@@ -20,7 +20,7 @@
 //! an API write to the index). The controller holds one watch per kind (pods, Services,
 //! EndpointSlices) whatever the number of sidecars, which serve from the index alone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,33 +53,80 @@ const SIDECAR_TARGET_MIB: f64 = 2.0;
 /// Target: an EndpointSlice change reaches subscribed sidecars within this, p99.
 const CHANGE_TARGET_MS: f64 = 1000.0;
 
+/// How long EndpointSlice changes took to reach the sidecars watching them.
+#[derive(Debug, Serialize)]
+pub(crate) struct Deliveries {
+    changes: usize,
+    change_deliveries: usize,
+    change_p50_ms: f64,
+    change_p99_ms: f64,
+    change_max_ms: f64,
+    change_target_p99_ms: f64,
+}
+
+impl Deliveries {
+    /// The summary of `changes` changes whose deliveries took `samples` (µs).
+    pub(crate) fn new(changes: usize, mut samples: Vec<u64>) -> Self {
+        samples.sort_unstable();
+        let ms = |q: f64| util::percentile(&samples, q) as f64 / 1000.0;
+        Self {
+            changes,
+            change_deliveries: samples.len(),
+            change_p50_ms: ms(0.50),
+            change_p99_ms: ms(0.99),
+            change_max_ms: samples.last().copied().unwrap_or(0) as f64 / 1000.0,
+            change_target_p99_ms: CHANGE_TARGET_MS,
+        }
+    }
+
+    /// Whether the p99 target was met.
+    pub(crate) fn met(&self) -> bool {
+        self.change_p99_ms < self.change_target_p99_ms
+    }
+
+    /// One line for the console: "`changes` EndpointSlice `what`, ... deliveries ...".
+    pub(crate) fn line(&self, what: &str) -> String {
+        format!(
+            "{} EndpointSlice {what}, {} deliveries to subscribed sidecars: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < {:.0} ms)",
+            self.changes, self.change_deliveries, self.change_p50_ms, self.change_p99_ms, self.change_max_ms, self.change_target_p99_ms
+        )
+    }
+}
+
+/// The cluster both discovery benchmarks build, and how they report.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ScaleArgs {
+    /// Pods.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) pods: usize,
+    /// Services (each with one EndpointSlice).
+    #[arg(long, default_value_t = 200)]
+    pub(crate) services: usize,
+    /// Endpoints over all Services (spread evenly; at least one per Service).
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) endpoints: usize,
+    /// Services each sidecar talks to.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) per_sidecar: usize,
+    /// A quick run at a tenth of the scale (checks the harness, not the targets).
+    #[arg(long)]
+    pub(crate) smoke: bool,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub(crate) json: Option<std::path::PathBuf>,
+}
+
 /// Options of `moat-bench discovery`.
 #[derive(Args, Debug, Clone)]
 pub struct DiscoveryArgs {
-    /// Pods in the index.
-    #[arg(long, default_value_t = 10_000)]
-    pods: usize,
-    /// Services (each with one EndpointSlice).
-    #[arg(long, default_value_t = 200)]
-    services: usize,
-    /// Endpoints over all Services (spread evenly; must be at least one per Service).
-    #[arg(long, default_value_t = 20_000)]
-    endpoints: usize,
+    #[command(flatten)]
+    scale: ScaleArgs,
     /// Subscribed sidecars.
     #[arg(long, default_value_t = 100)]
     sidecars: usize,
-    /// Services each sidecar talks to.
-    #[arg(long, default_value_t = 50)]
-    per_sidecar: usize,
     /// EndpointSlice changes timed.
     #[arg(long, default_value_t = 200)]
     changes: usize,
-    /// A quick run at a tenth of the scale (checks the harness, not the targets).
-    #[arg(long)]
-    smoke: bool,
-    /// Write the report as JSON here.
-    #[arg(long)]
-    json: Option<std::path::PathBuf>,
 }
 
 /// What the run measured.
@@ -94,34 +141,33 @@ struct Report {
     index_target_mib: f64,
     sidecar_state_kib: f64,
     sidecar_target_mib: f64,
-    changes: usize,
-    change_deliveries: usize,
-    change_p50_ms: f64,
-    change_p99_ms: f64,
-    change_max_ms: f64,
-    change_target_p99_ms: f64,
+    #[serde(flatten)]
+    changes: Deliveries,
 }
 
 /// Runs the benchmark; `Ok(false)` when an answer was missing or wrong.
 pub fn main(mut args: DiscoveryArgs) -> anyhow::Result<bool> {
-    if args.smoke {
-        args.pods /= 10;
-        args.services = (args.services / 10).max(args.per_sidecar);
-        args.endpoints /= 10;
+    if args.scale.smoke {
+        args.scale.pods /= 10;
+        args.scale.services = (args.scale.services / 10).max(args.scale.per_sidecar);
+        args.scale.endpoints /= 10;
         args.sidecars = (args.sidecars / 10).max(1);
         args.changes = (args.changes / 10).max(1);
     }
-    if args.services == 0 || args.endpoints < args.services || args.pods == 0 {
+    if args.scale.services == 0
+        || args.scale.endpoints < args.scale.services
+        || args.scale.pods == 0
+    {
         bail!("need at least one pod, one Service and one endpoint per Service");
     }
-    if args.per_sidecar > args.services {
+    if args.scale.per_sidecar > args.scale.services {
         bail!(
             "--per-sidecar {} exceeds --services {}",
-            args.per_sidecar,
-            args.services
+            args.scale.per_sidecar,
+            args.scale.services
         );
     }
-    if args.pods > 250 * 256 * 256 {
+    if args.scale.pods > 250 * 256 * 256 {
         bail!("at most {} pods", 250 * 256 * 256);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -140,14 +186,11 @@ pub fn main(mut args: DiscoveryArgs) -> anyhow::Result<bool> {
         report.sidecar_state_kib,
         report.sidecar_target_mib
     );
-    println!(
-        "discovery: {} EndpointSlice changes, {} deliveries to subscribed sidecars: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < {:.0} ms)",
-        report.changes, report.change_deliveries, report.change_p50_ms, report.change_p99_ms, report.change_max_ms, report.change_target_p99_ms
-    );
+    println!("discovery: {}", report.changes.line("changes"));
     let met = [
         report.index_mib < INDEX_TARGET_MIB,
         report.sidecar_state_kib < SIDECAR_TARGET_MIB * 1024.0,
-        report.change_p99_ms < CHANGE_TARGET_MS,
+        report.changes.met(),
     ];
     println!(
         "discovery: targets {}",
@@ -157,7 +200,7 @@ pub fn main(mut args: DiscoveryArgs) -> anyhow::Result<bool> {
             "MISSED"
         }
     );
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.scale.json {
         crate::phase::write_json(path, &report)?;
     }
     Ok(true)
@@ -220,24 +263,107 @@ fn slice(
 }
 
 /// The Services a sidecar watches: (Service number, cluster IP and port).
-type Targets = Vec<(usize, SocketAddr)>;
+pub(crate) type Targets = Vec<(usize, SocketAddr)>;
+
+/// A subscribed sidecar: its resolver and what it watches.
+pub(crate) type Sidecar = (Arc<Resolver>, Targets);
+
+/// Starts a sidecar's discovery client against `server` and subscribes it to `wanted`,
+/// registering every target first (as concurrent app connections would); fails unless
+/// Service `j` answers with `endpoints(j)` endpoints.
+pub(crate) async fn subscribe(
+    server: Server,
+    wanted: Targets,
+    endpoints: impl Fn(usize) -> usize,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Sidecar> {
+    let resolver = Arc::new(Resolver::default());
+    tokio::spawn(resolver.clone().run(server, stop));
+    for (_, t) in &wanted {
+        let _ = resolver.resolve(*t, Duration::ZERO).await;
+    }
+    for (j, t) in &wanted {
+        match resolver
+            .resolve(*t, Duration::from_secs(30))
+            .await
+            .as_deref()
+        {
+            Some(Resolution::Service { endpoints: e, .. }) if e.len() == endpoints(*j) => {}
+            other => bail!("Service svc-{j} answered {other:?}"),
+        }
+    }
+    Ok((resolver, wanted))
+}
+
+/// Who watches each Service: (sidecar number, target).
+pub(crate) fn watchers(sidecars: &[Sidecar]) -> BTreeMap<usize, Vec<(usize, SocketAddr)>> {
+    let mut w: BTreeMap<usize, Vec<(usize, SocketAddr)>> = BTreeMap::new();
+    for (s, (_, wanted)) in sidecars.iter().enumerate() {
+        for (j, t) in wanted {
+            w.entry(*j).or_default().push((s, *t));
+        }
+    }
+    w
+}
+
+/// What each of `subscribers` holds now, to tell a change's answer from the old one.
+pub(crate) fn held(
+    sidecars: &[Sidecar],
+    subscribers: &[(usize, SocketAddr)],
+) -> anyhow::Result<Vec<Arc<Resolution>>> {
+    subscribers
+        .iter()
+        .map(|(s, t)| sidecars[*s].0.current(*t).context("no answer held"))
+        .collect()
+}
+
+/// Waits until each of `subscribers` holds an answer other than its `held` one, pushing each
+/// delay since `t0` (µs) to `samples`; fails after 10 s.
+pub(crate) async fn await_deliveries(
+    sidecars: &[Sidecar],
+    subscribers: &[(usize, SocketAddr)],
+    held: &[Arc<Resolution>],
+    t0: Instant,
+    samples: &mut Vec<u64>,
+) -> anyhow::Result<()> {
+    let mut pending: Vec<usize> = (0..subscribers.len()).collect();
+    while !pending.is_empty() {
+        let now = t0.elapsed();
+        pending.retain(|&k| {
+            let (s, t) = subscribers[k];
+            let changed = sidecars[s]
+                .0
+                .current(t)
+                .is_some_and(|r| !Arc::ptr_eq(&r, &held[k]));
+            if changed {
+                samples.push(now.as_micros() as u64);
+            }
+            !changed
+        });
+        if now > Duration::from_secs(10) {
+            bail!("{} sidecars did not get the change in 10 s", pending.len());
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Ok(())
+}
 
 async fn run(args: &DiscoveryArgs) -> anyhow::Result<Report> {
     let td = TrustDomain::new(TD)?;
-    let per = args.endpoints / args.services;
+    let per = args.scale.endpoints / args.scale.services;
 
     // 1. The index, as the watch would fill it.
     alloc::start_counting();
     let before = alloc::net_bytes();
     let index = Shared::new(Index::new(td.clone()));
-    for i in 0..args.pods {
+    for i in 0..args.scale.pods {
         let p = pod(i)?;
         index
             .update(|ix| ix.apply_pod(&p))
             .map_err(|why| anyhow::anyhow!("pod {i} skipped: {why:?}"))?;
     }
-    for j in 0..args.services {
-        let (s, e) = (service(j)?, slice(j, per, args.pods, None)?);
+    for j in 0..args.scale.services {
+        let (s, e) = (service(j)?, slice(j, per, args.scale.pods, None)?);
         index.update(|ix| -> anyhow::Result<()> {
             ix.apply_service(&s)
                 .map_err(|why| anyhow::anyhow!("Service {j} skipped: {why:?}"))?;
@@ -275,9 +401,9 @@ async fn run(args: &DiscoveryArgs) -> anyhow::Result<Report> {
     ));
 
     let targets = |s: usize| -> Targets {
-        (0..args.per_sidecar)
+        (0..args.scale.per_sidecar)
             .map(|t| {
-                let j = (s * 7 + t) % args.services;
+                let j = (s * 7 + t) % args.scale.services;
                 (j, SocketAddr::from((cluster_ip(j), 80)))
             })
             .collect()
@@ -287,7 +413,7 @@ async fn run(args: &DiscoveryArgs) -> anyhow::Result<Report> {
     let certs: Vec<Arc<CurrentCert>> = (0..args.sidecars)
         .map(|s| ca.svid(NS, &format!("sa-{}", s % 100)))
         .collect::<anyhow::Result<_>>()?;
-    let mut sidecars: Vec<(Arc<Resolver>, Targets)> = Vec::new();
+    let mut sidecars: Vec<Sidecar> = Vec::new();
     let before = alloc::net_bytes();
     for (s, cert) in certs.into_iter().enumerate() {
         let server = Server::new(
@@ -298,39 +424,16 @@ async fn run(args: &DiscoveryArgs) -> anyhow::Result<Report> {
             tls::provider(),
             Duration::from_secs(5),
         )?;
-        let resolver = Arc::new(Resolver::default());
-        tokio::spawn(resolver.clone().run(server, stop.clone()));
-        let wanted = targets(s);
-        // Register every target first (as concurrent app connections would), then wait.
-        for (_, t) in &wanted {
-            let _ = resolver.resolve(*t, Duration::ZERO).await;
-        }
-        for (j, t) in &wanted {
-            match resolver
-                .resolve(*t, Duration::from_secs(30))
-                .await
-                .as_deref()
-            {
-                Some(Resolution::Service { endpoints, .. }) if endpoints.len() == per => {}
-                other => bail!("sidecar {s}: Service svc-{j} answered {other:?}"),
-            }
-        }
-        sidecars.push((resolver, wanted));
+        let sidecar = subscribe(server, targets(s), |_| per, stop.clone())
+            .await
+            .with_context(|| format!("sidecar {s}"))?;
+        sidecars.push(sidecar);
     }
     let sidecar_bytes = (alloc::net_bytes() - before) as f64 / args.sidecars as f64;
 
     // 3. Changes: who watches each Service, then one slice update at a time.
-    let mut watchers: HashMap<usize, Vec<(usize, SocketAddr)>> = HashMap::new();
-    for (s, (_, wanted)) in sidecars.iter().enumerate() {
-        for (j, t) in wanted {
-            watchers.entry(*j).or_default().push((s, *t));
-        }
-    }
-    let watched: Vec<usize> = {
-        let mut w: Vec<usize> = watchers.keys().copied().collect();
-        w.sort_unstable();
-        w
-    };
+    let watchers = watchers(&sidecars);
+    let watched: Vec<usize> = watchers.keys().copied().collect();
     let mut samples: Vec<u64> = Vec::new();
     let mut unready: HashMap<usize, Option<usize>> = HashMap::new();
     for c in 0..args.changes {
@@ -340,57 +443,28 @@ async fn run(args: &DiscoveryArgs) -> anyhow::Result<Report> {
             Some(_) => None,
             None => Some(c % per),
         };
-        let new_slice = slice(j, per, args.pods, *state)?;
+        let new_slice = slice(j, per, args.scale.pods, *state)?;
         let subscribers = &watchers[&j];
-        let held: Vec<Arc<Resolution>> = subscribers
-            .iter()
-            .map(|(s, t)| sidecars[*s].0.current(*t).context("no answer held"))
-            .collect::<anyhow::Result<_>>()?;
+        let held = held(&sidecars, subscribers)?;
         let t0 = Instant::now();
         index
             .update(|ix| ix.apply_slice(&new_slice))
             .map_err(|why| anyhow::anyhow!("slice {j} skipped: {why:?}"))?;
-        let mut pending: Vec<usize> = (0..subscribers.len()).collect();
-        while !pending.is_empty() {
-            let now = t0.elapsed();
-            pending.retain(|&k| {
-                let (s, t) = subscribers[k];
-                let changed = sidecars[s]
-                    .0
-                    .current(t)
-                    .is_some_and(|r| !Arc::ptr_eq(&r, &held[k]));
-                if changed {
-                    samples.push(now.as_micros() as u64);
-                }
-                !changed
-            });
-            if now > Duration::from_secs(10) {
-                bail!(
-                    "change {c} (svc-{j}) did not reach {} sidecars in 10 s",
-                    pending.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
+        await_deliveries(&sidecars, subscribers, &held, t0, &mut samples)
+            .await
+            .with_context(|| format!("change {c} (svc-{j})"))?;
     }
     stop_tx.send_replace(true);
-    samples.sort_unstable();
-    let ms = |q: f64| util::percentile(&samples, q) as f64 / 1000.0;
     Ok(Report {
-        pods: args.pods,
-        services: args.services,
-        endpoints: per * args.services,
+        pods: args.scale.pods,
+        services: args.scale.services,
+        endpoints: per * args.scale.services,
         sidecars: args.sidecars,
-        per_sidecar: args.per_sidecar,
+        per_sidecar: args.scale.per_sidecar,
         index_mib: index_bytes as f64 / (1024.0 * 1024.0),
         index_target_mib: INDEX_TARGET_MIB,
         sidecar_state_kib: sidecar_bytes / 1024.0,
         sidecar_target_mib: SIDECAR_TARGET_MIB,
-        changes: args.changes,
-        change_deliveries: samples.len(),
-        change_p50_ms: ms(0.50),
-        change_p99_ms: ms(0.99),
-        change_max_ms: samples.last().copied().unwrap_or(0) as f64 / 1000.0,
-        change_target_p99_ms: CHANGE_TARGET_MS,
+        changes: Deliveries::new(args.changes, samples),
     })
 }

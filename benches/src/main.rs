@@ -15,6 +15,7 @@ static ALLOCATOR: alloc::Counting = alloc::Counting;
 mod all;
 mod alloc;
 mod ca;
+mod controller;
 mod discovery;
 mod injector;
 mod mesh;
@@ -39,6 +40,8 @@ enum Cmd {
     Mesh(mesh::MeshArgs),
     /// Discovery at cluster scale: index memory, one sidecar's state, change fan-out.
     Discovery(discovery::DiscoveryArgs),
+    /// The deployed discovery controller against a live API server (tests/cluster/up.sh).
+    Controller(controller::ControllerArgs),
     /// Everything: the data-plane comparison with CA and injector lines, one report.
     All(all::AllArgs),
 }
@@ -48,6 +51,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<bool> {
     match cmd {
         Cmd::Ca(args) => ca::main(args),
         Cmd::Discovery(args) => discovery::main(args),
+        Cmd::Controller(args) => controller::main(args),
         Cmd::Mesh(args) => mesh::main(args),
         Cmd::All(args) => all::main(args),
         Cmd::Injector(args) => injector::main(args),

@@ -165,6 +165,68 @@ impl Cluster {
     }
 }
 
+/// Moat's install as an operator renders it: a copy of `deploy/` with throwaway CA material
+/// (a root made by `moat-ca init`, its intermediate in `deploy/ca/secret/`).
+pub struct Install {
+    /// The kustomization to `kubectl apply -k`.
+    pub deploy: PathBuf,
+    /// Where the root lives (`ca.crt`, `ca.key`).
+    pub root_dir: PathBuf,
+    /// The root certificate (the trust bundle) in PEM.
+    pub root_pem: String,
+}
+
+impl Install {
+    /// Renders the install under `dir`, for trust domain `cluster.local`.
+    pub fn render(dir: &Path) -> anyhow::Result<Self> {
+        let deploy = dir.join("deploy");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        run_checked(Command::new("cp").arg("-r").arg(&src).arg(&deploy))?;
+        // An operator's own (git-ignored) material must not leak into a test install.
+        let secret_dir = deploy.join("ca/secret");
+        if secret_dir.exists() {
+            std::fs::remove_dir_all(&secret_dir)?;
+        }
+        let root_dir = dir.join("root");
+        let ca = crate::binary("moat-ca");
+        run_checked(
+            Command::new(&ca)
+                .args(["init", "--trust-domain", "cluster.local", "--dir"])
+                .arg(&root_dir),
+        )?;
+        run_checked(
+            Command::new(&ca)
+                .args(["intermediate", "--root-dir"])
+                .arg(&root_dir)
+                .arg("--out")
+                .arg(&secret_dir),
+        )?;
+        let root_pem = std::fs::read_to_string(root_dir.join("ca.crt"))?;
+        Ok(Self {
+            deploy,
+            root_dir,
+            root_pem,
+        })
+    }
+}
+
+/// Runs `cmd`; fails with its output unless it exits 0.
+pub fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed ({}): {}{}",
+            cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Polls `check` every 500 ms until it returns `Ok(Some(value))`; fails after `timeout` with
 /// the last reason it gave (`Ok(None)` means "not yet", `Err` a reason worth showing).
 pub fn eventually<T>(

@@ -1,5 +1,6 @@
 //! An in-process CA for tests and benchmarks that need SVIDs without running moat-ca: a
-//! self-signed root and X509-SVIDs for any `namespace/service account`, valid now.
+//! self-signed root (fresh, or one `moat-ca init` wrote) and X509-SVIDs for any
+//! `namespace/service account`, valid now.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use arc_swap::ArcSwap;
 use moat_core::tls::{self, CurrentCert};
 use moat_core::TrustBundle;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -17,7 +18,7 @@ use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 /// A root that signs SVIDs of one trust domain.
 pub struct TestCa {
     trust_domain: String,
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    issuer: Issuer<'static, KeyPair>,
     /// The trust bundle holding the root, as verifiers take it.
     pub bundle: Arc<ArcSwap<TrustBundle>>,
 }
@@ -28,8 +29,22 @@ impl TestCa {
         let mut p = CertificateParams::new(Vec::<String>::new())?;
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(p, KeyPair::generate()?)?;
-        let bundle = TrustBundle::from_certs(vec![issuer.der().clone()])?;
+        let key = KeyPair::generate()?;
+        let root = p.self_signed(&key)?;
+        let bundle = TrustBundle::from_certs(vec![root.der().clone()])?;
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            issuer: Issuer::new(p, key),
+            bundle: Arc::new(ArcSwap::from_pointee(bundle)),
+        })
+    }
+
+    /// The root in `cert_pem` with its private key `key_pem` (as `moat-ca init` writes them),
+    /// so that SVIDs made here are trusted by a deployed mesh using that root.
+    pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<Self> {
+        let key = KeyPair::from_pem(key_pem).context("root key")?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).context("root certificate")?;
+        let bundle = TrustBundle::from_pem(cert_pem.as_bytes())?;
         Ok(Self {
             trust_domain: trust_domain.to_string(),
             issuer,

@@ -27,7 +27,6 @@
 //! Without a cluster (`KUBECONFIG`/`KUBECTL` unset) the suite says so loudly and passes,
 //! unless `MOAT_REQUIRE_CLUSTER_TESTS=1` (set by `tests/run.sh` as root), where that fails.
 
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -37,7 +36,7 @@ use anyhow::{bail, ensure, Context as _};
 use base64::Engine as _;
 use moat_core::client::{make_csr, KeyAlgorithm};
 use moat_core::SpiffeId;
-use moat_e2e::cluster::{eventually, Cluster};
+use moat_e2e::cluster::{eventually, run_checked, Cluster, Install};
 use moat_e2e::https::{self, Http1Client};
 use moat_e2e::lab::{contains, marker, pcap, tls};
 use rustls_pki_types::ServerName;
@@ -139,29 +138,9 @@ struct Suite {
 impl Suite {
     fn new(k: Cluster) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("moat-cluster-").tempdir()?;
-        let deploy = dir.path().join("deploy");
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-        run_ok(Command::new("cp").arg("-r").arg(&src).arg(&deploy))?;
-        // An operator's own (git-ignored) material must not leak into the test install.
-        let secret_dir = deploy.join("ca/secret");
-        if secret_dir.exists() {
-            std::fs::remove_dir_all(&secret_dir)?;
-        }
-        let root = dir.path().join("root");
-        let ca = moat_e2e::binary("moat-ca");
-        run_ok(
-            Command::new(&ca)
-                .args(["init", "--trust-domain", "cluster.local", "--dir"])
-                .arg(&root),
-        )?;
-        run_ok(
-            Command::new(&ca)
-                .args(["intermediate", "--root-dir"])
-                .arg(&root)
-                .arg("--out")
-                .arg(&secret_dir),
-        )?;
-        let root_pem = std::fs::read_to_string(root.join("ca.crt"))?;
+        let Install {
+            deploy, root_pem, ..
+        } = Install::render(dir.path())?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -1326,7 +1305,7 @@ fn discovery(s: &mut Suite) -> anyhow::Result<()> {
     let iptables = |op: &str| {
         let mut args = rule.to_vec();
         args.insert(2, op);
-        run_ok(Command::new("iptables").args(&args))
+        run_checked(Command::new("iptables").args(&args))
     };
     let wrong = |s: &Suite| {
         probe_count(
@@ -1531,16 +1510,5 @@ fn uninstall(s: &mut Suite) -> anyhow::Result<()> {
         "--timeout=180s",
     ])?;
     check_untouched(&s.k.get_json(&["-n", SHOP, "pod", "after"])?)?;
-    Ok(())
-}
-
-fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        let _ = std::io::stderr().write_all(&out.stderr);
-        bail!("{cmd:?} failed ({})", out.status);
-    }
     Ok(())
 }
