@@ -204,6 +204,75 @@ where
     .await
 }
 
+/// The caller's side of a connection that hyper serves, counting what it reads from the caller
+/// (`rx`) and writes to it (`tx`), as the byte copy does for `moat_proxy_bytes_total`.
+pub struct Counted<IO> {
+    inner: IO,
+    rx: Counter,
+    tx: Counter,
+}
+
+impl<IO> Counted<IO> {
+    /// Counts `inner`'s traffic in `cm`'s byte counters.
+    pub fn new(inner: IO, cm: &crate::metrics::ConnMetrics) -> Self {
+        Self::with_counters(inner, cm.rx.clone(), cm.tx.clone())
+    }
+
+    fn with_counters(inner: IO, rx: Counter, tx: Counter) -> Self {
+        Self { inner, rx, tx }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.rx.increment(n as u64);
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.tx.increment(n as u64);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.tx.increment(n as u64);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 /// An I/O object that first yields `prefix` (bytes already read during detection).
 pub struct Rewind<IO> {
     prefix: Vec<u8>,
@@ -272,6 +341,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
@@ -299,6 +369,26 @@ mod tests {
         assert_eq!(reply, b"bye");
         assert_eq!(server_task.await.unwrap(), expected);
         assert_eq!(copy.await.unwrap().unwrap(), (300_000, 3));
+    }
+
+    #[tokio::test]
+    async fn counted_counts_what_the_caller_sent_and_received() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (rx, tx) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (mut caller, ours) = tokio::io::duplex(64);
+        let mut c = Counted::with_counters(
+            ours,
+            Counter::from_arc(rx.clone()),
+            Counter::from_arc(tx.clone()),
+        );
+        caller.write_all(b"request").await.unwrap();
+        let mut buf = [0u8; 7];
+        c.read_exact(&mut buf).await.unwrap();
+        c.write_all(b"a longer answer").await.unwrap();
+        let slices = [io::IoSlice::new(b"ab"), io::IoSlice::new(b"cd")];
+        let n = c.write_vectored(&slices).await.unwrap();
+        assert_eq!(rx.load(Ordering::Relaxed), 7);
+        assert_eq!(tx.load(Ordering::Relaxed), 15 + n as u64);
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
-//! Per-request HTTP proxying with hyper, so every request is measured, and the policy's deny
-//! answer for HTTP callers (403 on a connection that stays usable).
+//! HTTP with hyper: the HTTP/2 proxy (every request measured), the policy's deny answer for
+//! HTTP callers, and the client and server settings the per-request balancer shares.
 //!
-//! The plaintext side is served by a hyper server; each request is sent on a hyper client over
-//! the upstream I/O (the app socket on inbound, a tunnel stream on outbound). HTTP/1 upgrades
-//! (WebSocket) become an opaque byte copy after the 101.
+//! HTTP/2 is served by a hyper server on the plaintext side; each request is sent on a hyper
+//! client over the upstream I/O (the app socket on inbound, a tunnel stream on outbound).
+//! HTTP/1 to a pod is a byte copy observed in passing (`observe`); HTTP/1 to a Service goes
+//! through `balance::requests`, where upgrades (WebSocket) become a byte copy after the 101.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -163,12 +164,11 @@ pub(crate) fn http2_client() -> hyper::client::conn::http2::Builder<TokioExecuto
     b
 }
 
-/// Proxies HTTP between `client` (the side that sends requests) and `upstream`, request by
-/// request, until either side closes or `drain` asks for a graceful stop.
-pub async fn proxy<C, U>(
+/// Proxies HTTP/2 between `client` (the side that sends requests) and `upstream`, request
+/// by request, until either side closes or `drain` asks for a graceful stop.
+pub async fn proxy_http2<C, U>(
     client: C,
     upstream: U,
-    proto: Protocol,
     labels: Labels,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
@@ -177,102 +177,34 @@ where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = Arc::new(ReqMetrics::new(labels.dir, &labels.peer, &labels.local));
-    if proto == Protocol::Http2 {
-        let (sender, conn) = http2_client().handshake(TokioIo::new(upstream)).await?;
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let mut sender = sender.clone();
-            let metrics = metrics.clone();
-            async move {
-                let start = Instant::now();
-                let resp = match sender.send_request(req).await {
-                    Ok(r) => r.map(Either::Left),
-                    Err(e) => upstream_failed(&e),
-                };
-                metrics.record(Some(resp.status()).filter(|_| !is_synthetic(&resp)), start);
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let server = http2_server().serve_connection(TokioIo::new(client), svc);
-        // Both connections run in this task: no cross-task wake-up per request.
-        let mut upstream = std::pin::pin!(conn);
-        let mut server = std::pin::pin!(server);
-        let mut draining = false;
-        loop {
-            tokio::select! {
-                r = server.as_mut() => return r,
-                r = upstream.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                    }
-                    // The server side will see its requests fail and close.
-                    return server.await;
-                }
-                _ = moat_core::shutdown::signalled(&mut drain), if !draining => {
-                    draining = true;
-                    server.as_mut().graceful_shutdown();
-                }
-            }
-        }
-    }
-
-    let (sender, conn) = http1_client().handshake(TokioIo::new(upstream)).await?;
-    let sender = Arc::new(tokio::sync::Mutex::new(sender));
-    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let sender = sender.clone();
+    let (sender, conn) = http2_client().handshake(TokioIo::new(upstream)).await?;
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let mut sender = sender.clone();
         let metrics = metrics.clone();
         async move {
             let start = Instant::now();
-            let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-            let result = {
-                let mut s = sender.lock().await;
-                match s.ready().await {
-                    Ok(()) => s.send_request(req).await,
-                    Err(e) => Err(e),
-                }
+            let resp = match sender.send_request(req).await {
+                Ok(r) => r.map(Either::Left),
+                Err(e) => upstream_failed(&e),
             };
-            let resp = match result {
-                Ok(mut resp) => {
-                    metrics.record(Some(resp.status()), start);
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        if let Some(client_up) = client_upgrade {
-                            let upstream_up = hyper::upgrade::on(&mut resp);
-                            tokio::spawn(splice_upgrade(client_up, upstream_up));
-                        }
-                    }
-                    resp.map(Either::Left)
-                }
-                Err(e) => {
-                    metrics.record(None, start);
-                    upstream_failed(&e)
-                }
-            };
+            metrics.record(Some(resp.status()).filter(|_| !is_synthetic(&resp)), start);
             Ok::<_, Infallible>(resp)
         }
     });
-    let server = http1_server(labels.dir)
-        .serve_connection(TokioIo::new(client), svc)
-        .with_upgrades();
+    let server = http2_server().serve_connection(TokioIo::new(client), svc);
     // Both connections run in this task: no cross-task wake-up per request.
-    let mut upstream = std::pin::pin!(conn.with_upgrades());
-    let mut server = Box::pin(server);
+    let mut upstream = std::pin::pin!(conn);
+    let mut server = std::pin::pin!(server);
     let mut draining = false;
-    let mut upstream_done = false;
     loop {
         tokio::select! {
-            r = server.as_mut() => {
-                // Dropping the server drops the request sender, so the upstream connection
-                // can finish cleanly (a tunnel stream then returns to its pool).
-                drop(server);
-                if !upstream_done {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), upstream.as_mut()).await;
-                }
-                return r;
-            }
-            r = upstream.as_mut(), if !upstream_done => {
-                upstream_done = true;
+            r = server.as_mut() => return r,
+            r = upstream.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
+                // The server side will see its requests fail and close.
+                return server.await;
             }
             _ = moat_core::shutdown::signalled(&mut drain), if !draining => {
                 draining = true;

@@ -18,7 +18,7 @@ use crate::bufio::BufIo;
 use crate::config::Config;
 use crate::conns::Authorized;
 use crate::detect::{self, Protocol};
-use crate::forward::{copy_observed, Observer, Rewind};
+use crate::forward::{copy_observed, Counted, Observer, Rewind};
 use crate::http::{self, Labels};
 use crate::metrics::{self as m, ConnMetrics, Direction, RefuseReason};
 use crate::net;
@@ -237,7 +237,8 @@ async fn plaintext(conn: Accepted, proto: Protocol, app: Option<TcpStream>, ctx:
     let cm = ConnMetrics::open(Direction::Inbound);
     let forward = async {
         if proto == Protocol::Http2 {
-            let _ = http::proxy(tcp, app, proto, labels, ctx.conns.drain_signal()).await;
+            let tcp = Counted::new(tcp, &cm);
+            let _ = http::proxy_http2(tcp, app, labels, ctx.conns.drain_signal()).await;
         } else {
             let (mut tcp, mut app) = (tcp, app);
             let drain = ctx.conns.drain_signal();
@@ -430,7 +431,8 @@ async fn serve_stream(
         record_detect(proto, started);
         let mut client = Rewind::new(buf, stream);
         if proto == Protocol::Http2 {
-            let _ = http::proxy(client, app, proto, labels, ctx.conns.drain_signal()).await;
+            let client = Counted::new(client, &cm);
+            let _ = http::proxy_http2(client, app, labels, ctx.conns.drain_signal()).await;
         } else {
             let mut app = app;
             let drain = ctx.conns.drain_signal();

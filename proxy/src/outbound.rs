@@ -18,7 +18,7 @@ use crate::balance::{self, Pick};
 use crate::config::Route;
 use crate::detect::{self, Protocol};
 use crate::discovery::Resolver;
-use crate::forward::{copy_bidirectional, copy_observed, Observer, Rewind};
+use crate::forward::{copy_bidirectional, copy_observed, Counted, Observer, Rewind};
 use crate::http::{self, Labels};
 use crate::metrics::{self as m, ConnMetrics, Direction, RefuseReason};
 use crate::net;
@@ -328,13 +328,15 @@ async fn mesh(app: TcpStream, upstream: Upstream, port: u16, ctx: Arc<Ctx>) {
         let svc = balanced_service(target, name, endpoints, port, &ctx);
         let first = Some((key.addr, stream, peer));
         let drain = ctx.conns.drain_signal();
+        let app = Counted::new(app, &cm);
         if let Err(e) = balance::requests::serve(app, version, first, svc, drain).await {
             tracing::debug!(error = %e, "balanced outbound HTTP connection ended with error");
         }
         return;
     }
     if proto == Protocol::Http2 && upstream_first.is_empty() {
-        if let Err(e) = http::proxy(app, stream, proto, labels, ctx.conns.drain_signal()).await {
+        let app = Counted::new(app, &cm);
+        if let Err(e) = http::proxy_http2(app, stream, labels, ctx.conns.drain_signal()).await {
             tracing::debug!(peer = %peer, error = %e, "outbound HTTP/2 connection ended with error");
         }
         return;

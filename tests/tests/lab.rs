@@ -708,6 +708,28 @@ fn discovery_pins_every_identity_and_balances_services() {
     // would rightly steer the next one's first picks): balanced per request, so two
     // keep-alive connections reach all three endpoints.
     let url = format!("http://{cluster_ip}/whoami");
+    // Bytes from and to a's app (outbound), and the api pods' callers' (inbound, summed).
+    let bytes = || -> [f64; 4] {
+        let flow = |p: &PodHandle, dir: &str, flow: &str| {
+            value(p, BYTES, &[("direction", dir), ("flow", flow)])
+        };
+        [
+            flow(&a, "outbound", "rx"),
+            flow(&a, "outbound", "tx"),
+            api.iter().map(|p| flow(p, "inbound", "rx")).sum(),
+            api.iter().map(|p| flow(p, "inbound", "tx")).sum(),
+        ]
+    };
+    // At least: each request's head (HTTP/1 request line; HTTP/2 a 9-byte frame header) and
+    // each answer's body ("api-N\n"), 300 times.
+    let check_bytes = |phase: &str, before: [f64; 4], after: [f64; 4], min_rx: f64| {
+        let grew: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        assert!(
+            grew[0] >= min_rx && grew[1] >= 300.0 * 6.0 && grew[2] >= min_rx && grew[3] >= 300.0 * 6.0,
+            "{phase}: moat_proxy_bytes_total grew by {grew:?} (a outbound rx/tx, api inbound rx/tx)"
+        );
+    };
+    let bytes_before = bytes();
     let before = served(&lab);
     let out = a
         .netns
@@ -731,8 +753,10 @@ fn discovery_pins_every_identity_and_balances_services() {
         per_endpoint.iter().all(|n| *n >= 10),
         "HTTP/1 requests were not balanced per request: {per_endpoint:?}"
     );
+    check_bytes("HTTP/1", bytes_before, bytes(), 300.0 * 20.0);
 
     // HTTP/2: balanced per request, over one app connection.
+    let bytes_before = bytes();
     let before = served(&lab);
     let out = a
         .netns
@@ -760,6 +784,7 @@ fn discovery_pins_every_identity_and_balances_services() {
         per_endpoint.iter().all(|n| *n >= 30),
         "HTTP/2 requests were not balanced per request: {per_endpoint:?}"
     );
+    check_bytes("HTTP/2", bytes_before, bytes(), 300.0 * 9.0);
     // (2) The insider takes over b's address; discovery still (rightly) says it is b's.
     let node = lab.node().expect("node").clone();
     let b_new = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 200);
