@@ -45,11 +45,11 @@ use kube::Api;
 use moat_core::tls;
 use moat_core::TrustDomain;
 use moat_e2e::cluster::{Cluster, Install};
+use moat_e2e::net::{scrape, Metrics};
 use moat_e2e::pki::TestCa;
 use moat_proxy::discovery::Server;
 use serde::Serialize;
 use serde_json::json;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
 
 use crate::discovery::{
@@ -283,7 +283,7 @@ async fn client(k: &Cluster) -> anyhow::Result<kube::Client> {
 }
 
 /// Runs `n` API writes, [`CONCURRENCY`] at a time.
-async fn write_all<F, Fut>(n: usize, write: F) -> anyhow::Result<()>
+async fn write_concurrently<F, Fut>(n: usize, write: F) -> anyhow::Result<()>
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -356,7 +356,7 @@ async fn run(k: &Cluster, install: &Install, args: &ControllerArgs) -> anyhow::R
         .context("creating the benchmark's namespace")?;
     let started = Instant::now();
     let sa_api: Api<ServiceAccount> = Api::namespaced(kube.clone(), NS);
-    write_all(ACCOUNTS, |a| {
+    write_concurrently(ACCOUNTS, |a| {
         let sa_api = sa_api.clone();
         async move {
             let sa = serde_json::from_value(json!({"metadata": {"name": format!("sa-{a}")}}))?;
@@ -367,7 +367,7 @@ async fn run(k: &Cluster, install: &Install, args: &ControllerArgs) -> anyhow::R
     .await
     .context("creating service accounts")?;
     let pod_api: Api<Pod> = Api::namespaced(kube.clone(), NS);
-    write_all(args.scale.pods, |i| {
+    write_concurrently(args.scale.pods, |i| {
         let pod_api = pod_api.clone();
         async move {
             let name = format!("app-{i}");
@@ -386,7 +386,7 @@ async fn run(k: &Cluster, install: &Install, args: &ControllerArgs) -> anyhow::R
     let svc_api: Api<Service> = Api::namespaced(kube.clone(), NS);
     let slice_api: Api<EndpointSlice> = Api::namespaced(kube.clone(), NS);
     let cluster_ips = Arc::new(std::sync::Mutex::new(HashMap::new()));
-    write_all(args.scale.services, |j| {
+    write_concurrently(args.scale.services, |j| {
         let (svc_api, slice_api, ips) = (svc_api.clone(), slice_api.clone(), cluster_ips.clone());
         async move {
             let svc = svc_api
@@ -667,65 +667,43 @@ async fn wait_for_objects(
     }
 }
 
-/// A replica's `moat_destination_objects` gauges, by kind.
+/// A replica's `moat_destination_objects` gauges, by kind (scraped off the runtime's threads).
 async fn objects(admin: SocketAddr) -> anyhow::Result<BTreeMap<String, u64>> {
-    let text = http_get(admin, "/metrics").await?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("moat_destination_objects{kind=\"")?;
-            let (kind, value) = rest.split_once("\"} ")?;
-            Some((kind.to_string(), value.trim().parse::<f64>().ok()? as u64))
+    let m = tokio::task::spawn_blocking(move || scrape(&admin.to_string())).await??;
+    Ok(WATCHED
+        .iter()
+        .filter_map(|kind| {
+            let n = m.get(moat_destination::metrics::OBJECTS, &[("kind", kind)])?;
+            Some((kind.to_string(), n as u64))
         })
         .collect())
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .context("connect timed out")??;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body))
-        .await
-        .context("read timed out")??;
-    Ok(body)
-}
-
-/// The API server's metrics, one sample per line.
-fn api_metrics(k: &Cluster) -> anyhow::Result<String> {
-    k.kubectl(["get", "--raw", "/metrics"])
+/// The API server's metrics.
+fn api_metrics(k: &Cluster) -> anyhow::Result<Metrics> {
+    Ok(Metrics::parse(&k.kubectl(["get", "--raw", "/metrics"])?))
 }
 
 /// The API server's open WATCH requests on the kinds the controller watches.
 fn api_watches(k: &Cluster) -> anyhow::Result<BTreeMap<String, u64>> {
-    let text = api_metrics(k)?;
-    let mut out: BTreeMap<String, u64> = WATCHED.iter().map(|w| (w.to_string(), 0)).collect();
-    for l in text.lines().filter(|l| {
-        l.starts_with("apiserver_longrunning_requests{") && l.contains("verb=\"WATCH\"")
-    }) {
-        for kind in WATCHED {
-            if l.contains(&format!("resource=\"{kind}\"")) && l.contains("subresource=\"\"") {
-                let v: f64 = l.rsplit(' ').next().unwrap_or("0").parse().unwrap_or(0.0);
-                *out.entry(kind.to_string()).or_default() += v as u64;
-            }
-        }
-    }
-    Ok(out)
+    let m = api_metrics(k)?;
+    Ok(WATCHED
+        .iter()
+        .map(|kind| {
+            let labels = [("verb", "WATCH"), ("resource", *kind), ("subresource", "")];
+            let n = m.value("apiserver_longrunning_requests", &labels);
+            (kind.to_string(), n as u64)
+        })
+        .collect())
 }
 
 /// Bytes of EndpointSlice watch events the API server has sent, to all its watchers.
 fn watch_bytes(k: &Cluster) -> anyhow::Result<f64> {
-    let text = api_metrics(k)?;
-    text.lines()
-        .find(|l| {
-            l.starts_with("apiserver_watch_events_sizes_sum{")
-                && l.contains("resource=\"endpointslices\"")
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    api_metrics(k)?
+        .get(
+            "apiserver_watch_events_sizes_sum",
+            &[("resource", "endpointslices")],
+        )
         .context("the API server reports no apiserver_watch_events_sizes_sum for endpointslices")
 }
 

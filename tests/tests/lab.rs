@@ -723,7 +723,11 @@ fn discovery_pins_every_identity_and_balances_services() {
     // At least: each request's head (HTTP/1 request line; HTTP/2 a 9-byte frame header) and
     // each answer's body ("api-N\n"), 300 times.
     let check_bytes = |phase: &str, before: [f64; 4], after: [f64; 4], min_rx: f64| {
-        let grew: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        let grew: Vec<f64> = after
+            .iter()
+            .zip(before)
+            .map(|(now, was)| now - was)
+            .collect();
         assert!(
             grew[0] >= min_rx && grew[1] >= 300.0 * 6.0 && grew[2] >= min_rx && grew[3] >= 300.0 * 6.0,
             "{phase}: moat_proxy_bytes_total grew by {grew:?} (a outbound rx/tx, api inbound rx/tx)"
